@@ -1,0 +1,287 @@
+"""MM-obfuscation: mask and unmask matrices, forward and backward (paper §IV-A, Algorithms 2–3, Fig. 5).
+
+For a matrix ``M`` whose rows are keyed by ``r = (c_r, π_r)`` and columns by ``s = (c_s, π_s)``::
+
+    mask(M; r, s)[i, j] = c_r[i] / c_s[j] · M[π_r[i], π_s[j]]
+
+and ``mask(X; r, s) @ mask(Y; s, t) = mask(X @ Y; r, t)``: the inner coefficients cancel.
+``unmask`` inverts ``mask``; it is the same scaled gather with the inverse permutations and
+reciprocal coefficients, so both run through one function (`_keyed_gather`) and one kernel.
+
+Keys act on the last two dimensions. Leading dimensions are batch slices; an axis key with an
+empty batch shape is shared by all slices, otherwise its batch shape must equal the operand's.
+
+Backends: a C kernel (``tempo.enclave._gather``, built at install time when a C compiler is
+present) reads and writes each element once; a pure-torch fallback gives bit-identical results,
+several times slower. ``TEMPO_OBFUSCATION_BACKEND=torch`` forces the fallback.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from tempo.enclave.keys import AxisKey, MatmulKey
+
+try:  # the optional C kernel; see setup.py
+    from tempo.enclave import _gather as _kernel
+except ImportError:  # pragma: no cover - depends on the install
+    _kernel = None
+
+_KERNEL_DTYPES = {torch.float32: 0, torch.float64: 1}
+# Below this many elements, starting threads costs more than it saves.
+_PARALLEL_MIN_ELEMENTS = 1 << 16
+# From this output size on, encrypted operands are written with streaming stores (about the
+# size of a core's L2: larger outputs would be evicted before anyone here reads them).
+_STREAM_MIN_BYTES = 1 << 20
+
+
+def kernel_available() -> bool:
+    """Whether the compiled kernel is importable (else the torch fallback is used)."""
+    return _kernel is not None
+
+
+BACKENDS = ("c", "torch")
+
+
+def default_backend() -> str:
+    """``"c"`` when the kernel is built, unless ``TEMPO_OBFUSCATION_BACKEND`` names another.
+
+    ``torch`` is the pure-torch fallback.
+    """
+    wanted = os.environ.get("TEMPO_OBFUSCATION_BACKEND", "auto")
+    if wanted not in ("auto", *BACKENDS):
+        raise ValueError(
+            f"TEMPO_OBFUSCATION_BACKEND must be one of auto, {', '.join(BACKENDS)}; not {wanted!r}"
+        )
+    if wanted == "c" and _kernel is None:
+        raise RuntimeError(f"TEMPO_OBFUSCATION_BACKEND={wanted} but the C kernel is not built")
+    if wanted == "auto":
+        return "c" if _kernel is not None else "torch"
+    return wanted
+
+
+def _check_key_batch(key: AxisKey, batch_shape: torch.Size, what: str) -> None:
+    if key.batch_shape != torch.Size([]) and key.batch_shape != batch_shape:
+        raise ValueError(
+            f"{what} key has batch shape {tuple(key.batch_shape)}, operand has {tuple(batch_shape)}"
+        )
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """Byte range addressed by a non-empty tensor view (torch strides are never negative)."""
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+    a0, a1 = _span(a)
+    b0, b1 = _span(b)
+    return a0 < b1 and b0 < a1
+
+
+def _output_buffer(src: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return torch.empty(src.shape, dtype=src.dtype, device=src.device)
+    if out.shape != src.shape or out.dtype != src.dtype or out.device != src.device:
+        raise ValueError(
+            f"output buffer {tuple(out.shape)} {out.dtype} {out.device} does not match "
+            f"input {tuple(src.shape)} {src.dtype} {src.device}"
+        )
+    if not out.is_contiguous():
+        raise ValueError("output buffer must be contiguous")
+    if _overlaps(out, src):
+        raise ValueError("output buffer must not overlap the input (a gather cannot run in place)")
+    return out
+
+
+def _keyed_gather(
+    src: torch.Tensor,
+    row_key: AxisKey,
+    col_key: AxisKey,
+    role: str,
+    out: torch.Tensor | None,
+    backend: str | None,
+) -> torch.Tensor:
+    """``out[..., i, j] = (rs[i] * cs[j]) * src[..., ri[i], ci[j]]`` with the vectors of `role`.
+
+    The one implementation of both `mask` and `unmask`. Index vectors come from an `AxisKey`,
+    which checked at construction that they are permutations; sizes are checked here, so the C
+    kernel never reads out of bounds.
+    """
+    if src.dim() < 2:
+        raise ValueError(f"obfuscation acts on matrices; got a tensor of shape {tuple(src.shape)}")
+    rows, cols = src.shape[-2], src.shape[-1]
+    batch = src.shape[:-2]
+    if row_key.size != rows or col_key.size != cols:
+        raise ValueError(
+            f"key sizes ({row_key.size}, {col_key.size}) do not fit a {rows}×{cols} matrix"
+        )
+    _check_key_batch(row_key, batch, "row")
+    _check_key_batch(col_key, batch, "column")
+    if not (src.is_floating_point() or src.is_complex()):
+        raise TypeError(f"obfuscation needs a floating-point tensor, got {src.dtype}")
+    out = _output_buffer(src, out)
+    if out.numel() == 0:
+        return out
+    backend = backend or default_backend()
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown obfuscation backend {backend!r}; one of {BACKENDS}")
+    if backend == "c" and _kernel is None:
+        raise RuntimeError("backend 'c' needs the C kernel, which is not built")
+    row_scale = row_key.scales(f"{role}-row", src.dtype)
+    col_scale = col_key.scales(f"{role}-col", src.dtype)
+
+    if backend == "c" and src.dtype in _KERNEL_DTYPES and src.device.type == "cpu":
+        s3 = src.reshape(-1, rows, cols)  # a view for every layout we are given in practice
+        if s3.stride(-1) != 1:
+            # Column-strided (e.g. a transpose): one cache-blocked copy, then the fast gather.
+            s3 = s3.contiguous()
+        nthreads = torch.get_num_threads() if out.numel() >= _PARALLEL_MIN_ELEMENTS else 1
+        _kernel.scaled_gather(
+            _KERNEL_DTYPES[src.dtype],
+            out.data_ptr(),
+            s3.data_ptr(),
+            s3.shape[0],
+            rows,
+            cols,
+            s3.stride(0),
+            s3.stride(1),
+            s3.stride(2),
+            row_key.indices(role, torch.int32).data_ptr(),
+            row_scale.data_ptr(),
+            rows if row_key.batch_shape else 0,
+            col_key.indices(role, torch.int32).data_ptr(),
+            col_scale.data_ptr(),
+            cols if col_key.batch_shape else 0,
+            nthreads,
+            # An encrypted operand leaves for the relays and is not read back here: stream it
+            # past the cache when it is large. A decrypted result is read next: keep it cached.
+            role == "mask" and out.nbytes >= _STREAM_MIN_BYTES,
+        )
+        return out
+
+    # Pure torch; `(r * c) * x` in the same order as the kernel, so results are bit-identical.
+    dev = src.device
+    row_idx = row_key.indices(role).to(dev)
+    col_idx = col_key.indices(role).to(dev)
+    row_scale, col_scale = row_scale.to(dev), col_scale.to(dev)
+    if row_key.batch_shape:
+        t = torch.gather(src, -2, row_idx.unsqueeze(-1).expand(*batch, rows, cols))
+    else:
+        t = torch.index_select(src, -2, row_idx)
+    if col_key.batch_shape:
+        t = torch.gather(t, -1, col_idx.unsqueeze(-2).expand(*batch, rows, cols))
+    else:
+        t = torch.index_select(t, -1, col_idx)
+    torch.mul(row_scale.unsqueeze(-1) * col_scale.unsqueeze(-2), t, out=out)
+    return out
+
+
+def mask(
+    m: torch.Tensor,
+    row_key: AxisKey,
+    col_key: AxisKey,
+    *,
+    out: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``mask(M; r, s)[..., i, j] = c_r[i] / c_s[j] · M[..., π_r[i], π_s[j]]``.
+
+    `out`, when given, is a contiguous buffer of `m`'s shape, dtype and device (the shared-memory
+    arena, say); it is filled and returned.
+    """
+    return _keyed_gather(m, row_key, col_key, "mask", out, backend)
+
+
+def unmask(
+    m: torch.Tensor,
+    row_key: AxisKey,
+    col_key: AxisKey,
+    *,
+    out: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """The inverse of `mask`: ``unmask(mask(M; r, s); r, s) = M`` up to rounding."""
+    return _keyed_gather(m, row_key, col_key, "unmask", out, backend)
+
+
+def _check_shapes(sk: MatmulKey, a_shape: torch.Size | None, b_shape: torch.Size | None) -> None:
+    m, n, p = sk.shape
+    if a_shape is not None and tuple(a_shape[-2:]) != (m, n):
+        raise ValueError(f"A has shape {tuple(a_shape)}; key expects (..., {m}, {n})")
+    if b_shape is not None and tuple(b_shape[-2:]) != (n, p):
+        raise ValueError(f"B has shape {tuple(b_shape)}; key expects (..., {n}, {p})")
+
+
+def encrypt(
+    sk: MatmulKey,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    out_a: torch.Tensor | None = None,
+    out_b: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Enc(sk, A, B) → ``(A', B') = (mask(A; m, n), mask(B; n, p))`` (Algorithm 2)."""
+    _check_shapes(sk, a.shape, b.shape)
+    return (
+        mask(a, sk.m, sk.n, out=out_a, backend=backend),
+        mask(b, sk.n, sk.p, out=out_b, backend=backend),
+    )
+
+
+def decrypt(
+    sk: MatmulKey,
+    c_masked: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Dec(sk, C') → ``C = unmask(C'; m, p)`` (Algorithm 3, lines 1–2; verify separately)."""
+    m, _, p = sk.shape
+    if tuple(c_masked.shape[-2:]) != (m, p):
+        raise ValueError(f"C' has shape {tuple(c_masked.shape)}; key expects (..., {m}, {p})")
+    return unmask(c_masked, sk.m, sk.p, out=out, backend=backend)
+
+
+def encrypt_grad(
+    sk: MatmulKey,
+    grad_c: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Backward with key-shift reuse (Fig. 5): ``D' = mask(Δᵀ; p, m)`` for ``Δ = dL/dC`` (m×p).
+
+    This is the only encryption of the backward pass: the relay still holds ``A'`` and ``B'``.
+    """
+    m, _, p = sk.shape
+    if tuple(grad_c.shape[-2:]) != (m, p):
+        raise ValueError(f"dL/dC has shape {tuple(grad_c.shape)}; key expects (..., {m}, {p})")
+    return mask(grad_c.mT, sk.p, sk.m, out=out, backend=backend)
+
+
+def decrypt_grads(
+    sk: MatmulKey,
+    t1_masked: torch.Tensor,
+    t2_masked: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """From ``T1' = B' @ D'`` and ``T2' = D' @ A'`` recover ``(dL/dA, dL/dB)``.
+
+    ``unmask(T1'; n, m) = B Δᵀ = (dL/dA)ᵀ`` and ``unmask(T2'; p, n) = Δᵀ A = (dL/dB)ᵀ``; the
+    gradients are returned as transposed views of those (call ``.contiguous()`` if needed).
+    """
+    m, n, p = sk.shape
+    if tuple(t1_masked.shape[-2:]) != (n, m):
+        raise ValueError(f"T1' has shape {tuple(t1_masked.shape)}; expected (..., {n}, {m})")
+    if tuple(t2_masked.shape[-2:]) != (p, n):
+        raise ValueError(f"T2' has shape {tuple(t2_masked.shape)}; expected (..., {p}, {n})")
+    t1 = unmask(t1_masked, sk.n, sk.m, backend=backend)
+    t2 = unmask(t2_masked, sk.p, sk.n, backend=backend)
+    return t1.mT, t2.mT
