@@ -137,7 +137,7 @@ def _keyed_gather(
 
     if backend == "c" and src.dtype in _KERNEL_DTYPES and src.device.type == "cpu":
         s3 = src.reshape(-1, rows, cols)  # a view for every layout we are given in practice
-        if s3.stride(-1) != 1:
+        if s3.stride(-1) != 1 and cols > 1:
             # Column-strided (e.g. a transpose): one cache-blocked copy, then the fast gather.
             s3 = s3.contiguous()
         nthreads = torch.get_num_threads() if out.numel() >= _PARALLEL_MIN_ELEMENTS else 1
@@ -150,7 +150,7 @@ def _keyed_gather(
             cols,
             s3.stride(0),
             s3.stride(1),
-            s3.stride(2),
+            1,  # unit column stride (with one column, torch may report any stride)
             row_key.indices(role, torch.int32).data_ptr(),
             row_scale.data_ptr(),
             rows if row_key.batch_shape else 0,

@@ -1,0 +1,195 @@
+"""Freivalds verification of offloaded products (paper Algorithm 3 lines 3–8, Theorem V.2).
+
+The enclave holds ``A`` and ``B`` and receives a decrypted ``C`` that should equal ``A @ B``. With
+``k`` fresh random 0/1 vectors ``r`` (columns of ``R``) it checks ``A (B R) − C R ≈ 0``: a wrong
+``C`` passes one vector with probability at most 1/2, so ``k`` rounds leave at most ``2⁻ᵏ``.
+
+Floating point makes an honest ``A (B R) − C R`` non-zero, so every entry is compared with a
+rigorous rounding bound (`rounding_bound`) instead of 0: honest results never fail, and a
+result is rejected when it is off by more than that bound. Non-finite values always fail, a
+wrong shape or dtype fails, and any doubt fails (fail closed).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tempo.enclave.keys import RandomBytes
+
+
+class IntegrityError(RuntimeError):
+    """An offloaded result failed verification: the step must not use it."""
+
+
+def freivalds_rounds(t: float, alpha: float = 1.0, workers: int = 1, layers: int = 1) -> int:
+    """The smallest ``k`` with ``k > log2(1 / (1 − (1 − t)^(1/(α N L))))`` (Theorem V.2).
+
+    `t` is the target probability that any wrong result goes undetected in the whole task;
+    ``α N L`` offloaded products are checked (see `training_alpha`).
+    """
+    if not 0.0 < t < 1.0:
+        raise ValueError(f"target t must be in (0, 1), got {t}")
+    if alpha <= 0 or workers < 1 or layers < 1:
+        raise ValueError("alpha must be positive and workers, layers at least 1")
+    count = alpha * workers * layers
+    # 1 − (1 − t)^(1/count), computed without cancellation for small t
+    per_check = -math.expm1(math.log1p(-t) / count)
+    bound = math.log2(1.0 / per_check)
+    k = math.floor(bound) + 1  # strictly greater
+    return max(k, 1)
+
+
+def training_alpha(epochs: int, dataset_size: int, batch_size: int) -> int:
+    """α for training: ``3 n ⌈|D| / B⌉`` (n epochs; one forward and two backward products)."""
+    if epochs < 1 or dataset_size < 1 or batch_size < 1:
+        raise ValueError("epochs, dataset size and batch size must be positive")
+    return 3 * epochs * math.ceil(dataset_size / batch_size)
+
+
+def _gamma(k: int, u: float) -> float:
+    """Higham's γ_k = k u / (1 − k u): the relative error bound of a k-term sum or product."""
+    ku = k * u
+    if ku >= 0.5:
+        raise ValueError(
+            f"inner dimension {k} is too large for a rigorous rounding bound at unit roundoff {u:g}"
+        )
+    return ku / (1.0 - ku)
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u = eps / 2 for a floating dtype (round to nearest)."""
+    return torch.finfo(dtype).eps / 2.0
+
+
+def rounding_bound(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    *,
+    relay_unit_roundoff: float | None = None,
+    slack: float = 2.0,
+) -> torch.Tensor:
+    """Per-row bound on ``|A (B r) − C r|`` for any 0/1 vector ``r`` when ``C`` is honest.
+
+    ``C`` honest means: the relay multiplied the masked operands in a precision with unit
+    roundoff `relay_unit_roundoff` (default: that of the operands' dtype), and the enclave masked
+    and unmasked with 3 roundings each. Since the masking scales cancel in ``|A'| |B'|``::
+
+        |C − AB| ≤ γ(n + 9) |A| |B|            (relay sum + mask/unmask roundings)
+        |fl(A fl(B r)) − A B r| ≤ γ(n + p) |A| |B| r
+        |fl(C r) − C r| ≤ γ(p) |C| r
+
+    and ``r ≤ 1`` entrywise, so the bound uses ``|A| (|B| 1)`` and ``|C| 1``: one extra pass over
+    each operand, shared by all k vectors. `slack` (≥ 1) covers the rounding of the bound itself
+    and of the final subtraction. `c` is ``C`` (``(*batch, m, p)``) or its precomputed row sums
+    ``|C| 1`` (``(*batch, m)``). Returns a tensor of shape ``(*batch, m)``.
+    """
+    n, p = b.shape[-2], b.shape[-1]
+    u = unit_roundoff(a.dtype)
+    u_relay = max(u, relay_unit_roundoff if relay_unit_roundoff is not None else u)
+    g_prod = _gamma(n + 9, u_relay) + _gamma(n + p, u) + u
+    g_c = _gamma(max(p, 1), u) + u
+    b_row = b.abs().sum(dim=-1, keepdim=True)  # |B| 1, shape (*, n, 1)
+    a_b = _abs_matvec(a, b_row).squeeze(-1)  # |A| (|B| 1), shape (*, m)
+    c_row = c if c.dim() == a.dim() - 1 else c.abs().sum(dim=-1)  # |C| 1
+    tiny = torch.finfo(a.dtype).tiny * (n + p + 16)  # underflow: absolute error per operation
+    return slack * (g_prod * a_b + g_c * c_row + tiny)
+
+
+def _abs_matvec(a: torch.Tensor, v: torch.Tensor, chunk_bytes: int = 1 << 22) -> torch.Tensor:
+    """``|A| @ v`` without materialising ``|A|``: row chunks of about `chunk_bytes` stay in cache."""
+    rows = a.shape[-2]
+    per_row = max(a.shape[-1] * a.element_size(), 1)
+    step = max(1, chunk_bytes // per_row)
+    if step >= rows:
+        return a.abs() @ v
+    parts = [a[..., i : i + step, :].abs() @ v for i in range(0, rows, step)]
+    return torch.cat(parts, dim=-2)
+
+
+def random_bits(shape: tuple[int, ...], random_bytes: RandomBytes = os.urandom) -> np.ndarray:
+    """Uniform 0/1 array of `shape` from a CSPRNG (uint8)."""
+    count = math.prod(shape)
+    raw = np.frombuffer(random_bytes((count + 7) // 8), dtype=np.uint8)
+    return np.unpackbits(raw)[:count].reshape(shape)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of one verification: `ok`, and when not, why."""
+
+    ok: bool
+    reason: str = ""
+    worst_ratio: float = 0.0  # max |A(Br) − Cr| / bound over all checks (< 1 passes)
+
+    def raise_if_failed(self) -> None:
+        if not self.ok:
+            raise IntegrityError(f"offloaded result failed verification: {self.reason}")
+
+
+def freivalds_check(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    rounds: int,
+    *,
+    relay_unit_roundoff: float | None = None,
+    slack: float = 2.0,
+    random_bytes: RandomBytes = os.urandom,
+) -> Verdict:
+    """Check ``C == A @ B`` with `rounds` random 0/1 vectors (each slice of batched operands
+    gets its own). Returns a `Verdict`; never raises on a bad `C`.
+    """
+    if rounds < 1:
+        raise ValueError("at least one Freivalds round is needed")
+    if a.dim() < 2 or b.dim() < 2:
+        return Verdict(False, "operands must be matrices")
+    m, n = a.shape[-2:]
+    n2, p = b.shape[-2:]
+    if n != n2:
+        return Verdict(False, f"operand shapes {tuple(a.shape)} and {tuple(b.shape)} do not chain")
+    try:
+        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    except RuntimeError:
+        return Verdict(False, "operand batch shapes do not broadcast")
+    expected = (*batch, m, p)
+    if tuple(c.shape) != expected:
+        return Verdict(False, f"result has shape {tuple(c.shape)}, expected {expected}")
+    if not a.dtype.is_floating_point or a.dtype != b.dtype:
+        return Verdict(False, f"operands must share a floating dtype ({a.dtype}, {b.dtype})")
+    if c.dtype != a.dtype:
+        return Verdict(False, f"result dtype {c.dtype} differs from operands' {a.dtype}")
+    if c.numel() == 0:
+        return Verdict(True)
+    # Finiteness comes from vectors the bound needs anyway (a full isfinite pass over A costs
+    # more than the whole check): |C| 1 is non-finite exactly when C holds NaN or ±Inf (or its
+    # row sums overflow), and |A| (|B| 1) likewise for A and B. Either way: fail.
+    c_row = c.abs().sum(dim=-1)
+    if not bool(torch.isfinite(c_row).all()):
+        return Verdict(False, "result contains NaN or infinity")
+    try:
+        bound = rounding_bound(a, b, c_row, relay_unit_roundoff=relay_unit_roundoff, slack=slack)
+    except ValueError as exc:
+        return Verdict(False, str(exc))
+    if not bool(torch.isfinite(bound).all()):
+        return Verdict(False, "operands contain NaN or infinity (or overflow): nothing can be verified")
+
+    r = torch.from_numpy(random_bits((*batch, p, rounds), random_bytes)).to(a.dtype)
+    residual = a @ (b @ r) - c @ r  # (*batch, m, rounds); B r first (Algorithm 3 line 5)
+    ratio = residual.abs() / bound.unsqueeze(-1)
+    if not bool(torch.isfinite(ratio).all()):
+        return Verdict(False, "verification overflowed")
+    worst = float(ratio.max()) if ratio.numel() else 0.0
+    if worst >= 1.0:
+        where = np.unravel_index(int(ratio.argmax()), tuple(ratio.shape))
+        return Verdict(
+            False,
+            f"A(Br) - Cr exceeds the rounding bound by {worst:.3g}x (row {int(where[-2])})",
+            worst,
+        )
+    return Verdict(True, "", worst)

@@ -1,0 +1,64 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from tempo import __version__
+from tempo.cli import main
+
+
+def test_version():
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_selfcheck_passes_and_reports():
+    result = CliRunner().invoke(main, ["--log-format", "json", "selfcheck", "--trials", "20", "--no-bench"])
+    assert result.exit_code == 0, result.output
+    assert "selfcheck: 20 random products" in result.output
+    assert "20/20 tampered results rejected" in result.output
+
+
+def test_bench_obfuscation_json_last_line_has_the_promised_keys():
+    args = ["bench", "obfuscation", "--m", "96", "--n", "130", "--p", "17", "--repeat", "3", "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output.strip().splitlines()[-1])
+    for key in ("m", "n", "p", "dtype", "enc_s", "enc_copy_s", "dec_s", "dec_copy_s", "verify_s", "matmul_s"):
+        assert key in figures
+    assert (figures["m"], figures["n"], figures["p"], figures["dtype"]) == (96, 130, 17, "float32")
+    assert all(figures[k] > 0 for k in ("enc_s", "enc_copy_s", "dec_s", "dec_copy_s", "verify_s", "matmul_s"))
+    assert "encrypt A, B" in result.output
+
+
+def test_bench_rejects_bad_sizes():
+    result = CliRunner().invoke(main, ["bench", "obfuscation", "--m", "0"])
+    assert result.exit_code != 0 and "--m" in result.output
+
+
+def test_options_come_from_tempo_environment_variables():
+    result = CliRunner().invoke(
+        main, ["selfcheck"], env={"TEMPO_SELFCHECK_TRIALS": "3", "TEMPO_SELFCHECK_BENCH": "false"}
+    )
+    assert result.exit_code == 0, result.output
+    assert "selfcheck: 3 random products" in result.output
+
+
+def test_tempo_runs_as_a_real_process_with_json_logs():
+    exe = Path(sys.executable).with_name("tempo")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "tempo"]
+    proc = subprocess.run(
+        [*cmd, "--log-format", "json", "selfcheck", "--trials", "5", "--no-bench"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    done = [e for e in events if e["event"] == "selfcheck.done"]
+    assert done and done[0]["ok"] is True and done[0]["role"] == "selfcheck"
+    assert all({"timestamp", "level", "role"} <= set(e) for e in events)

@@ -1,0 +1,165 @@
+import math
+import random
+
+import pytest
+import torch
+
+from tempo.enclave import obfuscation as ob
+from tempo.enclave.keys import KeySpace, keygen
+from tempo.enclave.verify import (
+    IntegrityError,
+    freivalds_check,
+    freivalds_rounds,
+    random_bits,
+    rounding_bound,
+    training_alpha,
+)
+
+
+def honest(m, n, p, dtype=torch.float32, batch=(), space=KeySpace()):
+    """A, B and the C an honest relay's masked product decrypts to."""
+    a = torch.randn(*batch, m, n, dtype=dtype)
+    b = torch.randn(*batch, n, p, dtype=dtype)
+    sk = keygen(m, n, p, key_space=space)
+    a_enc, b_enc = ob.encrypt(sk, a, b)
+    return a, b, ob.decrypt(sk, a_enc @ b_enc)
+
+
+@pytest.mark.parametrize(
+    "t, alpha, workers, layers",
+    [(0.01, 1, 1, 1), (1e-6, 1, 1, 1), (1e-9, training_alpha(100, 50000, 512), 2, 50), (0.5, 3, 1, 8)],
+)
+def test_rounds_follow_theorem_v2(t, alpha, workers, layers):
+    k = freivalds_rounds(t, alpha, workers, layers)
+    bound = math.log2(1 / (1 - (1 - t) ** (1 / (alpha * workers * layers))))
+    assert k > bound >= k - 1 or (k == 1 and bound < 1)
+    # and the promise holds: P(any wrong result passes) <= 1 - (1 - 2^-k)^(alpha N L) < t
+    assert 1 - (1 - 2.0**-k) ** (alpha * workers * layers) < t
+
+
+def test_rounds_examples_and_errors():
+    assert freivalds_rounds(0.5) == 2  # log2(1/0.5) = 1, strictly greater
+    assert freivalds_rounds(2**-40) == 41
+    assert training_alpha(2, 1000, 300) == 3 * 2 * 4
+    for bad in (0.0, 1.0, -1.0):
+        with pytest.raises(ValueError):
+            freivalds_rounds(bad)
+    with pytest.raises(ValueError):
+        training_alpha(0, 10, 10)
+
+
+def test_no_false_alarm_over_ten_thousand_honest_products():
+    """>= 10,000 randomized honest products, dimensions up to 4096, fp32 and fp64, batched too."""
+    rng = random.Random(1234)
+    trials, largest = 10_000, 0
+    for i in range(trials):
+        dims = [max(1, int(math.exp(rng.uniform(0, math.log(4096))))) for _ in range(3)]
+        while math.prod(dims) > 1 << 19:  # keep each product small enough; one side may be 4096
+            j = max(range(3), key=lambda k: dims[k] if dims[k] < 4096 else 0)
+            dims[j] = max(1, dims[j] // 2)
+        if i % 1000 == 0:
+            dims = [4096, rng.choice([1, 3, 8]), rng.choice([1, 5])]  # sizes up to 4096 on purpose
+            rng.shuffle(dims)
+        largest = max(largest, *dims)
+        dtype = torch.float64 if i % 5 == 0 else torch.float32
+        batch = (2,) if i % 7 == 0 else ()
+        space = KeySpace("int", 1024, True) if i % 3 == 0 else KeySpace()
+        a, b, c = honest(*dims, dtype=dtype, batch=batch, space=space)
+        verdict = freivalds_check(a, b, c, rounds=8)
+        assert verdict.ok, (i, dims, dtype, verdict.reason)
+    assert largest == 4096
+
+
+def test_honest_large_product_passes():
+    a, b, c = honest(512, 4096, 64)
+    assert freivalds_check(a, b, c, rounds=30).ok
+
+
+def _bump_beyond_tolerance(a, b, c, index, factor=3.0):
+    bound = rounding_bound(a, b, c)
+    bad = c.clone()
+    bad[index] += factor * float(bound[index[:-1]])
+    return bad
+
+
+def test_rejects_one_entry_changed_beyond_the_tolerance():
+    rng = random.Random(7)
+    for _ in range(200):
+        m, n, p = rng.randint(1, 40), rng.randint(1, 40), rng.randint(1, 40)
+        a, b, c = honest(m, n, p)
+        index = (rng.randrange(m), rng.randrange(p))
+        # Rejected unless every one of the 40 vectors misses that column: 2^-40.
+        assert not freivalds_check(a, b, _bump_beyond_tolerance(a, b, c, index), rounds=40).ok
+
+
+def test_rejects_rank_one_change():
+    a, b, c = honest(64, 48, 32)
+    u, v = torch.randn(64, 1), torch.randn(1, 32)
+    scale = 10 * float(rounding_bound(a, b, c).max())
+    assert not freivalds_check(a, b, c + scale * (u @ v), rounds=40).ok
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", ["c", "a", "b"])
+def test_rejects_non_finite_values_anywhere(value, where):
+    a, b, c = honest(17, 9, 13)
+    target = {"a": a, "b": b, "c": c}[where]
+    target.view(-1)[random.randrange(target.numel())] = value
+    verdict = freivalds_check(a, b, c, rounds=4)
+    assert not verdict.ok and ("NaN" in verdict.reason)
+
+
+def test_rejects_wrong_shape_and_dtype():
+    a, b, c = honest(8, 6, 4)
+    assert not freivalds_check(a, b, c[:, :3], rounds=4).ok
+    assert not freivalds_check(a, b, c.T.contiguous(), rounds=4).ok
+    assert not freivalds_check(a, b, c.unsqueeze(0), rounds=4).ok
+    assert not freivalds_check(a, b, c.double(), rounds=4).ok
+    assert not freivalds_check(a, b[:5], c, rounds=4).ok
+    assert not freivalds_check(a.int(), b.int(), c.int(), rounds=4).ok
+
+
+def test_rejects_a_result_computed_from_other_operands():
+    a, b, c = honest(30, 20, 10)
+    assert not freivalds_check(a, b, a @ torch.randn_like(b), rounds=40).ok
+    assert not freivalds_check(a, b, torch.zeros_like(c), rounds=40).ok
+
+
+def test_batched_check_catches_a_bad_slice():
+    a, b, c = honest(10, 12, 7, batch=(3,))
+    assert freivalds_check(a, b, c, rounds=10).ok
+    bad = _bump_beyond_tolerance(a, b, c, (1, 4, 2))
+    assert not freivalds_check(a, b, bad, rounds=40).ok
+
+
+def test_reduced_precision_relay_needs_its_unit_roundoff():
+    a = torch.randn(64, 48)
+    b = torch.randn(48, 32)
+    # Emulate a bf16 relay: operands and product rounded to bf16.
+    c = (a.bfloat16().float() @ b.bfloat16().float()).bfloat16().float()
+    assert not freivalds_check(a, b, c, rounds=16).ok  # fp32 tolerance: rejected
+    u_bf16 = torch.finfo(torch.bfloat16).eps / 2
+    assert freivalds_check(a, b, c, rounds=16, relay_unit_roundoff=u_bf16).ok
+    # Past n u = 1/2 no rigorous bound exists: the check fails closed and says why.
+    a, b = torch.randn(8, 300), torch.randn(300, 4)
+    verdict = freivalds_check(a, b, a @ b, rounds=4, relay_unit_roundoff=u_bf16)
+    assert not verdict.ok and "too large" in verdict.reason
+
+
+def test_verdict_raises_integrity_error():
+    a, b, c = honest(4, 4, 4)
+    freivalds_check(a, b, c, rounds=4).raise_if_failed()
+    with pytest.raises(IntegrityError, match="NaN"):
+        freivalds_check(a, b, c * float("nan"), rounds=4).raise_if_failed()
+
+
+def test_random_bits_are_bits_and_balanced():
+    bits = random_bits((1000, 40))
+    assert bits.shape == (1000, 40) and set(bits.flatten().tolist()) <= {0, 1}
+    assert 0.45 < bits.mean() < 0.55
+
+
+def test_zero_rounds_is_an_error():
+    a, b, c = honest(2, 2, 2)
+    with pytest.raises(ValueError):
+        freivalds_check(a, b, c, rounds=0)
