@@ -67,7 +67,9 @@ def selfcheck(ctx: click.Context, trials: int, max_dim: int, rounds: int, bench:
     if bench:
         from tempo.bench import obfuscation as bench_obf
 
-        figures = bench_obf.run(1024, 2048, 256, repeat=7)
+        # The reference size (272 MiB of operands): small sizes are all overhead.
+        click.echo("benchmark (tempo bench obfuscation --m 4096 --n 8192 --p 256 --repeat 7):", err=True)
+        figures = bench_obf.run(4096, 8192, 256, repeat=7)
         click.echo(bench_obf.table(figures))
 
 
