@@ -29,13 +29,17 @@
  * which computes (r * c) * x as well.
  *
  * The Python wrapper (tempo/enclave/obfuscation.py) checks shapes, strides, dtypes and index
- * bounds before calling; this file trusts them. Work is split by output rows over POSIX
- * threads; the GIL is released while they run.
+ * bounds before calling; this file trusts them. Work is split by output rows over torch's
+ * OpenMP pool when built with OpenMP (else POSIX threads); the GIL is released meanwhile.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <pthread.h>
 #include <stdint.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -185,8 +189,10 @@ static PyObject *scaled_gather(PyObject *Py_UNUSED(self), PyObject *args) {
     if (total < nthreads) nthreads = (int)total;
 
     task_t tasks[MAX_THREADS];
+#ifndef _OPENMP
     pthread_t tids[MAX_THREADS];
     int started[MAX_THREADS] = {0};
+#endif
     for (int k = 0; k < nthreads; ++k) {
         job_t *jb = &tasks[k].job;
         jb->out = (char *)(uintptr_t)out;
@@ -207,6 +213,21 @@ static PyObject *scaled_gather(PyObject *Py_UNUSED(self), PyObject *args) {
         tasks[k].dtype = dtype;
     }
     Py_BEGIN_ALLOW_THREADS
+#ifdef _OPENMP
+    /* torch is imported first and its bundled runtime has the soname libgomp.so.1, so this
+     * resolves to torch's own OpenMP pool: its workers are already up (often spinning after
+     * torch's last parallel op) and take the work at once, instead of our threads fighting
+     * them for the cores. If the runtime gives fewer threads, each takes several shares. */
+    if (nthreads > 1) {
+#pragma omp parallel num_threads(nthreads)
+        {
+            const int nt = omp_get_num_threads();
+            for (int k = omp_get_thread_num(); k < nthreads; k += nt) run_task(&tasks[k]);
+        }
+    } else {
+        run_task(&tasks[0]);
+    }
+#else
     /* Thread 0's share runs on the calling thread; if a thread cannot be created, its share
      * runs here too, so the result is complete either way. */
     for (int k = 1; k < nthreads; ++k)
@@ -218,8 +239,17 @@ static PyObject *scaled_gather(PyObject *Py_UNUSED(self), PyObject *args) {
         else
             run_task(&tasks[k]);
     }
+#endif
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
+}
+
+static PyObject *uses_openmp(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(unused)) {
+#ifdef _OPENMP
+    Py_RETURN_TRUE;
+#else
+    Py_RETURN_FALSE;
+#endif
 }
 
 static PyMethodDef methods[] = {
@@ -228,6 +258,7 @@ static PyMethodDef methods[] = {
      "row_scale, row_key_stride, col_idx, col_scale, col_key_stride, nthreads, stream): "
      "out[b,i,j] = (row_scale[i] * col_scale[j]) * src[b, row_idx[i], col_idx[j]] (raw "
      "pointers, int32 indices; the caller validates everything)."},
+    {"uses_openmp", uses_openmp, METH_NOARGS, "Whether threads come from OpenMP (else pthreads)."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_gather",
