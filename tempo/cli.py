@@ -107,3 +107,78 @@ def bench_obfuscation(
     click.echo(bench_obf.table(figures))
     if as_json:
         click.echo(json.dumps(figures.as_dict()))
+
+
+def _install_signal_handlers() -> dict:
+    """SIGTERM/SIGINT end the process cleanly (sockets closed, arenas removed); returns a flag."""
+    import signal
+
+    state = {"stop": False}
+
+    def handler(signum, frame):  # noqa: ARG001
+        if state["stop"]:  # second signal: leave now
+            raise SystemExit(128 + signum)
+        state["stop"] = True
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return state
+
+
+@main.command()
+@click.option("--relay-bind", default="tcp://127.0.0.1:5555", show_default=True, help="Where relays connect (tcp).")
+@click.option("--enclave-bind", default="ipc:///tmp/tempo-offloader.ipc", show_default=True, help="Where the enclave connects.")
+@click.option("--heartbeat-timeout", default=3.0, show_default=True, type=click.FloatRange(0.1), help="Seconds of relay silence before its parts are re-dispatched.")
+@click.option("--max-frame-mb", default=1024, show_default=True, type=click.IntRange(1), help="Largest tensor frame accepted.")
+@click.pass_context
+def offloader(ctx: click.Context, relay_bind: str, enclave_bind: str, heartbeat_timeout: float, max_frame_mb: int) -> None:
+    """Run the off-loader: between the enclave's arena and the relays."""
+    from tempo.arena import cleanup_stale
+    from tempo.offloader import Offloader
+
+    log = _logger(ctx, "offloader")
+    removed = cleanup_stale()
+    if removed:
+        log.info("offloader.stale_segments_removed", segments=removed)
+    state = _install_signal_handlers()
+    server = Offloader(relay_bind, enclave_bind, heartbeat_timeout, max_frame_mb << 20, log=log)
+
+    def ready(relays: str, enclave: str) -> None:
+        click.echo(f"offloader listening: relays {relays} enclave {enclave}", err=True)
+
+    server.run(stop=lambda: state["stop"], ready=ready)
+    log.info("offloader.stopped", **server.stats)
+
+
+@main.command()
+@click.option("--connect", "endpoint", default="tcp://127.0.0.1:5555", show_default=True, help="The off-loader's relay endpoint.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:i.")
+@click.option("--cache-mb", default=1024, show_default=True, type=click.IntRange(0), help="Bound on cached operands.")
+@click.option("--heartbeat", default=0.5, show_default=True, type=click.FloatRange(0.01), help="Seconds between heartbeats.")
+@click.option("--max-frame-mb", default=1024, show_default=True, type=click.IntRange(1), help="Largest tensor frame accepted.")
+@click.pass_context
+def relay(ctx: click.Context, endpoint: str, device: str, cache_mb: int, heartbeat: float, max_frame_mb: int) -> None:
+    """Run a relay: multiply masked operands on DEVICE for the off-loader at ENDPOINT."""
+    from tempo.relay import Relay
+
+    import os
+
+    log = _logger(ctx, "relay", relay=f"{os.uname().nodename}:{os.getpid()}")
+    state = _install_signal_handlers()
+    try:
+        worker = Relay(endpoint, device, cache_mb << 20, heartbeat, max_frame_mb << 20, log=log)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    worker.run(stop=lambda: state["stop"])
+    log.info("relay.stopped", served=worker.served, cache_evictions=worker.cache.evicted)
+
+
+@main.command()
+@click.option("--all", "all_segments", is_flag=True, help="Remove every tempo segment, not only those of dead processes.")
+@click.pass_context
+def cleanup(ctx: click.Context, all_segments: bool) -> None:
+    """Remove shared-memory segments left by tempo processes that died."""
+    from tempo.arena import cleanup_stale
+
+    removed = cleanup_stale(all_segments)
+    click.echo(f"removed {len(removed)} segment(s)" + (": " + " ".join(removed) if removed else ""))

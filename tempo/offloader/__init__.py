@@ -1,4 +1,378 @@
-"""The off-loader (untrusted, beside the enclave): shared-memory arena, relay registry, dispatch.
+"""The off-loader (untrusted, on the enclave's host): between the enclave and the relays.
 
-Not built yet (issue 3).
+Two ROUTER sockets: one for relays (tcp), one for the enclave (ipc). The enclave writes masked
+operands into its shared-memory arena and sends ``submit`` with descriptors; the off-loader
+reads the regions without a copy, sends them to a relay, writes the relay's result into the
+output regions, and answers ``done``. Relays are tracked by their ``ready`` and heartbeats; a
+relay silent for longer than the timeout is dropped and its outstanding parts are sent again to
+the others: a forward as it was, a backward with the cached operands taken from the arena
+(``backward_full``), since the dead relay's cache died with it.
+
+A reply from a relay is accepted only for an outstanding request id, from the relay it was sent
+to, with the same binding; anything else is dropped with a log line, so a late or replayed reply
+can neither duplicate nor corrupt a result.
 """
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import zmq
+
+from tempo.arena import Arena, Descriptor
+from tempo.protocol import (
+    ENCLAVE_OPS,
+    RELAY_OPS,
+    Binding,
+    ProtocolError,
+    decode,
+    decode_header,
+    encode,
+    error_frames,
+    new_request_id,
+)
+
+
+@dataclass
+class RelayState:
+    identity: bytes
+    device: str
+    free_memory: int
+    last_seen: float
+    inflight: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Part:
+    """One enclave request in flight: where its inputs and outputs live, and who computes it."""
+
+    client: bytes  # the enclave's ROUTER identity
+    client_id: str  # the enclave's request id
+    kind: str  # forward | backward
+    bind: Binding
+    arena: Arena
+    inputs: list[Descriptor]
+    operands: list[Descriptor]  # A', B' for a backward (to resend if the cache is gone)
+    outputs: list[Descriptor]
+    relay: bytes | None = None
+    relay_rid: str | None = None
+    full: bool = False  # backward sent with its operands
+    attempts: int = 0
+
+
+def _expected_outputs(kind: str, inputs: list[Descriptor], operands: list[Descriptor]) -> list[tuple]:
+    """Output shapes a submit must provide, from its input shapes (validated on arrival)."""
+
+    def chain(x: tuple, y: tuple, what: str) -> tuple:
+        if len(x) < 2 or len(y) < 2 or x[-1] != y[-2]:
+            raise ProtocolError(f"{what}: shapes {x} and {y} do not multiply")
+        try:
+            batch = tuple(torch.broadcast_shapes(torch.Size(x[:-2]), torch.Size(y[:-2])))
+        except RuntimeError:
+            raise ProtocolError(f"{what}: batch shapes do not broadcast") from None
+        return (*batch, x[-2], y[-1])
+
+    if kind == "forward":
+        if len(inputs) != 2 or operands:
+            raise ProtocolError("a forward submit has inputs [A', B'] and no operands")
+        return [chain(inputs[0].shape, inputs[1].shape, "forward")]
+    if kind == "backward":
+        if len(inputs) != 1 or len(operands) != 2:
+            raise ProtocolError("a backward submit has inputs [D'] and operands [A', B']")
+        a, b, d = operands[0].shape, operands[1].shape, inputs[0].shape
+        return [chain(b, d, "B' @ D'"), chain(d, a, "D' @ A'")]
+    raise ProtocolError(f"unknown submit kind {kind!r}")
+
+
+class Offloader:
+    def __init__(
+        self,
+        relay_bind: str = "tcp://127.0.0.1:5555",
+        enclave_bind: str = "ipc:///tmp/tempo-offloader.ipc",
+        heartbeat_timeout_s: float = 3.0,
+        max_frame_bytes: int = 1 << 30,
+        log=None,
+    ) -> None:
+        self.relay_bind = relay_bind
+        self.enclave_bind = enclave_bind
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.max_frame_bytes = max_frame_bytes
+        self.log = log
+        self.relays: dict[bytes, RelayState] = {}
+        self.parts: dict[str, Part] = {}  # by relay request id
+        self.waiting: deque[Part] = deque()  # no relay available yet
+        self.affinity: dict[Binding, bytes] = {}  # who holds a forward's cached operands
+        self.arenas: dict[str, Arena] = {}
+        self.stats = {"dispatched": 0, "redispatched": 0, "dropped_replies": 0, "bad_messages": 0}
+        self.enclave_handlers = {"submit": self._submit, "release": self._release, "ping": self._ping}
+        self.relay_handlers = {
+            "ready": self._relay_ready,
+            "heartbeat": self._relay_ready,
+            "result": self._relay_result,
+            "error": self._relay_error,
+            "pong": self._relay_pong,
+        }
+        assert set(self.enclave_handlers) == ENCLAVE_OPS and set(self.relay_handlers) == RELAY_OPS
+
+    def _info(self, event: str, **kw) -> None:
+        if self.log is not None:
+            self.log.info(event, **kw)
+
+    def _warn(self, event: str, **kw) -> None:
+        if self.log is not None:
+            self.log.warning(event, **kw)
+
+    # -- enclave side --
+    def _arena(self, name: object) -> Arena:
+        if not isinstance(name, str):
+            raise ProtocolError("submit lacks an arena name")
+        if name not in self.arenas:
+            self.arenas[name] = Arena.attach(name)
+        return self.arenas[name]
+
+    def _submit(self, client: bytes, header: dict) -> None:
+        rid = header.get("id")
+        if not isinstance(rid, str) or not 0 < len(rid) <= 64:
+            raise ProtocolError("submit lacks a request id")
+        bind = Binding.from_wire(header.get("bind"))
+        arena = self._arena(header.get("arena"))
+
+        def descs(key: str) -> list[Descriptor]:
+            value = header.get(key, [])
+            if not isinstance(value, list) or len(value) > 4:
+                raise ProtocolError(f"{key} must be a list of descriptors")
+            return [Descriptor.from_wire(v, arena.size) for v in value]
+
+        kind = header.get("kind")
+        inputs, operands, outputs = descs("inputs"), descs("operands"), descs("outputs")
+        expected = _expected_outputs(kind, inputs, operands)
+        if [tuple(o.shape) for o in outputs] != expected:
+            raise ProtocolError(f"outputs must have shapes {expected}")
+        dtypes = {d.dtype for d in inputs + operands + outputs}
+        if len(dtypes) != 1:
+            raise ProtocolError("all tensors of a submit must share one dtype")
+        part = Part(client, rid, kind, bind, arena, inputs, operands, outputs)
+        self._dispatch(part)
+
+    def _release(self, client: bytes, header: dict) -> None:
+        job = header.get("job")
+        if isinstance(job, str):
+            frames = encode("release", job=job, bind=["-", 0, 0, 0])
+            for identity in self.relays:
+                self.relay_sock.send_multipart([identity, *frames], copy=False)
+            for key in [k for k in self.affinity if k.job == job]:
+                del self.affinity[key]
+            name = header.get("arena")
+            if isinstance(name, str) and name in self.arenas:
+                self.arenas.pop(name).close()
+        else:
+            bind = Binding.from_wire(header.get("bind"))
+            relay = self.affinity.pop(bind, None)
+            if relay in self.relays:
+                self.relay_sock.send_multipart([relay, *encode("release", bind=bind.to_wire())], copy=False)
+
+    def _ping(self, client: bytes, header: dict) -> None:
+        self.enclave_sock.send_multipart(
+            [client, *encode("pong", id=header.get("id"), relays=len(self.relays))], copy=False
+        )
+
+    def _reply_error(self, part: Part, reason: str) -> None:
+        self.enclave_sock.send_multipart(
+            [part.client, *error_frames(reason, part.client_id, part.bind.to_wire())], copy=False
+        )
+
+    # -- dispatch --
+    def _pick_relay(self, part: Part) -> bytes | None:
+        if part.kind == "backward" and not part.full:
+            holder = self.affinity.get(part.bind)
+            if holder in self.relays:
+                return holder
+            part.full = True  # the cache is gone: send the operands along
+        if not self.relays:
+            return None
+        return min(self.relays.values(), key=lambda r: len(r.inflight)).identity
+
+    def _dispatch(self, part: Part) -> None:
+        relay = self._pick_relay(part)
+        if relay is None:
+            self.waiting.append(part)
+            return
+        part.attempts += 1
+        if part.attempts > 5:
+            self._reply_error(part, "gave up after 5 dispatch attempts")
+            return
+        part.relay = relay
+        part.relay_rid = new_request_id()
+        arena = part.arena
+        if part.kind == "forward":
+            op, descs = "forward", part.inputs
+        elif part.full:
+            op, descs = "backward_full", [*part.operands, *part.inputs]
+        else:
+            op, descs = "backward", part.inputs
+        tensors = [arena.tensor(d) for d in descs]
+        frames = encode(op, tensors, id=part.relay_rid, bind=part.bind.to_wire())
+        self.relay_sock.send_multipart([relay, *frames], copy=False)
+        self.parts[part.relay_rid] = part
+        self.relays[relay].inflight.add(part.relay_rid)
+        if part.kind == "forward":
+            self.affinity[part.bind] = relay
+        self.stats["dispatched"] += 1
+
+    def _drain_waiting(self) -> None:
+        while self.waiting and self.relays:
+            self._dispatch(self.waiting.popleft())
+
+    # -- relay side --
+    def _relay_ready(self, identity: bytes, msg) -> None:
+        known = identity in self.relays
+        state = self.relays.get(identity) or RelayState(identity, "", 0, 0.0)
+        state.device = str(msg.header.get("device", ""))[:64]
+        free = msg.header.get("free_memory")
+        state.free_memory = free if isinstance(free, int) else 0
+        state.last_seen = time.monotonic()
+        self.relays[identity] = state
+        if not known:
+            self._info("offloader.relay_joined", relay=identity.hex(), device=state.device, relays=len(self.relays))
+            self._drain_waiting()
+
+    def _take_part(self, identity: bytes, msg) -> Part | None:
+        rid = msg.request_id
+        part = self.parts.get(rid) if rid else None
+        bind = msg.header.get("bind")
+        if part is None or part.relay != identity or bind != part.bind.to_wire():
+            self.stats["dropped_replies"] += 1
+            self._warn("offloader.unmatched_reply", relay=identity.hex(), id=str(rid)[:64])
+            return None
+        del self.parts[rid]
+        if identity in self.relays:
+            self.relays[identity].inflight.discard(rid)
+        return part
+
+    def _relay_result(self, identity: bytes, msg) -> None:
+        part = self._take_part(identity, msg)
+        if part is None:
+            return
+        if len(msg.tensors) != len(part.outputs) or any(
+            t.dtype != part.arena.tensor(d).dtype or tuple(t.shape) != d.shape
+            for t, d in zip(msg.tensors, part.outputs)
+        ):
+            self._warn("offloader.bad_result_shape", relay=identity.hex())
+            self._reply_error(part, "relay returned results of the wrong shape or dtype")
+            return
+        for t, d in zip(msg.tensors, part.outputs):
+            part.arena.tensor(d).copy_(t)
+        self.enclave_sock.send_multipart(
+            [part.client, *encode("done", id=part.client_id, bind=part.bind.to_wire())], copy=False
+        )
+
+    def _relay_error(self, identity: bytes, msg) -> None:
+        if msg.request_id is None:
+            self._warn("offloader.relay_error", relay=identity.hex(), reason=str(msg.header.get("reason"))[:200])
+            return
+        part = self._take_part(identity, msg)
+        if part is None:
+            return
+        reason = str(msg.header.get("reason", ""))[:300]
+        if part.kind == "backward" and not part.full and "no cached operands" in reason:
+            part.full = True
+            self._dispatch(part)
+            return
+        self._reply_error(part, f"relay error: {reason}")
+
+    def _relay_pong(self, identity: bytes, msg) -> None:
+        if identity in self.relays:
+            self.relays[identity].last_seen = time.monotonic()
+
+    def _expire_relays(self) -> None:
+        now = time.monotonic()
+        dead = [r for r in self.relays.values() if now - r.last_seen > self.heartbeat_timeout_s]
+        for relay in dead:
+            del self.relays[relay.identity]
+            for key in [k for k, v in self.affinity.items() if v == relay.identity]:
+                del self.affinity[key]
+            orphans = [self.parts.pop(rid) for rid in relay.inflight if rid in self.parts]
+            self._warn("offloader.relay_lost", relay=relay.identity.hex(), parts=len(orphans), relays=len(self.relays))
+            for part in orphans:
+                self.stats["redispatched"] += 1
+                if part.kind == "backward":
+                    part.full = True
+                self._dispatch(part)
+
+    # -- the loop --
+    def _on_enclave(self, frames: list) -> None:
+        if len(frames) < 2:
+            return
+        client, rest = bytes(frames[0]), frames[1:]
+        header = None
+        try:
+            if len(rest) != 1:
+                raise ProtocolError("enclave messages carry no tensor frames")
+            header = decode_header(rest[0])
+            op = header["op"]
+            if op not in ENCLAVE_OPS:
+                raise ProtocolError(f"unknown op {op[:64]!r}")
+            self.enclave_handlers[op](client, header)
+        except (ProtocolError, MemoryError, OSError) as exc:
+            self.stats["bad_messages"] += 1
+            self._warn("offloader.bad_enclave_message", reason=str(exc))
+            rid = header.get("id") if isinstance(header, dict) and isinstance(header.get("id"), str) else None
+            self.enclave_sock.send_multipart([client, *error_frames(str(exc), rid)], copy=False)
+
+    def _on_relay(self, frames: list) -> None:
+        if len(frames) < 2:
+            return
+        identity, rest = bytes(frames[0]), frames[1:]
+        try:
+            msg = decode(rest, RELAY_OPS, self.max_frame_bytes)
+            if msg.op not in ("ready", "heartbeat") and identity not in self.relays:
+                raise ProtocolError("unknown relay: announce yourself with ready first")
+            self.relay_handlers[msg.op](identity, msg)
+        except ProtocolError as exc:
+            self.stats["bad_messages"] += 1
+            self._warn("offloader.bad_relay_message", relay=identity.hex(), reason=str(exc))
+            self.relay_sock.send_multipart([identity, *error_frames(str(exc))], copy=False)
+
+    def run(self, stop: callable = lambda: False, context: zmq.Context | None = None, ready=None) -> None:
+        ctx = context or zmq.Context.instance()
+        self.relay_sock = ctx.socket(zmq.ROUTER)
+        self.enclave_sock = ctx.socket(zmq.ROUTER)
+        for s in (self.relay_sock, self.enclave_sock):
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.relay_sock.bind(self.relay_bind)
+        self.enclave_sock.bind(self.enclave_bind)
+        self._info("offloader.listening", relays=self.relay_sock.last_endpoint.decode(),
+                   enclave=self.enclave_sock.last_endpoint.decode())
+        if ready is not None:
+            ready(self.relay_sock.last_endpoint.decode(), self.enclave_sock.last_endpoint.decode())
+        poller = zmq.Poller()
+        poller.register(self.relay_sock, zmq.POLLIN)
+        poller.register(self.enclave_sock, zmq.POLLIN)
+        tick = max(0.05, self.heartbeat_timeout_s / 4)
+        try:
+            while not stop():
+                events = dict(poller.poll(int(tick * 1000)))
+                if self.relay_sock in events:
+                    for _ in range(64):  # drain a burst without starving the other socket
+                        try:
+                            frames = self.relay_sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._on_relay([f.buffer for f in frames])
+                if self.enclave_sock in events:
+                    for _ in range(64):
+                        try:
+                            frames = self.enclave_sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._on_enclave([f.buffer for f in frames])
+                self._expire_relays()
+        finally:
+            self.relay_sock.close(linger=0)
+            self.enclave_sock.close(linger=0)
+            for arena in self.arenas.values():
+                arena.close()

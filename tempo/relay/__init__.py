@@ -1,4 +1,237 @@
-"""GPU relays (untrusted): receive masked operands, multiply, cache them for the backward pass.
+"""GPU relay (untrusted): multiplies masked operands and keeps them for the backward pass.
 
-Not built yet (issue 3).
+A relay connects a DEALER socket to the off-loader's relay endpoint, announces itself
+(``ready`` with its device and free memory), sends heartbeats, and serves requests from an
+explicit ``{op: handler}`` table. Forward: ``C' = A' @ B'``, with ``A'`` and ``B'`` kept on the
+device under their binding (job, step, layer, part). Backward: ``T1' = B' @ D'`` and
+``T2' = D' @ A'`` from the cached operands. The cache has a memory bound; the oldest entries go
+first. Anything malformed gets an ``error`` reply and a log line; the relay keeps serving.
 """
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import zmq
+
+from tempo.protocol import (
+    OFFLOADER_TO_RELAY_OPS,
+    Binding,
+    Message,
+    ProtocolError,
+    decode,
+    encode,
+    error_frames,
+)
+
+
+@dataclass
+class CacheEntry:
+    a: torch.Tensor
+    b: torch.Tensor
+    nbytes: int
+
+
+class OperandCache:
+    """Masked operands per binding, on the relay's device, bounded in bytes (oldest out first)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[Binding, CacheEntry] = OrderedDict()
+        self.nbytes = 0
+        self.evicted = 0
+
+    def put(self, bind: Binding, a: torch.Tensor, b: torch.Tensor) -> None:
+        size = a.numel() * a.element_size() + b.numel() * b.element_size()
+        self.pop(bind)
+        if size > self.max_bytes:
+            return  # cannot hold it: the backward pass will come with its operands
+        while self.nbytes + size > self.max_bytes and self.entries:
+            _, old = self.entries.popitem(last=False)
+            self.nbytes -= old.nbytes
+            self.evicted += 1
+        self.entries[bind] = CacheEntry(a, b, size)
+        self.nbytes += size
+
+    def pop(self, bind: Binding) -> CacheEntry | None:
+        entry = self.entries.pop(bind, None)
+        if entry is not None:
+            self.nbytes -= entry.nbytes
+        return entry
+
+    def release_job(self, job: str) -> int:
+        doomed = [k for k in self.entries if k.job == job]
+        for k in doomed:
+            self.pop(k)
+        return len(doomed)
+
+
+def _free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        import os
+
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+class Relay:
+    """One relay process: one device, one connection to the off-loader."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        device: str = "cpu",
+        cache_bytes: int = 1 << 30,
+        heartbeat_s: float = 0.5,
+        max_frame_bytes: int = 1 << 30,
+        log=None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
+            torch.cuda.set_device(self.device)
+        self.cache = OperandCache(cache_bytes)
+        self.heartbeat_s = heartbeat_s
+        self.max_frame_bytes = max_frame_bytes
+        self.log = log
+        self.served = 0
+        self.handlers = {
+            "forward": self._forward,
+            "backward": self._backward,
+            "backward_full": self._backward_full,
+            "release": self._release,
+            "ping": self._ping,
+        }
+        assert set(self.handlers) == OFFLOADER_TO_RELAY_OPS
+
+    # -- device transfers --
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return t.clone()  # own the memory: the received frame goes away
+        pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        pinned.copy_(t)
+        return pinned.to(self.device, non_blocking=True)
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous() if self.device.type == "cpu" else t.to("cpu").contiguous()
+
+    @staticmethod
+    def _check_chain(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
+        if x.dim() < 2 or y.dim() < 2 or x.shape[-1] != y.shape[-2]:
+            raise ProtocolError(f"{what}: shapes {tuple(x.shape)} and {tuple(y.shape)} do not multiply")
+        if x.dtype != y.dtype:
+            raise ProtocolError(f"{what}: dtypes differ ({x.dtype}, {y.dtype})")
+        try:
+            torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
+        except RuntimeError:
+            raise ProtocolError(f"{what}: batch shapes do not broadcast") from None
+
+    # -- handlers: each returns (tensors, extra header fields) --
+    def _forward(self, msg: Message):
+        if len(msg.tensors) != 2:
+            raise ProtocolError("forward takes two tensors, A' and B'")
+        a, b = msg.tensors
+        self._check_chain(a, b, "forward")
+        a_d, b_d = self._to_device(a), self._to_device(b)
+        c = torch.matmul(a_d, b_d)
+        self.cache.put(msg.binding, a_d, b_d)
+        return [self._to_host(c)]
+
+    def _backward_from(self, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor):
+        self._check_chain(b, d, "backward B' @ D'")
+        self._check_chain(d, a, "backward D' @ A'")
+        return [self._to_host(torch.matmul(b, d)), self._to_host(torch.matmul(d, a))]
+
+    def _backward(self, msg: Message):
+        if len(msg.tensors) != 1:
+            raise ProtocolError("backward takes one tensor, D'")
+        entry = self.cache.pop(msg.binding)
+        if entry is None:
+            raise LookupError("no cached operands for this binding")
+        return self._backward_from(entry.a, entry.b, self._to_device(msg.tensors[0]))
+
+    def _backward_full(self, msg: Message):
+        if len(msg.tensors) != 3:
+            raise ProtocolError("backward_full takes A', B' and D'")
+        a, b, d = (self._to_device(t) for t in msg.tensors)
+        self.cache.pop(msg.binding)
+        return self._backward_from(a, b, d)
+
+    def _release(self, msg: Message):
+        job = msg.header.get("job")
+        if isinstance(job, str):
+            self.cache.release_job(job)
+        else:
+            self.cache.pop(msg.binding)
+        return None
+
+    def _ping(self, msg: Message):
+        return []
+
+    # -- the loop --
+    def _ready_frames(self, op: str = "ready") -> list:
+        return encode(op, device=str(self.device), free_memory=_free_memory(self.device),
+                      cache_bytes=self.cache.nbytes)
+
+    def handle(self, frames: list) -> list | None:
+        """Decode one request and produce the reply frames (``None``: nothing to send back)."""
+        try:
+            msg = decode(frames, OFFLOADER_TO_RELAY_OPS, self.max_frame_bytes)
+        except ProtocolError as exc:
+            self._warn("relay.bad_message", reason=str(exc))
+            return error_frames(str(exc))
+        rid = msg.request_id
+        bind = msg.header.get("bind")
+        try:
+            if msg.op not in ("ping", "release") and rid is None:
+                raise ProtocolError("request lacks an id")
+            if msg.op != "release" or "job" not in msg.header:
+                msg.binding  # validates bind  # noqa: B018
+            out = self.handlers[msg.op](msg)
+        except (ProtocolError, LookupError, RuntimeError, ValueError) as exc:
+            self._warn("relay.request_failed", op=msg.op, reason=str(exc))
+            return error_frames(str(exc), rid, bind if isinstance(bind, list) else None)
+        if out is None:
+            return None
+        self.served += 1
+        op = "pong" if msg.op == "ping" else "result"
+        return encode(op, out, id=rid, bind=bind)
+
+    def _warn(self, event: str, **kw) -> None:
+        if self.log is not None:
+            self.log.warning(event, **kw)
+
+    def run(self, stop: callable = lambda: False, context: zmq.Context | None = None) -> None:
+        """Serve until `stop()` returns true (checked at least every heartbeat)."""
+        ctx = context or zmq.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.endpoint)
+        try:
+            sock.send_multipart(self._ready_frames(), copy=False)
+            if self.log:
+                self.log.info("relay.ready", endpoint=self.endpoint, device=str(self.device))
+            last_beat = time.monotonic()
+            poller = zmq.Poller()
+            poller.register(sock, zmq.POLLIN)
+            while not stop():
+                events = dict(poller.poll(int(self.heartbeat_s * 1000)))
+                if sock in events:
+                    frames = sock.recv_multipart(copy=False)
+                    reply = self.handle([f.buffer for f in frames])
+                    if reply is not None:
+                        sock.send_multipart(reply, copy=False)
+                if time.monotonic() - last_beat >= self.heartbeat_s:
+                    sock.send_multipart(self._ready_frames("heartbeat"), copy=False)
+                    last_beat = time.monotonic()
+        finally:
+            sock.close(linger=0)

@@ -1,0 +1,280 @@
+"""The enclave's link to the off-loader: offload a product, get it back decrypted and verified.
+
+`OffloadClient.forward(a, b, bind)` draws a fresh key, encrypts ``A`` and ``B`` straight into
+the job's shared-memory arena, submits descriptors, waits, decrypts ``C'`` from the arena and
+verifies it with Freivalds. `backward(grad_c, bind)` encrypts ``Δᵀ`` only (the relay kept
+``A'`` and ``B'``), and decrypts and verifies both gradients. `submit_*`/`wait` split these so
+many parts can be in flight at once.
+
+Nothing but masked operands ever leaves this process; keys, plaintext and the Freivalds vectors
+stay here.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import zmq
+
+from tempo.arena import Arena, Descriptor
+from tempo.enclave.keys import DEFAULT_KEY_SPACE, KeySpace, MatmulKey, keygen
+from tempo.enclave.obfuscation import decrypt, decrypt_grads, encrypt, encrypt_grad
+from tempo.enclave.verify import freivalds_check
+from tempo.protocol import (
+    OFFLOADER_TO_ENCLAVE_OPS,
+    Binding,
+    ProtocolError,
+    decode,
+    encode,
+    new_request_id,
+)
+
+
+class OffloadError(RuntimeError):
+    """An offloaded part failed: an error reply, a timeout, or a protocol violation."""
+
+
+@dataclass
+class _Forward:
+    """What the enclave keeps between a part's forward and its backward."""
+
+    key: MatmulKey
+    a: torch.Tensor
+    b: torch.Tensor
+    a_enc: Descriptor
+    b_enc: Descriptor
+    c_enc: Descriptor | None = None
+
+
+@dataclass
+class Pending:
+    rid: str
+    kind: str
+    bind: Binding
+    outputs: list[Descriptor] = field(default_factory=list)
+    sent_at: float = 0.0
+
+
+@dataclass
+class Counters:
+    forward: int = 0
+    backward: int = 0
+    encrypt_s: float = 0.0
+    decrypt_s: float = 0.0
+    verify_s: float = 0.0
+    wait_s: float = 0.0
+
+
+class OffloadClient:
+    def __init__(
+        self,
+        endpoint: str,
+        job: str,
+        arena_bytes: int = 256 << 20,
+        timeout_s: float = 30.0,
+        rounds: int = 16,
+        key_space: KeySpace = DEFAULT_KEY_SPACE,
+        context: zmq.Context | None = None,
+        log=None,
+    ) -> None:
+        self.job = job
+        self.timeout_s = timeout_s
+        self.rounds = rounds
+        self.key_space = key_space
+        self.log = log
+        self.arena = Arena.create(job, arena_bytes)
+        self._ctx = context or zmq.Context.instance()
+        self.sock = self._ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self._forwards: dict[Binding, _Forward] = {}
+        self._pending: dict[str, Pending] = {}
+        self._replies: dict[str, object] = {}
+        self.counters = Counters()
+
+    # -- arena helpers --
+    def _alloc(self, shape, dtype) -> tuple[Descriptor, torch.Tensor]:
+        return self.arena.alloc_tensor(tuple(shape), dtype)
+
+    def _free(self, *descs: Descriptor | None) -> None:
+        for d in descs:
+            if d is not None:
+                self.arena.free(d.offset)
+
+    def _send(self, **fields) -> None:
+        self.sock.send_multipart(encode("submit", arena=self.arena.name, **fields), copy=False)
+
+    # -- forward --
+    def submit_forward(self, a: torch.Tensor, b: torch.Tensor, bind: Binding) -> Pending:
+        """Encrypt ``A``, ``B`` into the arena and send them off; returns a handle for `wait`."""
+        if bind in self._forwards:
+            raise ValueError(f"binding {bind} already has a forward in flight or cached")
+        m, n, p = a.shape[-2], a.shape[-1], b.shape[-1]
+        t0 = time.perf_counter()
+        sk = keygen(m, n, p, key_space=self.key_space)
+        a_desc, a_buf = self._alloc(a.shape, a.dtype)
+        b_desc, b_buf = self._alloc(b.shape, b.dtype)
+        encrypt(sk, a, b, out_a=a_buf, out_b=b_buf)
+        c_shape = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), m, p)
+        c_desc, _ = self._alloc(c_shape, a.dtype)
+        self.counters.encrypt_s += time.perf_counter() - t0
+        state = _Forward(sk, a, b, a_desc, b_desc, c_desc)
+        self._forwards[bind] = state
+        rid = new_request_id()
+        pending = Pending(rid, "forward", bind, [c_desc], time.monotonic())
+        self._pending[rid] = pending
+        self._send(id=rid, bind=bind.to_wire(), kind="forward", inputs=[a_desc.to_wire(), b_desc.to_wire()],
+                   outputs=[c_desc.to_wire()])
+        self.counters.forward += 1
+        return pending
+
+    def finish_forward(self, pending: Pending) -> torch.Tensor:
+        """Wait for a forward part; return ``C = A @ B``, decrypted and verified."""
+        self.wait(pending)
+        state = self._forwards[pending.bind]
+        t0 = time.perf_counter()
+        c_enc = self.arena.tensor(state.c_enc)
+        c = decrypt(state.key, c_enc)
+        t1 = time.perf_counter()
+        freivalds_check(state.a, state.b, c, self.rounds).raise_if_failed()
+        self.counters.decrypt_s += t1 - t0
+        self.counters.verify_s += time.perf_counter() - t1
+        self._free(state.c_enc)
+        state.c_enc = None
+        return c
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, bind: Binding) -> torch.Tensor:
+        return self.finish_forward(self.submit_forward(a, b, bind))
+
+    # -- backward --
+    def submit_backward(self, grad_c: torch.Tensor, bind: Binding) -> Pending:
+        """Encrypt ``Δᵀ`` only and send it; the relay multiplies with its cached ``A'``, ``B'``."""
+        state = self._forwards.get(bind)
+        if state is None:
+            raise ValueError(f"binding {bind} has no forward to take the backward of")
+        m, n, p = state.key.shape
+        t0 = time.perf_counter()
+        batch = grad_c.shape[:-2]
+        d_desc, d_buf = self._alloc((*batch, p, m), grad_c.dtype)
+        encrypt_grad(state.key, grad_c, out=d_buf)
+        t1_desc, _ = self._alloc((*batch, n, m), grad_c.dtype)
+        t2_desc, _ = self._alloc((*batch, p, n), grad_c.dtype)
+        self.counters.encrypt_s += time.perf_counter() - t0
+        rid = new_request_id()
+        pending = Pending(rid, "backward", bind, [d_desc, t1_desc, t2_desc], time.monotonic())
+        self._pending[rid] = pending
+        self._send(id=rid, bind=bind.to_wire(), kind="backward", inputs=[d_desc.to_wire()],
+                   operands=[state.a_enc.to_wire(), state.b_enc.to_wire()],
+                   outputs=[t1_desc.to_wire(), t2_desc.to_wire()])
+        self.counters.backward += 1
+        pending.grad_c = grad_c  # type: ignore[attr-defined]
+        return pending
+
+    def finish_backward(self, pending: Pending) -> tuple[torch.Tensor, torch.Tensor]:
+        """Wait for a backward part; return ``(dL/dA, dL/dB)``, decrypted and verified."""
+        self.wait(pending)
+        state = self._forwards.pop(pending.bind)
+        d_desc, t1_desc, t2_desc = pending.outputs
+        grad_c = pending.grad_c  # type: ignore[attr-defined]
+        t0 = time.perf_counter()
+        da, db = decrypt_grads(state.key, self.arena.tensor(t1_desc), self.arena.tensor(t2_desc))
+        da, db = da.contiguous(), db.contiguous()
+        t1 = time.perf_counter()
+        # dA = Δ Bᵀ and dB = Aᵀ Δ, checked against the plaintext kept here
+        freivalds_check(grad_c, state.b.mT, da, self.rounds).raise_if_failed()
+        freivalds_check(state.a.mT, grad_c, db, self.rounds).raise_if_failed()
+        self.counters.decrypt_s += t1 - t0
+        self.counters.verify_s += time.perf_counter() - t1
+        self._free(d_desc, t1_desc, t2_desc, state.a_enc, state.b_enc)
+        return da, db
+
+    def backward(self, grad_c: torch.Tensor, bind: Binding) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.finish_backward(self.submit_backward(grad_c, bind))
+
+    def release(self, bind: Binding) -> None:
+        """Forget a forward that will have no backward (inference): free its regions and cache."""
+        state = self._forwards.pop(bind, None)
+        if state is not None:
+            self._free(state.a_enc, state.b_enc, state.c_enc)
+            self.sock.send_multipart(encode("release", bind=bind.to_wire()), copy=False)
+
+    # -- replies --
+    def wait(self, pending: Pending) -> None:
+        """Block until `pending` is answered; raise `OffloadError` on an error reply or timeout."""
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            while pending.rid not in self._replies:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise OffloadError(f"{pending.kind} {pending.bind} timed out after {self.timeout_s}s")
+                if not self.sock.poll(int(left * 1000) + 1):
+                    continue
+                self._receive()
+            reply = self._replies.pop(pending.rid)
+            self._pending.pop(pending.rid, None)
+            if reply != "done":
+                raise OffloadError(f"{pending.kind} {pending.bind} failed: {reply}")
+        finally:
+            self.counters.wait_s += time.perf_counter() - t0
+
+    def _receive(self) -> None:
+        frames = self.sock.recv_multipart(copy=False)
+        try:
+            msg = decode([f.buffer for f in frames], OFFLOADER_TO_ENCLAVE_OPS, max_frame_bytes=0)
+        except ProtocolError as exc:
+            if self.log:
+                self.log.warning("client.bad_reply", reason=str(exc))
+            return
+        rid = msg.request_id
+        pending = self._pending.get(rid) if rid else None
+        if pending is None or msg.header.get("bind") != pending.bind.to_wire() or rid in self._replies:
+            if self.log:
+                self.log.warning("client.unmatched_reply", op=msg.op, id=str(rid)[:64])
+            return
+        self._replies[rid] = "done" if msg.op == "done" else str(msg.header.get("reason", "error"))
+
+    def ping(self, timeout_s: float = 5.0) -> int:
+        """Ask the off-loader how many relays it has; raises `OffloadError` if it does not answer."""
+        rid = new_request_id()
+        self.sock.send_multipart(encode("ping", id=rid), copy=False)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.sock.poll(100):
+                frames = self.sock.recv_multipart(copy=False)
+                try:
+                    msg = decode([f.buffer for f in frames], OFFLOADER_TO_ENCLAVE_OPS, max_frame_bytes=0)
+                except ProtocolError:
+                    continue
+                if msg.op == "pong" and msg.request_id == rid:
+                    return int(msg.header.get("relays", 0))
+        raise OffloadError("the off-loader did not answer a ping")
+
+    def wait_for_relays(self, count: int, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.ping() >= count:
+                return
+            time.sleep(0.05)
+        raise OffloadError(f"fewer than {count} relays joined within {timeout_s}s")
+
+    def close(self) -> None:
+        try:
+            self.sock.send_multipart(encode("release", job=self.job, arena=self.arena.name), copy=False)
+        except zmq.ZMQError:
+            pass
+        self.sock.close(linger=0)
+        self.arena.close()
+
+    def __enter__(self) -> OffloadClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def default_job_id() -> str:
+    return f"job{os.getpid()}{new_request_id()[:6]}"
