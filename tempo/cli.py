@@ -182,3 +182,24 @@ def cleanup(ctx: click.Context, all_segments: bool) -> None:
 
     removed = cleanup_stale(all_segments)
     click.echo(f"removed {len(removed)} segment(s)" + (": " + " ".join(removed) if removed else ""))
+
+
+@bench.command("transport")
+@click.option("--relays", default=2, show_default=True, type=click.IntRange(1, 16), help="Local CPU relays to start.")
+@click.option("--mb", default=16.0, show_default=True, type=click.FloatRange(0.01, 4096), help="MiB of operands per relay per round.")
+@click.option("--rounds", default=20, show_default=True, type=click.IntRange(1), help="Timed rounds (median).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on the last line.")
+@click.pass_context
+def bench_transport(ctx: click.Context, relays: int, mb: float, rounds: int, as_json: bool) -> None:
+    """Round trips of masked operands through a real off-loader and relays vs a plain copy."""
+    from tempo.bench import transport
+
+    log = _logger(ctx, "bench")
+    log.info("bench.transport.start", relays=relays, mb=mb, rounds=rounds)
+    try:
+        figures = transport.run(relays, mb, rounds, progress=lambda m: log.debug("bench.progress", msg=m))
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(transport.table(figures))
+    if as_json:
+        click.echo(json.dumps(figures.as_dict()))

@@ -66,6 +66,7 @@ class Counters:
     decrypt_s: float = 0.0
     verify_s: float = 0.0
     wait_s: float = 0.0
+    unmatched_replies: int = 0  # replies for no outstanding request (duplicates, replays)
 
 
 class OffloadClient:
@@ -195,11 +196,21 @@ class OffloadClient:
         return self.finish_backward(self.submit_backward(grad_c, bind))
 
     def release(self, bind: Binding) -> None:
-        """Forget a forward that will have no backward (inference): free its regions and cache."""
+        """Forget a forward that will have no backward (inference): free its regions, and have
+        the relay drop its cached operands."""
         state = self._forwards.pop(bind, None)
         if state is not None:
             self._free(state.a_enc, state.b_enc, state.c_enc)
-            self.sock.send_multipart(encode("release", bind=bind.to_wire()), copy=False)
+        self.sock.send_multipart(encode("release", bind=bind.to_wire()), copy=False)
+
+    def submit_masked(self, bind: Binding, inputs: list[Descriptor], outputs: list[Descriptor]) -> Pending:
+        """Submit a forward of operands already masked in the arena (the transport benchmark)."""
+        rid = new_request_id()
+        pending = Pending(rid, "forward", bind, outputs, time.monotonic())
+        self._pending[rid] = pending
+        self._send(id=rid, bind=bind.to_wire(), kind="forward", inputs=[d.to_wire() for d in inputs],
+                   outputs=[d.to_wire() for d in outputs])
+        return pending
 
     # -- replies --
     def wait(self, pending: Pending) -> None:
@@ -232,6 +243,7 @@ class OffloadClient:
         rid = msg.request_id
         pending = self._pending.get(rid) if rid else None
         if pending is None or msg.header.get("bind") != pending.bind.to_wire() or rid in self._replies:
+            self.counters.unmatched_replies += 1
             if self.log:
                 self.log.warning("client.unmatched_reply", op=msg.op, id=str(rid)[:64])
             return

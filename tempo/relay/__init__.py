@@ -116,7 +116,9 @@ class Relay:
     # -- device transfers --
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cpu":
-            return t.clone()  # own the memory: the received frame goes away
+            # No copy: a tensor made by torch.frombuffer holds a reference to the received frame,
+            # so the frame's memory lives as long as the cached operand does.
+            return t
         pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         pinned.copy_(t)
         return pinned.to(self.device, non_blocking=True)

@@ -1,0 +1,332 @@
+"""Integration: real `tempo offloader` and `tempo relay` processes on loopback, real sockets."""
+
+import os
+import random
+import signal
+import time
+
+import msgpack
+import pytest
+import torch
+import zmq
+
+from tempo import arena as arena_mod
+from tempo.cluster import LocalCluster
+from tempo.enclave.client import OffloadClient, OffloadError
+from tempo.enclave.verify import rounding_bound
+from tempo.protocol import PROTOCOL_VERSION, RELAY_OPS, Binding, decode, encode
+
+
+
+def close_enough(got, want, x, y):
+    tol = rounding_bound(x, y, want, slack=4.0).unsqueeze(-1)
+    return got.shape == want.shape and bool(((got - want).abs() <= tol).all())
+
+
+@pytest.fixture
+def cluster():
+    c = LocalCluster(relays=2, heartbeat_timeout_s=1.0, heartbeat_s=0.1).start()
+    try:
+        yield c
+    except Exception:
+        print(c.logs())
+        raise
+    finally:
+        c.stop()
+        assert not any(p.alive() for p in c.processes()), "a process outlived the cluster"
+        assert all(p.popen.returncode == 0 for p in c.processes() if p.name == "offloader"), c.logs()
+
+
+def new_client(cluster, job, **kw):
+    client = OffloadClient(cluster.enclave_endpoint, job, arena_bytes=64 << 20, timeout_s=30, **kw)
+    client.wait_for_relays(len([r for r in cluster.relays if r.alive()]))
+    return client
+
+
+def random_product(rng):
+    m, n, p = (rng.choice([1, 2, 3, rng.randint(4, 48)]) for _ in range(3))
+    batch = rng.choice([(), (), (), (2,)])
+    dtype = rng.choice([torch.float32, torch.float32, torch.float64])
+    return torch.randn(*batch, m, n, dtype=dtype), torch.randn(*batch, n, p, dtype=dtype)
+
+
+def run_products(client, job, count, rng, window=16, on_progress=None):
+    """`count` random products, forward then backward, `window` parts in flight; all checked."""
+    inflight = []
+    done = 0
+    for i in range(count):
+        a, b = random_product(rng)
+        bind = Binding(job, i, 0, 0)
+        inflight.append((bind, a, b, client.submit_forward(a, b, bind)))
+        if len(inflight) >= window or i == count - 1:
+            backs = []
+            for bind, a, b, pending in inflight:
+                c = client.finish_forward(pending)
+                assert close_enough(c, a @ b, a, b)
+                grad = torch.randn_like(c)
+                backs.append((a, b, grad, client.submit_backward(grad, bind)))
+            for a, b, grad, pending in backs:
+                da, db = client.finish_backward(pending)
+                assert close_enough(da, grad @ b.mT, grad, b.mT)
+                assert close_enough(db, a.mT @ grad, a.mT, grad)
+                done += 1
+            inflight = []
+            if on_progress:
+                on_progress(done)
+    return done
+
+
+def test_thousands_of_offloaded_products_match_torch(cluster):
+    with new_client(cluster, "many") as client:
+        done = run_products(client, "many", 1500, random.Random(0))
+        assert done == 1500
+        assert client.counters.forward == 1500 and client.counters.backward == 1500
+        assert client.counters.unmatched_replies == 0
+        assert client.arena.bytes_in_use == 0
+
+
+def test_a_relay_killed_mid_run_loses_and_duplicates_nothing(cluster):
+    cluster.add_relay()
+    killed = []
+
+    def progress(done):
+        if done >= 96 and not killed:
+            cluster.kill_relay(0, signal.SIGKILL)
+            killed.append(done)
+
+    with new_client(cluster, "kill") as client:
+        done = run_products(client, "kill", 400, random.Random(1), window=32, on_progress=progress)
+        assert killed and done == 400
+        assert client.counters.unmatched_replies == 0
+    assert any("offloader.relay_lost" in line for line in cluster.offloader.lines)
+
+
+def test_backward_after_the_cache_holder_died_is_recomputed_from_the_arena(cluster):
+    with new_client(cluster, "orphan") as client:
+        a, b = torch.randn(8, 5), torch.randn(5, 3)
+        bind = Binding("orphan", 0, 0, 0)
+        client.forward(a, b, bind)
+        for i in range(len(cluster.relays)):  # whoever held it, it is gone now
+            cluster.kill_relay(i, signal.SIGKILL)
+        cluster.add_relay()
+        client.wait_for_relays(1)
+        time.sleep(1.5)  # the dead relays expire
+        grad = torch.randn(8, 3)
+        da, db = client.backward(grad, bind)
+        assert close_enough(da, grad @ b.T, grad, b.T) and close_enough(db, a.T @ grad, a.T, grad)
+
+
+def raw(ctx, endpoint, kind=zmq.DEALER):
+    s = ctx.socket(kind)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVTIMEO, 5000)
+    s.connect(endpoint)
+    return s
+
+
+def good_header(op, **fields):
+    return msgpack.packb({"v": list(PROTOCOL_VERSION), "op": op, **fields})
+
+
+HOSTILE = {
+    "malformed msgpack": [b"\xc1\xc1\xc1"],
+    "non-map header": [msgpack.packb("hello")],
+    "unknown op": [good_header("__init__")],
+    "wrong protocol version": [msgpack.packb({"v": [PROTOCOL_VERSION[0] + 1, 0], "op": "ping"})],
+    "header/frame length mismatch": [good_header("result", id="x", tensors=[{"dtype": "float32", "shape": [4]}]), b"\x00" * 3],
+    "disallowed dtype": [good_header("result", id="x", tensors=[{"dtype": "int8", "shape": [1]}]), b"\x00"],
+    "oversize frame": [good_header("result", id="x", tensors=[{"dtype": "float32", "shape": [2**30]}]), b""],
+}
+
+
+def assert_still_serving(cluster, job):
+    with new_client(cluster, job) as client:
+        assert run_products(client, job, 20, random.Random(5)) == 20
+
+
+def test_hostile_input_to_the_offloader_relay_socket(cluster):
+    ctx = zmq.Context()
+    try:
+        s = raw(ctx, cluster.relay_endpoint)
+        for name, frames in HOSTILE.items():
+            s.send_multipart(frames)
+            reply = decode(s.recv_multipart(), RELAY_OPS | {"error"})
+            assert reply.op == "error", name
+        # a relay that never said ready, and a replayed/unmatched result from one that did
+        s.send_multipart(encode("result", [torch.zeros(2)], id="nope", bind=["j", 0, 0, 0]))
+        assert decode(s.recv_multipart(), frozenset({"error"})).op == "error"
+        s.send_multipart(encode("ready", device="fake", free_memory=0))
+        s.send_multipart(encode("result", [torch.zeros(2)], id="unmatched", bind=["j", 0, 0, 0]))
+        s.close()
+    finally:
+        ctx.term()
+    assert_still_serving(cluster, "after-relay-attack")
+    assert any("offloader.unmatched_reply" in line for line in cluster.offloader.lines)
+
+
+def test_hostile_input_to_the_offloader_enclave_socket(cluster):
+    ctx = zmq.Context()
+    try:
+        s = raw(ctx, cluster.enclave_endpoint)
+        with arena_mod.Arena.create("hostile", 4096) as arena:
+            bad_submits = {
+                **{k: v[:1] for k, v in HOSTILE.items()},
+                "tensor frames to the enclave socket": [good_header("ping"), b"\x00" * 8],
+                "no such arena": [good_header("submit", id="a", bind=["j", 0, 0, 0], arena="tempo-none-1", kind="forward")],
+                "foreign arena name": [good_header("submit", id="a", bind=["j", 0, 0, 0], arena="../../etc/passwd", kind="forward")],
+                "descriptor outside the arena": [good_header(
+                    "submit", id="a", bind=["j", 0, 0, 0], arena=arena.name, kind="forward",
+                    inputs=[{"offset": 4000, "nbytes": 400, "dtype": "float32", "shape": [100]},
+                            {"offset": 0, "nbytes": 4, "dtype": "float32", "shape": [1]}],
+                    outputs=[{"offset": 0, "nbytes": 4, "dtype": "float32", "shape": [1]}])],
+                "shapes that do not multiply": [good_header(
+                    "submit", id="a", bind=["j", 0, 0, 0], arena=arena.name, kind="forward",
+                    inputs=[{"offset": 0, "nbytes": 24, "dtype": "float32", "shape": [2, 3]},
+                            {"offset": 64, "nbytes": 16, "dtype": "float32", "shape": [2, 2]}],
+                    outputs=[{"offset": 128, "nbytes": 16, "dtype": "float32", "shape": [2, 2]}])],
+                "bad binding": [good_header("submit", id="a", bind="x", arena=arena.name, kind="forward")],
+                "unknown kind": [good_header("submit", id="a", bind=["j", 0, 0, 0], arena=arena.name, kind="sideways")],
+            }
+            for name, frames in bad_submits.items():
+                s.send_multipart(frames)
+                reply = decode(s.recv_multipart(), frozenset({"error", "pong"}))
+                assert reply.op == "error", name
+        s.close()
+    finally:
+        ctx.term()
+    assert_still_serving(cluster, "after-enclave-attack")
+
+
+def test_hostile_input_to_a_relay_and_replayed_results():
+    """The test plays the off-loader for a real relay process, then a fake relay for a real off-loader."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.setsockopt(zmq.RCVTIMEO, 10000)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    fake = LocalCluster(relays=0)
+    fake.relay_endpoint = f"tcp://127.0.0.1:{port}"
+    try:
+        fake.add_relay()
+        identity, *frames = router.recv_multipart()
+        assert decode(frames, RELAY_OPS).op == "ready"
+
+        def ask(frames):
+            router.send_multipart([identity, *frames])
+            while True:
+                _, *reply = router.recv_multipart()
+                msg = decode(reply, RELAY_OPS)
+                if msg.op != "heartbeat":
+                    return msg
+
+        hostile = {**HOSTILE, "unknown op": [good_header("result")]}
+        for name, frames in hostile.items():
+            assert ask(frames).op == "error", name
+        bind = ["j", 0, 0, 0]
+        assert ask(encode("forward", [torch.randn(2, 3)], id="x", bind=bind)).op == "error"  # one tensor
+        assert ask(encode("forward", [torch.randn(2, 3), torch.randn(4, 5)], id="x", bind=bind)).op == "error"
+        assert ask(encode("backward", [torch.randn(3, 2)], id="x", bind=["j", 9, 9, 9])).op == "error"  # no cache
+        assert ask(encode("forward", [torch.randn(2, 3)] * 2, bind=bind)).op == "error"  # no id
+        a, b = torch.randn(4, 3), torch.randn(3, 2)
+        reply = ask(encode("forward", [a, b], id="ok", bind=bind))
+        assert reply.op == "result" and reply.request_id == "ok"
+        assert torch.allclose(reply.tensors[0], a @ b)
+    finally:
+        fake.stop()
+        router.close()
+        ctx.term()
+    assert fake.relays[0].popen.returncode == 0
+
+
+def test_replayed_result_from_a_relay_is_dropped():
+    cluster = LocalCluster(relays=0, heartbeat_timeout_s=5.0).start()
+    ctx = zmq.Context()
+    try:
+        relay = raw(ctx, cluster.relay_endpoint)
+        relay.send_multipart(encode("ready", device="fake", free_memory=0))
+        client = OffloadClient(cluster.enclave_endpoint, "replay", arena_bytes=1 << 20)
+        client.wait_for_relays(1)
+        a, b = torch.randn(5, 4), torch.randn(4, 3)
+        bind = Binding("replay", 0, 0, 0)
+        pending = client.submit_forward(a, b, bind)
+        req = decode(relay.recv_multipart(), frozenset({"forward"}))
+        a_enc, b_enc = req.tensors
+        good = encode("result", [a_enc @ b_enc], id=req.request_id, bind=req.header["bind"])
+        wrong_bind = encode("result", [a_enc @ b_enc], id=req.request_id, bind=["replay", 1, 0, 0])
+        relay.send_multipart(wrong_bind)  # dropped: binding differs
+        relay.send_multipart(good)
+        relay.send_multipart(good)  # replay: dropped
+        c = client.finish_forward(pending)
+        assert torch.allclose(c, a @ b, atol=1e-5)
+        time.sleep(0.3)
+        relay.send_multipart(encode("heartbeat", device="fake", free_memory=0))
+        assert client.counters.unmatched_replies == 0
+        # A relay that returns garbage is caught by Freivalds in the enclave
+        bind2 = Binding("replay", 1, 0, 0)
+        pending = client.submit_forward(a, b, bind2)
+        req = decode(relay.recv_multipart(), frozenset({"forward"}))
+        relay.send_multipart(encode("result", [torch.randn(5, 3)], id=req.request_id, bind=req.header["bind"]))
+        with pytest.raises(Exception, match="verification"):
+            client.finish_forward(pending)
+        client.close()
+        relay.close()
+    finally:
+        ctx.term()
+        cluster.stop()
+    drops = [line for line in cluster.offloader.lines if "offloader.unmatched_reply" in line]
+    assert len(drops) == 2, cluster.logs()
+
+
+def test_submit_with_no_relay_times_out_with_a_clear_error():
+    with LocalCluster(relays=0) as cluster:
+        client = OffloadClient(cluster.enclave_endpoint, "lonely", arena_bytes=1 << 20, timeout_s=1.0)
+        with pytest.raises(OffloadError, match="timed out"):
+            client.forward(torch.randn(2, 2), torch.randn(2, 2), Binding("lonely", 0, 0, 0))
+        client.close()
+
+
+def test_nothing_is_left_behind():
+    before = {p.name for p in arena_mod.list_segments()}
+    cluster = LocalCluster(relays=2).start()
+    client = OffloadClient(cluster.enclave_endpoint, "leftover", arena_bytes=1 << 20)
+    client.wait_for_relays(2)
+    client.forward(torch.randn(3, 3), torch.randn(3, 3), Binding("leftover", 0, 0, 0))
+    client.close()
+    cluster.stop()
+    after = {p.name for p in arena_mod.list_segments()}
+    assert after <= before
+    assert not any(p.alive() for p in cluster.processes())
+    assert not os.path.exists(cluster.workdir)
+
+
+def test_bench_transport_reports_and_leaves_nothing_behind():
+    from click.testing import CliRunner
+
+    from tempo.cli import main
+
+    before = {p.name for p in arena_mod.list_segments()}
+    result = CliRunner().invoke(main, ["bench", "transport", "--relays", "2", "--mb", "1", "--rounds", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    figures = json.loads(result.output.strip().splitlines()[-1])
+    assert figures["gbps"] > 0 and figures["copy_gbps"] > 0 and figures["relays"] == 2
+    assert {p.name for p in arena_mod.list_segments()} <= before
+
+
+def test_relay_on_cuda_without_a_gpu_fails_cleanly():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the CUDA test below covers it")
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "tempo", "relay", "--device", "cuda"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "no CUDA device" in proc.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_relays_compute_offloaded_products():
+    with LocalCluster(relays=2, device="cuda", heartbeat_timeout_s=5.0) as cluster:
+        with new_client(cluster, "cuda") as client:
+            assert run_products(client, "cuda", 300, random.Random(3)) == 300
