@@ -203,3 +203,43 @@ def bench_transport(ctx: click.Context, relays: int, mb: float, rounds: int, as_
     click.echo(transport.table(figures))
     if as_json:
         click.echo(json.dumps(figures.as_dict()))
+
+
+@main.command()
+@click.option("--model", type=click.Choice(["mlp", "cnn"]), default="cnn", show_default=True)
+@click.option("--dataset", type=click.Choice(["digits", "cifar10", "synthetic"]), default="digits", show_default=True)
+@click.option("--data-dir", default=None, help="Where CIFAR-10's python batches are (nothing is downloaded).")
+@click.option("--epochs", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--lr", default=0.1, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
+@click.option("--seed", default=7, show_default=True, type=int)
+@click.option("--relays", default=2, show_default=True, type=click.IntRange(1, 16), help="Local CPU relays to start.")
+@click.option("--mode", type=click.Choice(["tempo", "plain"]), default="tempo", show_default=True,
+              help="tempo: offload every product masked; plain: no offload (the pure-TEE baseline).")
+@click.option("--out", default="runs/latest", show_default=True, help="Where summary.json and model.pt go.")
+@click.pass_context
+def train(ctx: click.Context, **options) -> None:
+    """Train privately: Linear and Conv2d products masked and offloaded to local relays."""
+    from tempo.enclave.train import TrainConfig, run
+
+    log = _logger(ctx, "enclave")
+    cfg = TrainConfig(**options)
+    log.info("train.start", **{k: v for k, v in options.items() if v is not None})
+    tty = sys.stderr.isatty()
+
+    def progress(p: dict) -> None:
+        if tty:
+            click.echo(f"\repoch {p['epoch']}/{p['epochs']} step {p['step']} loss {p['loss']:.4f} "
+                       f"{p['images_per_s']:.0f} img/s", err=True, nl=False)
+
+    try:
+        summary = run(cfg, progress=progress, log=log)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if tty:
+        click.echo("", err=True)
+    click.echo(f"{summary.mode} training of {summary.model} on {summary.dataset}: {summary.steps} steps in "
+               f"{summary.wall_s:.1f}s, train loss {summary.train_loss:.4f}, test accuracy "
+               f"{summary.test_accuracy:.4f}; wrote {cfg.out}/summary.json and {cfg.out}/model.pt")
+    log.info("train.done", test_accuracy=summary.test_accuracy, wall_s=round(summary.wall_s, 2))

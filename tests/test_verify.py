@@ -132,6 +132,17 @@ def test_batched_check_catches_a_bad_slice():
     assert not freivalds_check(a, b, bad, rounds=40).ok
 
 
+@pytest.mark.parametrize("a_batch, b_batch", [((), (5,)), ((5,), ()), ((1, 3), (2, 1)), ((2, 3), (3,))])
+def test_broadcast_batches_pass_honest_and_reject_tampered(a_batch, b_batch):
+    a = torch.randn(*a_batch, 4, 9)
+    b = torch.randn(*b_batch, 9, 6)
+    c = a @ b
+    assert freivalds_check(a, b, c, rounds=8).ok
+    bad = c.clone()
+    bad.view(-1)[7] += 10 * float(rounding_bound(a, b, c).max()) + 1.0
+    assert not freivalds_check(a, b, bad, rounds=40).ok
+
+
 def test_reduced_precision_relay_needs_its_unit_roundoff():
     a = torch.randn(64, 48)
     b = torch.randn(48, 32)

@@ -69,8 +69,9 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 def rounding_bound(
     a: torch.Tensor,
     b: torch.Tensor,
-    c: torch.Tensor,
+    c: torch.Tensor | None = None,
     *,
+    c_row: torch.Tensor | None = None,
     relay_unit_roundoff: float | None = None,
     slack: float = 2.0,
 ) -> torch.Tensor:
@@ -86,8 +87,8 @@ def rounding_bound(
 
     and ``r ≤ 1`` entrywise, so the bound uses ``|A| (|B| 1)`` and ``|C| 1``: one extra pass over
     each operand, shared by all k vectors. `slack` (≥ 1) covers the rounding of the bound itself
-    and of the final subtraction. `c` is ``C`` (``(*batch, m, p)``) or its precomputed row sums
-    ``|C| 1`` (``(*batch, m)``). Returns a tensor of shape ``(*batch, m)``.
+    and of the final subtraction. Give ``C`` (``(*batch, m, p)``) or its row sums ``|C| 1`` as
+    `c_row` (``(*batch, m)``). Returns a tensor of shape ``(*batch, m)``.
     """
     n, p = b.shape[-2], b.shape[-1]
     u = unit_roundoff(a.dtype)
@@ -96,7 +97,10 @@ def rounding_bound(
     g_c = _gamma(max(p, 1), u) + u
     b_row = b.abs().sum(dim=-1, keepdim=True)  # |B| 1, shape (*, n, 1)
     a_b = _abs_matvec(a, b_row).squeeze(-1)  # |A| (|B| 1), shape (*, m)
-    c_row = c if c.dim() == a.dim() - 1 else c.abs().sum(dim=-1)  # |C| 1
+    if c_row is None:
+        if c is None:
+            raise ValueError("rounding_bound needs C or its row sums")
+        c_row = c.abs().sum(dim=-1)  # |C| 1
     tiny = torch.finfo(a.dtype).tiny * (n + p + 16)  # underflow: absolute error per operation
     return slack * (g_prod * a_b + g_c * c_row + tiny)
 
@@ -173,7 +177,7 @@ def freivalds_check(
     if not bool(torch.isfinite(c_row).all()):
         return Verdict(False, "result contains NaN or infinity")
     try:
-        bound = rounding_bound(a, b, c_row, relay_unit_roundoff=relay_unit_roundoff, slack=slack)
+        bound = rounding_bound(a, b, c_row=c_row, relay_unit_roundoff=relay_unit_roundoff, slack=slack)
     except ValueError as exc:
         return Verdict(False, str(exc))
     if not bool(torch.isfinite(bound).all()):

@@ -1,0 +1,259 @@
+"""Private layers: every matrix product offloaded masked, everything else in the enclave.
+
+`OffloadedMatmul` is the one autograd function. Forward: the engine masks ``A`` and ``B``,
+has them multiplied elsewhere, then decrypts and verifies ``C``. Backward: only ``Δᵀ`` is
+masked, since the relay kept ``A'`` and ``B'`` (paper Fig. 5), and both gradients come back
+decrypted and verified. `PrivateLinear` and `PrivateConv2d` (im2col: weights ``out × (in·kh·kw)``
+times patches ``(in·kh·kw) × positions``) use it. `to_private` turns a user's module into its
+private twin, sharing its parameters, so the trained weights load back into the original.
+
+Engines: `ClientEngine` sends the work to the off-loader and relays (real processes);
+`InProcessEngine` performs the relay's multiplication in this process, for tests and
+single-process runs. Both mask, unmask and verify the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tempo.enclave.keys import DEFAULT_KEY_SPACE, KeySpace, MatmulKey, keygen
+from tempo.enclave.obfuscation import decrypt, decrypt_grads, encrypt, encrypt_grad
+from tempo.enclave.verify import freivalds_check
+from tempo.protocol import Binding
+
+
+@dataclass
+class EngineCounters:
+    """Per run: products offloaded and matrices encrypted, by pass."""
+
+    forward_products: int = 0
+    backward_products: int = 0
+    forward_encryptions: int = 0  # matrices masked in forward passes (2 per product)
+    backward_encryptions: int = 0  # matrices masked in backward passes (1 per product: Δᵀ)
+
+
+class InProcessEngine:
+    """Mask, multiply the masked operands here (as a relay would), unmask, verify."""
+
+    def __init__(self, rounds: int = 16, key_space: KeySpace = DEFAULT_KEY_SPACE) -> None:
+        self.rounds = rounds
+        self.key_space = key_space
+        self.counters = EngineCounters()
+        self._cache: dict[Binding, tuple[MatmulKey, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, bind: Binding) -> torch.Tensor:
+        m, n, p = a.shape[-2], a.shape[-1], b.shape[-1]
+        sk = keygen(m, n, p, key_space=self.key_space)
+        a_enc, b_enc = encrypt(sk, a, b)
+        self.counters.forward_encryptions += 2
+        self.counters.forward_products += 1
+        c = decrypt(sk, a_enc @ b_enc)
+        freivalds_check(a, b, c, self.rounds).raise_if_failed()
+        self._cache[bind] = (sk, a, b, a_enc, b_enc)
+        return c
+
+    def backward(self, grad_c: torch.Tensor, bind: Binding) -> tuple[torch.Tensor, torch.Tensor]:
+        sk, a, b, a_enc, b_enc = self._cache.pop(bind)
+        d_enc = encrypt_grad(sk, grad_c)
+        self.counters.backward_encryptions += 1
+        self.counters.backward_products += 1
+        da, db = decrypt_grads(sk, b_enc @ d_enc, d_enc @ a_enc)
+        freivalds_check(grad_c, b.mT, da, self.rounds).raise_if_failed()
+        freivalds_check(a.mT, grad_c, db, self.rounds).raise_if_failed()
+        return da, db
+
+    def release(self, bind: Binding) -> None:
+        self._cache.pop(bind, None)
+
+    def close(self) -> None:
+        self._cache.clear()
+
+
+class ClientEngine:
+    """Offload through a running off-loader and relays (`OffloadClient`)."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+        self.counters = EngineCounters()
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, bind: Binding) -> torch.Tensor:
+        self.counters.forward_encryptions += 2
+        self.counters.forward_products += 1
+        return self.client.forward(a, b, bind)
+
+    def backward(self, grad_c: torch.Tensor, bind: Binding) -> tuple[torch.Tensor, torch.Tensor]:
+        self.counters.backward_encryptions += 1
+        self.counters.backward_products += 1
+        return self.client.backward(grad_c, bind)
+
+    def release(self, bind: Binding) -> None:
+        self.client.release(bind)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@dataclass
+class PrivateContext:
+    """Hands out bindings (job, step, layer, part) and tracks what awaits a backward pass."""
+
+    engine: object
+    job: str = "train"
+    step: int = 0
+    _layer: int = 0
+    _open: set = field(default_factory=set)
+
+    def next_bind(self) -> Binding:
+        bind = Binding(self.job, self.step, self._layer, 0)
+        self._layer += 1
+        return bind
+
+    def end_step(self) -> None:
+        """Release products whose backward never came (eval, or a discarded graph); next step."""
+        for bind in list(self._open):
+            self.engine.release(bind)
+        self._open.clear()
+        self.step += 1
+        self._layer = 0
+
+
+def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum a broadcast gradient back to an operand's shape (shared weights over a batch)."""
+    while grad.dim() > len(shape):
+        grad = grad.sum(0)
+    for i, (g, s) in enumerate(zip(grad.shape, shape)):
+        if s == 1 and g != 1:
+            grad = grad.sum(i, keepdim=True)
+    return grad
+
+
+class OffloadedMatmul(torch.autograd.Function):
+    """``A @ B`` computed by the engine, forward and backward (one encryption of ``Δᵀ`` back)."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, pctx: PrivateContext, track: bool) -> torch.Tensor:
+        bind = pctx.next_bind()
+        a_, b_ = a.detach().contiguous(), b.detach().contiguous()
+        c = pctx.engine.forward(a_, b_, bind)
+        ctx.bind, ctx.pctx = bind, pctx
+        ctx.shapes = (a.shape, b.shape)
+        if track:  # a backward can come: keep the operands (here and on the relay) until then
+            pctx._open.add(bind)
+        else:
+            pctx.engine.release(bind)
+        return c
+
+    @staticmethod
+    def backward(ctx, grad_c: torch.Tensor):
+        ctx.pctx._open.discard(ctx.bind)
+        da, db = ctx.pctx.engine.backward(grad_c.contiguous(), ctx.bind)
+        a_shape, b_shape = ctx.shapes
+        return _reduce_to(da, a_shape), _reduce_to(db, b_shape), None, None
+
+
+def private_matmul(a: torch.Tensor, b: torch.Tensor, pctx: PrivateContext) -> torch.Tensor:
+    """``A @ B`` offloaded; differentiable. (Grad mode is always off inside a Function's
+    forward, so whether a backward can come is decided here.)"""
+    track = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+    return OffloadedMatmul.apply(a, b, pctx, track)
+
+
+class PrivateLinear(nn.Module):
+    """``y = x Wᵀ + b`` with ``x Wᵀ`` offloaded: ``A = x`` (batch × in), ``B = Wᵀ`` (in × out)."""
+
+    def __init__(self, linear: nn.Linear, pctx: PrivateContext) -> None:
+        super().__init__()
+        self.weight = linear.weight  # shared: the trained weights are the original module's
+        self.bias = linear.bias
+        self.pctx = pctx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = private_matmul(x.reshape(-1, x.shape[-1]), self.weight.t(), self.pctx)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, -1)
+
+
+class PrivateConv2d(nn.Module):
+    """Conv2d as ``W (out × in·kh·kw) @ patches (batch × in·kh·kw × positions)`` (im2col).
+
+    Unfolding and folding back (col2im, in autograd's backward of unfold) happen in the enclave.
+    """
+
+    def __init__(self, conv: nn.Conv2d, pctx: PrivateContext) -> None:
+        super().__init__()
+        if conv.groups != 1:
+            raise UnsupportedLayerError(f"Conv2d with groups={conv.groups} (only groups=1 is supported)")
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise UnsupportedLayerError("Conv2d needs numeric zero padding")
+        self.weight, self.bias = conv.weight, conv.bias
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.pctx = pctx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        out_ch, _, kh, kw = self.weight.shape
+        patches = F.unfold(x, (kh, kw), dilation=self.dilation, padding=self.padding, stride=self.stride)
+        y = private_matmul(self.weight.reshape(out_ch, -1), patches, self.pctx)  # (n, out, L)
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1)
+        ho = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        wo = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        return y.view(n, out_ch, ho, wo)
+
+
+class UnsupportedLayerError(TypeError):
+    """A module that has no private version: it names the layer and what is supported."""
+
+
+OFFLOADED = {nn.Linear: PrivateLinear, nn.Conv2d: PrivateConv2d}
+# Layers that run in the enclave in plaintext as they are (no matrix product to offload).
+ENCLAVE_LAYERS = (
+    nn.ReLU, nn.GELU, nn.Flatten, nn.Dropout, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.Softmax, nn.LogSoftmax,
+)
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def supported_layers() -> list[str]:
+    return sorted(c.__name__ for c in (*OFFLOADED, *ENCLAVE_LAYERS, *CONTAINERS))
+
+
+def to_private(module: nn.Module, pctx: PrivateContext) -> nn.Module:
+    """A private twin of `module`: Linear and Conv2d offloaded, the rest unchanged, parameters
+    shared with `module` (so ``module.state_dict()`` holds the trained weights).
+
+    Raises `UnsupportedLayerError` naming the first layer that cannot run privately.
+    """
+    return _convert(module, pctx, type(module).__name__)
+
+
+def _convert(child: nn.Module, pctx: PrivateContext, path: str) -> nn.Module:
+    kind = type(child)
+    if kind in OFFLOADED:
+        return OFFLOADED[kind](child, pctx)
+    if isinstance(child, ENCLAVE_LAYERS):
+        return child
+    own_params = list(child.parameters(recurse=False))
+    is_torch_layer = kind.__module__.startswith("torch.")
+    if isinstance(child, CONTAINERS) or (not is_torch_layer and (child._modules or not own_params)):
+        # a container, or the user's own module: its forward runs here, its children privately.
+        # A user module with parameters of its own would use them in plaintext products we
+        # cannot see, so it is refused below.
+        twin = copy.copy(child)
+        twin._modules = {name: _convert(c, pctx, f"{path}.{name}") for name, c in child._modules.items()}
+        if own_params and not isinstance(child, CONTAINERS):
+            raise UnsupportedLayerError(
+                f"layer {path!r} ({kind.__name__}) holds parameters of its own outside Linear/Conv2d; "
+                f"supported: {', '.join(supported_layers())}"
+            )
+        return twin
+    raise UnsupportedLayerError(
+        f"layer {path!r} ({kind.__name__}) has no private version; supported: {', '.join(supported_layers())}"
+    )
