@@ -206,7 +206,8 @@ def bench_transport(ctx: click.Context, relays: int, mb: float, rounds: int, as_
 
 
 @main.command()
-@click.option("--model", type=click.Choice(["mlp", "cnn"]), default="cnn", show_default=True)
+@click.option("--model", type=click.Choice(["mlp", "cnn", "resnet18", "resnet50", "vit"]), default="cnn", show_default=True)
+@click.option("--width", default=None, type=click.IntRange(1), help="Model width: hidden units (mlp), channels (cnn, ResNet base), dim (vit).")
 @click.option("--dataset", type=click.Choice(["digits", "cifar10", "synthetic"]), default="digits", show_default=True)
 @click.option("--data-dir", default=None, help="Where CIFAR-10's python batches are (nothing is downloaded).")
 @click.option("--epochs", default=5, show_default=True, type=click.IntRange(1))

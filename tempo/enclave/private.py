@@ -24,6 +24,7 @@ from torch import nn
 from tempo.enclave.keys import DEFAULT_KEY_SPACE, KeySpace, MatmulKey, keygen
 from tempo.enclave.obfuscation import decrypt, decrypt_grads, encrypt, encrypt_grad
 from tempo.enclave.verify import freivalds_check
+from tempo.layers import AddTokens, Matmul
 from tempo.protocol import Binding
 
 
@@ -208,15 +209,30 @@ class PrivateConv2d(nn.Module):
         return y.view(n, out_ch, ho, wo)
 
 
+class PrivateMatmul(nn.Module):
+    """An activation × activation product (attention's ``QKᵀ`` and ``AV``), offloaded.
+
+    Keys are shared by all batch·head slices of one product (fresh for every product).
+    """
+
+    def __init__(self, module: Matmul, pctx: PrivateContext) -> None:
+        super().__init__()
+        self.pctx = pctx
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return private_matmul(a, b, self.pctx)
+
+
 class UnsupportedLayerError(TypeError):
     """A module that has no private version: it names the layer and what is supported."""
 
 
-OFFLOADED = {nn.Linear: PrivateLinear, nn.Conv2d: PrivateConv2d}
+OFFLOADED = {nn.Linear: PrivateLinear, nn.Conv2d: PrivateConv2d, Matmul: PrivateMatmul}
 # Layers that run in the enclave in plaintext as they are (no matrix product to offload).
 ENCLAVE_LAYERS = (
     nn.ReLU, nn.GELU, nn.Flatten, nn.Dropout, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
     nn.AdaptiveAvgPool2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.Softmax, nn.LogSoftmax,
+    AddTokens,
 )
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 

@@ -24,6 +24,7 @@ from tempo import models
 @dataclass
 class TrainConfig:
     model: str = "cnn"
+    width: int | None = None
     dataset: str = "digits"
     data_dir: str | None = None
     epochs: int = 5
@@ -92,7 +93,7 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
         raise ValueError("training runs the enclave on the CPU; GPU relays are not wired into `tempo train` yet")
     torch.manual_seed(cfg.seed)
     split = datasets.load(cfg.dataset, cfg.data_dir, seed=cfg.seed)
-    model = models.build(cfg.model, split.image_shape, split.classes)
+    model = models.build(cfg.model, split.image_shape, split.classes, cfg.width)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
