@@ -205,20 +205,33 @@ def bench_transport(ctx: click.Context, relays: int, mb: float, rounds: int, as_
         click.echo(json.dumps(figures.as_dict()))
 
 
+MODEL_CHOICES = click.Choice(["mlp", "cnn", "resnet18", "resnet50", "vit"])
+DATASET_CHOICES = click.Choice(["digits", "cifar10", "synthetic"])
+
+
 @main.command()
-@click.option("--model", type=click.Choice(["mlp", "cnn", "resnet18", "resnet50", "vit"]), default="cnn", show_default=True)
+@click.option("--model", type=MODEL_CHOICES, default="cnn", show_default=True)
 @click.option("--width", default=None, type=click.IntRange(1), help="Model width: hidden units (mlp), channels (cnn, ResNet base), dim (vit).")
-@click.option("--dataset", type=click.Choice(["digits", "cifar10", "synthetic"]), default="digits", show_default=True)
+@click.option("--dataset", type=DATASET_CHOICES, default="digits", show_default=True)
 @click.option("--data-dir", default=None, help="Where CIFAR-10's python batches are (nothing is downloaded).")
 @click.option("--epochs", default=5, show_default=True, type=click.IntRange(1))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--lr", default=0.1, show_default=True, type=click.FloatRange(0, min_open=True))
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
+@click.option("--schedule", type=click.Choice(["none", "cosine", "step"]), default="none", show_default=True, help="Learning-rate schedule.")
 @click.option("--seed", default=7, show_default=True, type=int)
-@click.option("--relays", default=2, show_default=True, type=click.IntRange(1, 16), help="Local CPU relays to start.")
+@click.option("--relays", default=2, show_default=True, type=click.IntRange(1, 16), help="Local relays to start.")
+@click.option("--device", default="cpu", show_default=True, help="Relays' device (tempo) or the training device (plain): cpu, cuda, cuda:i.")
 @click.option("--mode", type=click.Choice(["tempo", "plain"]), default="tempo", show_default=True,
-              help="tempo: offload every product masked; plain: no offload (the pure-TEE baseline).")
-@click.option("--out", default="runs/latest", show_default=True, help="Where summary.json and model.pt go.")
+              help="tempo: offload every product masked; plain: no offload (pure-TEE baseline on cpu, non-private on cuda).")
+@click.option("--key-refresh", type=click.Choice(["step", "epoch"]), default="step", show_default=True,
+              help="Fresh keys for every product, or one key per layer for an epoch (the paper's).")
+@click.option("--integrity-t", default=1e-6, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Target probability that any wrong result goes undetected in the run (Theorem V.2 sets the Freivalds rounds).")
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
+@click.option("--checkpoint-every", default=20, show_default=True, type=click.IntRange(0), help="Steps between checkpoints (0: epoch ends only).")
+@click.option("--out", default="runs/latest", show_default=True, help="Where summary.json, model.pt and checkpoint.pt go.")
+@click.option("--halt-after-steps", default=None, type=click.IntRange(1), hidden=True)
 @click.pass_context
 def train(ctx: click.Context, **options) -> None:
     """Train privately: Linear and Conv2d products masked and offloaded to local relays."""
@@ -234,13 +247,44 @@ def train(ctx: click.Context, **options) -> None:
             click.echo(f"\repoch {p['epoch']}/{p['epochs']} step {p['step']} loss {p['loss']:.4f} "
                        f"{p['images_per_s']:.0f} img/s", err=True, nl=False)
 
+    from tempo.enclave.train import Halted
+
     try:
         summary = run(cfg, progress=progress, log=log)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
+    except Halted as exc:
+        raise click.ClickException(f"{exc}; resume with --resume") from None
     if tty:
         click.echo("", err=True)
     click.echo(f"{summary.mode} training of {summary.model} on {summary.dataset}: {summary.steps} steps in "
                f"{summary.wall_s:.1f}s, train loss {summary.train_loss:.4f}, test accuracy "
                f"{summary.test_accuracy:.4f}; wrote {cfg.out}/summary.json and {cfg.out}/model.pt")
     log.info("train.done", test_accuracy=summary.test_accuracy, wall_s=round(summary.wall_s, 2))
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False), help="A model.pt (state_dict) from tempo train.")
+@click.option("--model", type=MODEL_CHOICES, required=True)
+@click.option("--width", default=None, type=click.IntRange(1))
+@click.option("--dataset", type=DATASET_CHOICES, default="digits", show_default=True)
+@click.option("--data-dir", default=None)
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--relays", default=2, show_default=True, type=click.IntRange(1, 16))
+@click.option("--device", default="cpu", show_default=True, help="Relays' device.")
+@click.option("--seed", default=7, show_default=True, type=int, help="The data split's seed (as in training).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on the last line.")
+@click.pass_context
+def infer(ctx: click.Context, checkpoint, model, width, dataset, data_dir, batch_size, relays, device, seed, as_json) -> None:
+    """Private inference: forward passes only, every product masked and offloaded."""
+    from tempo.enclave.infer import run_inference
+
+    log = _logger(ctx, "enclave")
+    try:
+        result = run_inference(checkpoint, model, width, dataset, data_dir, batch_size, relays, device, seed, log=log)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"private inference of {model} on {dataset}: accuracy {result['accuracy']:.4f} over "
+               f"{result['images']} images, {result['images_per_s']:.1f} images/s with {relays} relay(s)")
+    if as_json:
+        click.echo(json.dumps(result))

@@ -42,3 +42,61 @@ def test_tempo_train_cli_writes_summary_and_model(tmp_path):
 def test_train_refuses_bad_options(tmp_path):
     result = CliRunner().invoke(main, ["train", "--dataset", "cifar10", "--out", str(tmp_path)])
     assert result.exit_code != 0 and "data-dir" in result.output
+
+
+import pytest  # noqa: E402
+
+from tempo.enclave.train import Halted  # noqa: E402
+
+
+def weights(path):
+    return torch.load(path / "model.pt")
+
+
+@pytest.mark.parametrize("mode, tol", [("plain", 0.0), ("tempo", 2e-4)])
+def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path, mode, tol):
+    common = dict(model="cnn", epochs=2, batch_size=128, seed=11, mode=mode, relays=2,
+                  checkpoint_every=4, schedule="cosine")
+    whole = run(TrainConfig(out=str(tmp_path / "whole"), **common))
+    with pytest.raises(Halted):  # "killed" after step 15: 3 steps past the last checkpoint (12)
+        run(TrainConfig(out=str(tmp_path / "cut"), halt_after_steps=15, **common))
+    resumed = run(TrainConfig(out=str(tmp_path / "cut"), resume=True, **common))
+    assert resumed.steps == whole.steps == 24
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "cut")
+    for k in a:
+        if tol == 0.0:
+            assert torch.equal(a[k], b[k]), k
+        else:  # fresh keys on each side: the same run up to masking round-off
+            assert torch.allclose(a[k], b[k], rtol=tol, atol=tol), k
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(main, ["train", "--mode", "plain", "--resume", "--out", str(tmp_path / "none")])
+    assert result.exit_code != 0 and "no checkpoint" in result.output
+
+
+def test_key_refresh_epoch_reuses_one_key_per_layer_and_shape(tmp_path):
+    per_step = run(TrainConfig(model="mlp", epochs=2, batch_size=256, mode="tempo", out=str(tmp_path / "s")))
+    per_epoch = run(TrainConfig(model="mlp", epochs=2, batch_size=256, mode="tempo", key_refresh="epoch",
+                                out=str(tmp_path / "e")))
+    assert per_step.offload["keys_generated"] == per_step.offload["forward_products"]
+    # 3 layers, 2 batch sizes per epoch (the last batch is smaller), 2 epochs; eval reuses them
+    assert per_epoch.offload["keys_generated"] <= 3 * 2 * 2 + 3
+    assert abs(per_step.train_loss - per_epoch.train_loss) < 1e-3
+
+
+def test_integrity_target_sets_the_freivalds_rounds(tmp_path):
+    from tempo.enclave.verify import freivalds_rounds, training_alpha
+
+    s = run(TrainConfig(model="mlp", epochs=1, batch_size=512, integrity_t=1e-12, mode="tempo", out=str(tmp_path)))
+    assert s.offload["freivalds_rounds"] == freivalds_rounds(1e-12, training_alpha(1, 1438, 512), 2, 3)
+
+
+def test_tempo_infer_reports_the_trained_accuracy(tmp_path):
+    trained = run(TrainConfig(model="mlp", epochs=1, batch_size=128, mode="plain", out=str(tmp_path)))
+    result = CliRunner().invoke(main, ["infer", "--checkpoint", str(tmp_path / "model.pt"), "--model", "mlp", "--json"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output.strip().splitlines()[-1])
+    assert abs(figures["accuracy"] - trained.test_accuracy) < 0.01 and figures["images_per_s"] > 0
+    bad = CliRunner().invoke(main, ["infer", "--checkpoint", str(tmp_path / "model.pt"), "--model", "cnn"])
+    assert bad.exit_code != 0 and "does not fit" in bad.output

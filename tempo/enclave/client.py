@@ -20,7 +20,7 @@ import torch
 import zmq
 
 from tempo.arena import Arena, Descriptor
-from tempo.enclave.keys import DEFAULT_KEY_SPACE, KeySpace, MatmulKey, keygen
+from tempo.enclave.keys import DEFAULT_KEY_SPACE, KeySchedule, KeySpace, MatmulKey
 from tempo.enclave.obfuscation import decrypt, decrypt_grads, encrypt, encrypt_grad
 from tempo.enclave.verify import freivalds_check
 from tempo.protocol import (
@@ -80,11 +80,12 @@ class OffloadClient:
         key_space: KeySpace = DEFAULT_KEY_SPACE,
         context: zmq.Context | None = None,
         log=None,
+        keys: KeySchedule | None = None,
     ) -> None:
         self.job = job
         self.timeout_s = timeout_s
         self.rounds = rounds
-        self.key_space = key_space
+        self.keys = keys or KeySchedule("step", key_space)
         self.log = log
         self.arena = Arena.create(job, arena_bytes)
         self._ctx = context or zmq.Context.instance()
@@ -115,7 +116,7 @@ class OffloadClient:
             raise ValueError(f"binding {bind} already has a forward in flight or cached")
         m, n, p = a.shape[-2], a.shape[-1], b.shape[-1]
         t0 = time.perf_counter()
-        sk = keygen(m, n, p, key_space=self.key_space)
+        sk = self.keys.key(bind.layer, m, n, p)
         a_desc, a_buf = self._alloc(a.shape, a.dtype)
         b_desc, b_buf = self._alloc(b.shape, b.dtype)
         encrypt(sk, a, b, out_a=a_buf, out_b=b_buf)

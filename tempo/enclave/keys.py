@@ -258,3 +258,37 @@ def keygen(
         axis_keygen(n, batch_shape, key_space, random_bytes),
         axis_keygen(p, batch_shape, key_space, random_bytes),
     )
+
+
+class KeySchedule:
+    """Which key a product gets: fresh for every product (``refresh="step"``, the default), or
+    the paper's choice, one key per layer reused for a whole epoch (``refresh="epoch"``).
+
+    Reusing keys across steps links ciphertexts of different steps (README: what it does not
+    protect); it saves one KGen per product, which costs O(m + n + p).
+    """
+
+    def __init__(self, refresh: str = "step", key_space: KeySpace = DEFAULT_KEY_SPACE,
+                 random_bytes: RandomBytes = os.urandom) -> None:
+        if refresh not in ("step", "epoch"):
+            raise ValueError(f"key refresh must be 'step' or 'epoch', not {refresh!r}")
+        self.refresh = refresh
+        self.key_space = key_space
+        self.random_bytes = random_bytes
+        self._epoch_keys: dict[tuple[int, int, int, int], MatmulKey] = {}
+        self.generated = 0
+
+    def key(self, layer: int, m: int, n: int, p: int) -> MatmulKey:
+        if self.refresh == "epoch":
+            slot = (layer, m, n, p)
+            if slot not in self._epoch_keys:
+                self._epoch_keys[slot] = self._new(m, n, p)
+            return self._epoch_keys[slot]
+        return self._new(m, n, p)
+
+    def _new(self, m: int, n: int, p: int) -> MatmulKey:
+        self.generated += 1
+        return keygen(m, n, p, key_space=self.key_space, random_bytes=self.random_bytes)
+
+    def new_epoch(self) -> None:
+        self._epoch_keys.clear()

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tempo.enclave.keys import DEFAULT_KEY_SPACE, KeySpace, MatmulKey, keygen
+from tempo.enclave.keys import KeySchedule, MatmulKey
 from tempo.enclave.obfuscation import decrypt, decrypt_grads, encrypt, encrypt_grad
 from tempo.enclave.verify import freivalds_check
 from tempo.layers import AddTokens, Matmul
@@ -41,15 +41,15 @@ class EngineCounters:
 class InProcessEngine:
     """Mask, multiply the masked operands here (as a relay would), unmask, verify."""
 
-    def __init__(self, rounds: int = 16, key_space: KeySpace = DEFAULT_KEY_SPACE) -> None:
+    def __init__(self, rounds: int = 16, keys: KeySchedule | None = None) -> None:
         self.rounds = rounds
-        self.key_space = key_space
+        self.keys = keys or KeySchedule()
         self.counters = EngineCounters()
         self._cache: dict[Binding, tuple[MatmulKey, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, bind: Binding) -> torch.Tensor:
         m, n, p = a.shape[-2], a.shape[-1], b.shape[-1]
-        sk = keygen(m, n, p, key_space=self.key_space)
+        sk = self.keys.key(bind.layer, m, n, p)
         a_enc, b_enc = encrypt(sk, a, b)
         self.counters.forward_encryptions += 2
         self.counters.forward_products += 1

@@ -31,15 +31,20 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 0.1
     optimizer: str = "sgd"
+    schedule: str = "none"
     momentum: float = 0.9
     weight_decay: float = 5e-4
     seed: int = 7
     relays: int = 2
     device: str = "cpu"
     mode: str = "tempo"
-    rounds: int = 16
+    key_refresh: str = "step"
+    integrity_t: float = 1e-6
     out: str = "runs/latest"
+    resume: bool = False
+    checkpoint_every: int = 20
     arena_mb: int = 256
+    halt_after_steps: int | None = None  # tests: stop as if killed after this many steps
 
 
 @dataclass
@@ -86,20 +91,60 @@ def evaluate(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size:
     return correct / max(1, len(x))
 
 
+def offloaded_products(module: torch.nn.Module) -> int:
+    """Products per forward pass: Linear, Conv2d and Matmul modules (L in Theorem V.2)."""
+    from tempo.layers import Matmul
+
+    return sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, Matmul)) for m in module.modules())
+
+
+def _schedule(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: int):
+    if cfg.schedule == "none":
+        return None
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
+    if cfg.schedule == "step":
+        milestones = [int(total_steps * 0.5), int(total_steps * 0.75)]
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+    raise ValueError(f"unknown schedule {cfg.schedule!r}; none, cosine or step")
+
+
+class Halted(RuntimeError):
+    """Raised by `halt_after_steps` (tests): the run stops as a killed one would."""
+
+
 def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=None) -> Summary:
+    from tempo.enclave.keys import KeySchedule
+    from tempo.enclave.verify import freivalds_rounds, training_alpha
+
     if cfg.mode not in ("tempo", "plain"):
         raise ValueError("mode must be tempo or plain")
-    if cfg.device != "cpu":
-        raise ValueError("training runs the enclave on the CPU; GPU relays are not wired into `tempo train` yet")
+    if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        raise ValueError("device must be cpu, cuda or cuda:i")
+    if cfg.device != "cpu" and not torch.cuda.is_available():
+        raise ValueError(f"--device {cfg.device}: torch sees no CUDA device here")
     torch.manual_seed(cfg.seed)
     split = datasets.load(cfg.dataset, cfg.data_dir, seed=cfg.seed)
     model = models.build(cfg.model, split.image_shape, split.classes, cfg.width)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    n = len(split.train_x)
+    steps_per_epoch = -(-n // cfg.batch_size)
+    products = offloaded_products(model)
+    alpha = training_alpha(cfg.epochs, n, cfg.batch_size)
+    rounds = freivalds_rounds(cfg.integrity_t, alpha, cfg.relays if cfg.mode == "tempo" else 1, max(1, products))
+    if log:
+        log.info("train.integrity", t=cfg.integrity_t, alpha=alpha, relays=cfg.relays, layers=products,
+                 freivalds_rounds=rounds)
+    # plain mode on CUDA is the non-private GPU baseline; the enclave itself always runs on CPU
+    compute = torch.device(cfg.device if cfg.mode == "plain" else "cpu")
+    model.to(compute)
 
     cluster = client = engine = None
     net = model
     pctx = None
+    keys = KeySchedule(cfg.key_refresh)
     start = time.perf_counter()
     try:
         if cfg.mode == "tempo":
@@ -107,27 +152,63 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
             from tempo.enclave.client import OffloadClient, default_job_id
             from tempo.enclave.private import ClientEngine, PrivateContext, to_private
 
-            cluster = LocalCluster(relays=cfg.relays).start()
+            cluster = LocalCluster(relays=cfg.relays, device=cfg.device).start()
             job = default_job_id()
             client = OffloadClient(cluster.enclave_endpoint, job, arena_bytes=cfg.arena_mb << 20,
-                                   rounds=cfg.rounds, log=log)
+                                   rounds=rounds, log=log, keys=keys)
             client.wait_for_relays(cfg.relays)
             engine = ClientEngine(client)
             pctx = PrivateContext(engine, job=job)
             net = to_private(model, pctx)
         opt = _optimizer(cfg, model.parameters())
+        sched = _schedule(cfg, opt, cfg.epochs * steps_per_epoch)
         g = torch.Generator().manual_seed(cfg.seed)
-        steps, loss_value = 0, float("nan")
-        n = len(split.train_x)
-        for epoch in range(cfg.epochs):
-            order = torch.randperm(n, generator=g)
-            epoch_loss, batches = 0.0, 0
-            for i in range(0, n, cfg.batch_size):
-                idx = order[i : i + cfg.batch_size]
-                loss = F.cross_entropy(net(split.train_x[idx]), split.train_y[idx])
+        steps, first_epoch, first_batch, loss_value = 0, 0, 0, float("nan")
+        order = None
+        epoch_loss, batches = 0.0, 0
+        if cfg.resume:
+            if not ckpt_path.exists():
+                raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+            state = torch.load(ckpt_path, weights_only=False)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            if sched is not None and state.get("scheduler"):
+                sched.load_state_dict(state["scheduler"])
+            g.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            steps, first_epoch, first_batch = state["step"], state["epoch"], state["batch"]
+            order, epoch_loss, batches = state["order"], state["epoch_loss"], state["batches"]
+            if log:
+                log.info("train.resumed", step=steps, epoch=first_epoch + 1, batch=first_batch)
+
+        def save_checkpoint(epoch: int, batch: int, order: torch.Tensor) -> None:
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict() if sched is not None else None,
+                     "generator": g.get_state(), "torch_rng": torch.get_rng_state(), "step": steps,
+                     "epoch": epoch, "batch": batch, "order": order, "epoch_loss": epoch_loss,
+                     "batches": batches, "config": asdict(cfg)}
+            tmp = ckpt_path.with_suffix(".tmp")
+            torch.save(state, tmp)
+            tmp.replace(ckpt_path)  # atomic: a kill never leaves half a checkpoint
+
+        for epoch in range(first_epoch, cfg.epochs):
+            net.train()
+            keys.new_epoch()
+            if order is None or epoch != first_epoch:
+                order = torch.randperm(n, generator=g)
+                epoch_loss, batches = 0.0, 0
+                start_batch = 0
+            else:
+                start_batch = first_batch
+            for bi in range(start_batch, steps_per_epoch):
+                idx = order[bi * cfg.batch_size : (bi + 1) * cfg.batch_size]
+                x, y = split.train_x[idx].to(compute), split.train_y[idx].to(compute)
+                loss = F.cross_entropy(net(x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if sched is not None:
+                    sched.step()
                 if pctx is not None:
                     pctx.end_step()
                 steps += 1
@@ -136,11 +217,20 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
                 epoch_loss += loss_f
                 if progress:
                     progress({"epoch": epoch + 1, "epochs": cfg.epochs, "step": steps, "loss": loss_f,
-                              "images_per_s": steps * cfg.batch_size / (time.perf_counter() - start)})
+                              "images_per_s": batches * cfg.batch_size / (time.perf_counter() - start)})
+                if cfg.checkpoint_every and steps % cfg.checkpoint_every == 0:
+                    save_checkpoint(epoch, bi + 1, order)
+                if cfg.halt_after_steps is not None and steps >= cfg.halt_after_steps:
+                    raise Halted(f"halted after {steps} steps")
             loss_value = epoch_loss / max(1, batches)
+            save_checkpoint(epoch + 1, 0, None)
             if log:
-                log.info("train.epoch", epoch=epoch + 1, loss=round(loss_value, 5))
-        accuracy = evaluate(net, split.test_x, split.test_y, cfg.batch_size,
+                log.info("train.epoch", epoch=epoch + 1, loss=round(loss_value, 5), steps=steps)
+        if cfg.resume and first_epoch >= cfg.epochs:
+            loss_value = epoch_loss / max(1, batches)
+        net.eval()
+        test_x, test_y = split.test_x.to(compute), split.test_y.to(compute)
+        accuracy = evaluate(net, test_x, test_y, cfg.batch_size,
                             after_batch=pctx.end_step if pctx is not None else None)
         wall = time.perf_counter() - start
         breakdown = Breakdown()
@@ -149,13 +239,14 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
             c = client.counters
             breakdown = Breakdown(c.encrypt_s, c.decrypt_s, c.verify_s, c.wait_s,
                                   max(0.0, wall - c.encrypt_s - c.decrypt_s - c.verify_s - c.wait_s))
-            offload = asdict(engine.counters)
+            offload = {**asdict(engine.counters), "freivalds_rounds": rounds, "keys_generated": keys.generated,
+                       "key_refresh": cfg.key_refresh}
         else:
             breakdown.enclave_other = wall
         summary = Summary(cfg.mode, cfg.model, cfg.dataset, cfg.epochs, steps, cfg.batch_size,
                           cfg.relays if cfg.mode == "tempo" else 0, cfg.device, loss_value, accuracy,
                           wall, {k: round(v, 4) for k, v in asdict(breakdown).items()}, offload)
-        torch.save(model.state_dict(), out / "model.pt")
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out / "model.pt")
         (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
         return summary
     finally:

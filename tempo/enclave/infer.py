@@ -1,0 +1,39 @@
+"""Private inference: the forward pass only, every product masked, offloaded and verified."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from tempo import data as datasets
+from tempo import models
+
+
+def run_inference(checkpoint: str, model_name: str, width: int | None, dataset: str, data_dir: str | None,
+                  batch_size: int, relays: int, device: str = "cpu", seed: int = 7, rounds: int = 16, log=None) -> dict:
+    from tempo.cluster import LocalCluster
+    from tempo.enclave.client import OffloadClient, default_job_id
+    from tempo.enclave.private import ClientEngine, PrivateContext, to_private
+    from tempo.enclave.train import evaluate
+
+    split = datasets.load(dataset, data_dir, seed=seed)
+    model = models.build(model_name, split.image_shape, split.classes, width)
+    try:
+        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    except RuntimeError as exc:
+        raise ValueError(f"{checkpoint} does not fit model {model_name}: {str(exc).splitlines()[0]}") from None
+    model.eval()
+    with LocalCluster(relays=relays, device=device) as cluster:
+        job = default_job_id()
+        with OffloadClient(cluster.enclave_endpoint, job, rounds=rounds, log=log) as client:
+            client.wait_for_relays(relays)
+            pctx = PrivateContext(ClientEngine(client), job=job)
+            net = to_private(model, pctx)
+            net.eval()
+            start = time.perf_counter()
+            accuracy = evaluate(net, split.test_x, split.test_y, batch_size, after_batch=pctx.end_step)
+            seconds = time.perf_counter() - start
+    images = len(split.test_x)
+    return {"accuracy": accuracy, "images": images, "seconds": seconds, "images_per_s": images / seconds,
+            "relays": relays, "model": model_name, "dataset": dataset}
