@@ -100,3 +100,16 @@ def test_tempo_infer_reports_the_trained_accuracy(tmp_path):
     assert abs(figures["accuracy"] - trained.test_accuracy) < 0.01 and figures["images_per_s"] > 0
     bad = CliRunner().invoke(main, ["infer", "--checkpoint", str(tmp_path / "model.pt"), "--model", "cnn"])
     assert bad.exit_code != 0 and "does not fit" in bad.output
+
+
+def test_the_issue_command_reaches_95_percent_within_a_point_of_plain(tmp_path):
+    """`tempo train --model cnn --epochs 5 --seed 7` on the shipped digits (issue 4's bar)."""
+    runner = CliRunner()
+    for mode in ("tempo", "plain"):
+        result = runner.invoke(main, ["train", "--model", "cnn", "--epochs", "5", "--seed", "7",
+                                      "--mode", mode, "--out", str(tmp_path / mode)])
+        assert result.exit_code == 0, result.output
+    private = json.loads((tmp_path / "tempo" / "summary.json").read_text())
+    plain = json.loads((tmp_path / "plain" / "summary.json").read_text())
+    assert private["test_accuracy"] >= 0.95
+    assert abs(private["test_accuracy"] - plain["test_accuracy"]) <= 0.01
