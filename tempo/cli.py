@@ -156,18 +156,24 @@ def offloader(ctx: click.Context, relay_bind: str, enclave_bind: str, heartbeat_
 @click.option("--cache-mb", default=1024, show_default=True, type=click.IntRange(0), help="Bound on cached operands.")
 @click.option("--heartbeat", default=0.5, show_default=True, type=click.FloatRange(0.01), help="Seconds between heartbeats.")
 @click.option("--max-frame-mb", default=1024, show_default=True, type=click.IntRange(1), help="Largest tensor frame accepted.")
+@click.option("--name", default=None, help="The relay's name in logs and quarantine reports (default host:pid).")
+@click.option("--fault", default=None, help="Misbehave on purpose (tests, demos): corrupt|nan|lazy|slow|drop|crash[:RATE].")
 @click.pass_context
-def relay(ctx: click.Context, endpoint: str, device: str, cache_mb: int, heartbeat: float, max_frame_mb: int) -> None:
+def relay(ctx: click.Context, endpoint: str, device: str, cache_mb: int, heartbeat: float, max_frame_mb: int,
+          name: str | None, fault: str | None) -> None:
     """Run a relay: multiply masked operands on DEVICE for the off-loader at ENDPOINT."""
-    from tempo.relay import Relay
-
     import os
 
-    log = _logger(ctx, "relay", relay=f"{os.uname().nodename}:{os.getpid()}")
+    from tempo.relay import Fault, Relay
+
+    name = name or f"{os.uname().nodename}:{os.getpid()}"
+    log = _logger(ctx, "relay", relay=name)
     state = _install_signal_handlers()
     try:
-        worker = Relay(endpoint, device, cache_mb << 20, heartbeat, max_frame_mb << 20, log=log)
-    except RuntimeError as exc:
+        injected = Fault.parse(fault) if fault else None
+        worker = Relay(endpoint, device, cache_mb << 20, heartbeat, max_frame_mb << 20, log=log, name=name,
+                       fault=injected)
+    except (RuntimeError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     worker.run(stop=lambda: state["stop"])
     log.info("relay.stopped", served=worker.served, cache_evictions=worker.cache.evicted)
@@ -231,6 +237,9 @@ DATASET_CHOICES = click.Choice(["digits", "cifar10", "synthetic"])
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
 @click.option("--checkpoint-every", default=20, show_default=True, type=click.IntRange(0), help="Steps between checkpoints (0: epoch ends only).")
 @click.option("--out", default="runs/latest", show_default=True, help="Where summary.json, model.pt and checkpoint.pt go.")
+@click.option("--inject-fault", default=None, help="Start one local relay misbehaving: corrupt|nan|lazy|slow|drop|crash[:RATE].")
+@click.option("--part-timeout", "part_timeout_s", default=30.0, show_default=True, type=click.FloatRange(0.1),
+              help="Seconds a relay may take for one part before it is quarantined and the part sent elsewhere.")
 @click.option("--halt-after-steps", default=None, type=click.IntRange(1), hidden=True)
 @click.pass_context
 def train(ctx: click.Context, **options) -> None:
@@ -247,11 +256,11 @@ def train(ctx: click.Context, **options) -> None:
             click.echo(f"\repoch {p['epoch']}/{p['epochs']} step {p['step']} loss {p['loss']:.4f} "
                        f"{p['images_per_s']:.0f} img/s", err=True, nl=False)
 
-    from tempo.enclave.train import Halted
+    from tempo.enclave.train import Halted, TrainingStopped
 
     try:
         summary = run(cfg, progress=progress, log=log)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, TrainingStopped) as exc:
         raise click.ClickException(str(exc)) from None
     except Halted as exc:
         raise click.ClickException(f"{exc}; resume with --resume") from None
@@ -260,6 +269,10 @@ def train(ctx: click.Context, **options) -> None:
     click.echo(f"{summary.mode} training of {summary.model} on {summary.dataset}: {summary.steps} steps in "
                f"{summary.wall_s:.1f}s, train loss {summary.train_loss:.4f}, test accuracy "
                f"{summary.test_accuracy:.4f}; wrote {cfg.out}/summary.json and {cfg.out}/model.pt")
+    for event in summary.quarantined_relays:
+        click.echo(f"quarantined relay {event['relay']}: {event['reason']}")
+    for event in summary.lost_relays:
+        click.echo(f"lost relay {event['relay']}: {event['reason']}")
     log.info("train.done", test_accuracy=summary.test_accuracy, wall_s=round(summary.wall_s, 2))
 
 

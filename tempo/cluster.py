@@ -38,6 +38,7 @@ class LocalCluster:
         heartbeat_s: float = 0.5,
         cache_mb: int = 1024,
         log_format: str = "json",
+        faults: dict[int, str] | None = None,
     ) -> None:
         self.n_relays = relays
         self.device = device
@@ -45,6 +46,7 @@ class LocalCluster:
         self.heartbeat_s = heartbeat_s
         self.cache_mb = cache_mb
         self.log_format = log_format
+        self.faults = faults or {}  # relay index -> --fault MODE[:RATE]
         self.workdir = tempfile.mkdtemp(prefix="tempo-cluster-")
         self.offloader: Proc | None = None
         self.relays: list[Proc] = []
@@ -86,16 +88,17 @@ class LocalCluster:
             wait_for=r"offloader listening: relays (\S+) enclave (\S+)",
         )
         self.relay_endpoint, self.enclave_endpoint = m.group(1), m.group(2)
-        for _ in range(self.n_relays):
-            self.add_relay()
+        for i in range(self.n_relays):
+            self.add_relay(fault=self.faults.get(i))
         return self
 
-    def add_relay(self, device: str | None = None) -> Proc:
-        proc, _ = self._spawn(
-            f"relay{len(self.relays)}",
-            ["relay", "--connect", self.relay_endpoint, "--device", device or self.device,
-             "--heartbeat", str(self.heartbeat_s), "--cache-mb", str(self.cache_mb)],
-        )
+    def add_relay(self, device: str | None = None, fault: str | None = None) -> Proc:
+        name = f"relay{len(self.relays)}-{os.getpid()}"
+        args = ["relay", "--connect", self.relay_endpoint, "--device", device or self.device,
+                "--heartbeat", str(self.heartbeat_s), "--cache-mb", str(self.cache_mb), "--name", name]
+        if fault:
+            args += ["--fault", fault]
+        proc, _ = self._spawn(name, args)
         self.relays.append(proc)
         return proc
 

@@ -12,7 +12,7 @@ import zmq
 
 from tempo import arena as arena_mod
 from tempo.cluster import LocalCluster
-from tempo.enclave.client import OffloadClient, OffloadError
+from tempo.enclave.client import NoHealthyRelay, OffloadClient, OffloadError
 from tempo.enclave.verify import rounding_bound
 from tempo.protocol import PROTOCOL_VERSION, RELAY_OPS, Binding, decode, encode
 
@@ -244,7 +244,8 @@ def test_replayed_result_from_a_relay_is_dropped():
     try:
         relay = raw(ctx, cluster.relay_endpoint)
         relay.send_multipart(encode("ready", device="fake", free_memory=0))
-        client = OffloadClient(cluster.enclave_endpoint, "replay", arena_bytes=1 << 20)
+        client = OffloadClient(cluster.enclave_endpoint, "replay", arena_bytes=1 << 20, part_timeout_s=1.0,
+                               max_attempts=2)
         client.wait_for_relays(1)
         a, b = torch.randn(5, 4), torch.randn(4, 3)
         bind = Binding("replay", 0, 0, 0)
@@ -266,8 +267,10 @@ def test_replayed_result_from_a_relay_is_dropped():
         pending = client.submit_forward(a, b, bind2)
         req = decode(relay.recv_multipart(), frozenset({"forward"}))
         relay.send_multipart(encode("result", [torch.randn(5, 3)], id=req.request_id, bind=req.header["bind"]))
-        with pytest.raises(Exception, match="verification"):
+        with pytest.raises(NoHealthyRelay):  # quarantined on the evidence, and it was the only relay
             client.finish_forward(pending)
+        assert client.relay_events and client.relay_events[0]["event"] == "quarantined"
+        assert "failed verification" in client.relay_events[0]["reason"]
         client.close()
         relay.close()
     finally:
@@ -275,12 +278,13 @@ def test_replayed_result_from_a_relay_is_dropped():
         cluster.stop()
     drops = [line for line in cluster.offloader.lines if "offloader.unmatched_reply" in line]
     assert len(drops) == 2, cluster.logs()
+    assert any("offloader.relay_quarantined" in line for line in cluster.offloader.lines)
 
 
-def test_submit_with_no_relay_times_out_with_a_clear_error():
+def test_submit_with_no_relay_fails_with_a_clear_error():
     with LocalCluster(relays=0) as cluster:
         client = OffloadClient(cluster.enclave_endpoint, "lonely", arena_bytes=1 << 20, timeout_s=1.0)
-        with pytest.raises(OffloadError, match="timed out"):
+        with pytest.raises(NoHealthyRelay, match="no healthy relay"):
             client.forward(torch.randn(2, 2), torch.randn(2, 2), Binding("lonely", 0, 0, 0))
         client.close()
 

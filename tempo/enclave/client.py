@@ -22,7 +22,7 @@ import zmq
 from tempo.arena import Arena, Descriptor
 from tempo.enclave.keys import DEFAULT_KEY_SPACE, KeySchedule, KeySpace, MatmulKey
 from tempo.enclave.obfuscation import decrypt, decrypt_grads, encrypt, encrypt_grad
-from tempo.enclave.verify import freivalds_check
+from tempo.enclave.verify import IntegrityError, freivalds_check
 from tempo.protocol import (
     OFFLOADER_TO_ENCLAVE_OPS,
     Binding,
@@ -35,6 +35,14 @@ from tempo.protocol import (
 
 class OffloadError(RuntimeError):
     """An offloaded part failed: an error reply, a timeout, or a protocol violation."""
+
+
+class PartTimeout(OffloadError):
+    """No answer for a part within the part timeout."""
+
+
+class NoHealthyRelay(OffloadError):
+    """Every relay that could take a part was quarantined or lost."""
 
 
 @dataclass
@@ -56,6 +64,7 @@ class Pending:
     bind: Binding
     outputs: list[Descriptor] = field(default_factory=list)
     sent_at: float = 0.0
+    relay: str = ""  # which relay computed it (from the off-loader's done)
 
 
 @dataclass
@@ -67,6 +76,8 @@ class Counters:
     verify_s: float = 0.0
     wait_s: float = 0.0
     unmatched_replies: int = 0  # replies for no outstanding request (duplicates, replays)
+    failed_verifications: int = 0
+    timeouts: int = 0
 
 
 class OffloadClient:
@@ -77,6 +88,8 @@ class OffloadClient:
         arena_bytes: int = 256 << 20,
         timeout_s: float = 30.0,
         rounds: int = 16,
+        part_timeout_s: float | None = None,
+        max_attempts: int = 4,
         key_space: KeySpace = DEFAULT_KEY_SPACE,
         context: zmq.Context | None = None,
         log=None,
@@ -84,6 +97,9 @@ class OffloadClient:
     ) -> None:
         self.job = job
         self.timeout_s = timeout_s
+        self.part_timeout_s = timeout_s if part_timeout_s is None else part_timeout_s
+        self.max_attempts = max_attempts
+        self.relay_events: list[dict] = []  # relays quarantined (with evidence) or lost
         self.rounds = rounds
         self.keys = keys or KeySchedule("step", key_space)
         self.log = log
@@ -125,28 +141,39 @@ class OffloadClient:
         self.counters.encrypt_s += time.perf_counter() - t0
         state = _Forward(sk, a, b, a_desc, b_desc, c_desc)
         self._forwards[bind] = state
-        rid = new_request_id()
-        pending = Pending(rid, "forward", bind, [c_desc], time.monotonic())
-        self._pending[rid] = pending
-        self._send(id=rid, bind=bind.to_wire(), kind="forward", inputs=[a_desc.to_wire(), b_desc.to_wire()],
-                   outputs=[c_desc.to_wire()])
         self.counters.forward += 1
+        return self._send_forward(state, bind)
+
+    def _send_forward(self, state: _Forward, bind: Binding) -> Pending:
+        rid = new_request_id()
+        pending = Pending(rid, "forward", bind, [state.c_enc], time.monotonic())
+        self._pending[rid] = pending
+        self._send(id=rid, bind=bind.to_wire(), kind="forward",
+                   inputs=[state.a_enc.to_wire(), state.b_enc.to_wire()], outputs=[state.c_enc.to_wire()])
         return pending
 
     def finish_forward(self, pending: Pending) -> torch.Tensor:
-        """Wait for a forward part; return ``C = A @ B``, decrypted and verified."""
-        self.wait(pending)
+        """Wait for a forward part; return ``C = A @ B``, decrypted and verified.
+
+        A result that fails verification gets its relay quarantined (with the evidence) and the
+        part computed again elsewhere; so does a part with no answer in time.
+        """
         state = self._forwards[pending.bind]
-        t0 = time.perf_counter()
-        c_enc = self.arena.tensor(state.c_enc)
-        c = decrypt(state.key, c_enc)
-        t1 = time.perf_counter()
-        freivalds_check(state.a, state.b, c, self.rounds).raise_if_failed()
-        self.counters.decrypt_s += t1 - t0
-        self.counters.verify_s += time.perf_counter() - t1
-        self._free(state.c_enc)
-        state.c_enc = None
-        return c
+        for attempt in range(self.max_attempts):
+            self._wait_or_quarantine(pending)
+            t0 = time.perf_counter()
+            c = decrypt(state.key, self.arena.tensor(state.c_enc))
+            t1 = time.perf_counter()
+            verdict = freivalds_check(state.a, state.b, c, self.rounds)
+            self.counters.decrypt_s += t1 - t0
+            self.counters.verify_s += time.perf_counter() - t1
+            if verdict.ok:
+                self._free(state.c_enc)
+                state.c_enc = None
+                return c
+            self._quarantine(pending, f"forward {pending.bind.to_wire()} failed verification: {verdict.reason}")
+            pending = self._send_forward(state, pending.bind)
+        raise IntegrityError(f"forward {pending.bind} failed verification on {self.max_attempts} relays")
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, bind: Binding) -> torch.Tensor:
         return self.finish_forward(self.submit_forward(a, b, bind))
@@ -165,33 +192,74 @@ class OffloadClient:
         t1_desc, _ = self._alloc((*batch, n, m), grad_c.dtype)
         t2_desc, _ = self._alloc((*batch, p, n), grad_c.dtype)
         self.counters.encrypt_s += time.perf_counter() - t0
+        self.counters.backward += 1
+        return self._send_backward(state, bind, grad_c, [d_desc, t1_desc, t2_desc])
+
+    def _send_backward(self, state: _Forward, bind: Binding, grad_c: torch.Tensor, outputs: list) -> Pending:
+        d_desc, t1_desc, t2_desc = outputs
         rid = new_request_id()
-        pending = Pending(rid, "backward", bind, [d_desc, t1_desc, t2_desc], time.monotonic())
+        pending = Pending(rid, "backward", bind, outputs, time.monotonic())
         self._pending[rid] = pending
         self._send(id=rid, bind=bind.to_wire(), kind="backward", inputs=[d_desc.to_wire()],
                    operands=[state.a_enc.to_wire(), state.b_enc.to_wire()],
                    outputs=[t1_desc.to_wire(), t2_desc.to_wire()])
-        self.counters.backward += 1
         pending.grad_c = grad_c  # type: ignore[attr-defined]
         return pending
 
     def finish_backward(self, pending: Pending) -> tuple[torch.Tensor, torch.Tensor]:
-        """Wait for a backward part; return ``(dL/dA, dL/dB)``, decrypted and verified."""
-        self.wait(pending)
-        state = self._forwards.pop(pending.bind)
+        """Wait for a backward part; return ``(dL/dA, dL/dB)``, decrypted and verified (with the
+        same quarantine-and-recompute policy as `finish_forward`)."""
+        state = self._forwards[pending.bind]
         d_desc, t1_desc, t2_desc = pending.outputs
         grad_c = pending.grad_c  # type: ignore[attr-defined]
-        t0 = time.perf_counter()
-        da, db = decrypt_grads(state.key, self.arena.tensor(t1_desc), self.arena.tensor(t2_desc))
-        da, db = da.contiguous(), db.contiguous()
-        t1 = time.perf_counter()
-        # dA = Δ Bᵀ and dB = Aᵀ Δ, checked against the plaintext kept here
-        freivalds_check(grad_c, state.b.mT, da, self.rounds).raise_if_failed()
-        freivalds_check(state.a.mT, grad_c, db, self.rounds).raise_if_failed()
-        self.counters.decrypt_s += t1 - t0
-        self.counters.verify_s += time.perf_counter() - t1
-        self._free(d_desc, t1_desc, t2_desc, state.a_enc, state.b_enc)
-        return da, db
+        for attempt in range(self.max_attempts):
+            self._wait_or_quarantine(pending)
+            t0 = time.perf_counter()
+            da, db = decrypt_grads(state.key, self.arena.tensor(t1_desc), self.arena.tensor(t2_desc))
+            da, db = da.contiguous(), db.contiguous()
+            t1 = time.perf_counter()
+            # dA = Δ Bᵀ and dB = Aᵀ Δ, checked against the plaintext kept here
+            verdict = freivalds_check(grad_c, state.b.mT, da, self.rounds)
+            if verdict.ok:
+                verdict = freivalds_check(state.a.mT, grad_c, db, self.rounds)
+            self.counters.decrypt_s += t1 - t0
+            self.counters.verify_s += time.perf_counter() - t1
+            if verdict.ok:
+                self._forwards.pop(pending.bind)
+                self._free(d_desc, t1_desc, t2_desc, state.a_enc, state.b_enc)
+                return da, db
+            self._quarantine(pending, f"backward {pending.bind.to_wire()} failed verification: {verdict.reason}")
+            pending = self._send_backward(state, pending.bind, grad_c, [d_desc, t1_desc, t2_desc])
+        raise IntegrityError(f"backward {pending.bind} failed verification on {self.max_attempts} relays")
+
+    # -- the policy for misbehaving relays --
+    def _quarantine(self, pending: Pending, evidence: str) -> None:
+        """Tell the off-loader never to use this part's relay again (it answered wrongly)."""
+        self.counters.failed_verifications += 1
+        if self.log:
+            self.log.warning("client.verification_failed", relay=pending.relay, evidence=evidence)
+        self.sock.send_multipart(encode("quarantine", relay=pending.relay, reason=evidence), copy=False)
+
+    def _wait_or_quarantine(self, pending: Pending) -> None:
+        """Wait for a part; if its relay stays silent past the part timeout, quarantine that relay
+        (the off-loader sends the part elsewhere) and wait again."""
+        for attempt in range(self.max_attempts):
+            try:
+                self.wait(pending, timeout_s=self.part_timeout_s)
+                return
+            except PartTimeout:
+                self.counters.timeouts += 1
+                if self.log:
+                    self.log.warning("client.part_timeout", bind=pending.bind.to_wire(), seconds=self.part_timeout_s)
+                self.sock.send_multipart(
+                    encode("quarantine", id=pending.rid, reason=f"no answer within {self.part_timeout_s}s"),
+                    copy=False)
+            except OffloadError as exc:
+                if "no relay holds this request" in str(exc):
+                    raise NoHealthyRelay(f"{pending.kind} {pending.bind}: no healthy relay left "
+                                         f"({len(self.relay_events)} quarantined or lost)") from None
+                raise
+        raise NoHealthyRelay(f"{pending.kind} {pending.bind}: no answer after {self.max_attempts} relays")
 
     def backward(self, grad_c: torch.Tensor, bind: Binding) -> tuple[torch.Tensor, torch.Tensor]:
         return self.finish_backward(self.submit_backward(grad_c, bind))
@@ -214,22 +282,25 @@ class OffloadClient:
         return pending
 
     # -- replies --
-    def wait(self, pending: Pending) -> None:
-        """Block until `pending` is answered; raise `OffloadError` on an error reply or timeout."""
+    def wait(self, pending: Pending, timeout_s: float | None = None) -> None:
+        """Block until `pending` is answered; raise `OffloadError` on an error reply, or
+        `PartTimeout` after `timeout_s` (default: the client's timeout)."""
         t0 = time.perf_counter()
-        deadline = time.monotonic() + self.timeout_s
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
         try:
             while pending.rid not in self._replies:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise OffloadError(f"{pending.kind} {pending.bind} timed out after {self.timeout_s}s")
+                    raise PartTimeout(f"{pending.kind} {pending.bind} timed out after {timeout_s}s")
                 if not self.sock.poll(int(left * 1000) + 1):
                     continue
                 self._receive()
             reply = self._replies.pop(pending.rid)
             self._pending.pop(pending.rid, None)
-            if reply != "done":
+            if not (isinstance(reply, tuple) and reply[0] == "done"):
                 raise OffloadError(f"{pending.kind} {pending.bind} failed: {reply}")
+            pending.relay = reply[1]
         finally:
             self.counters.wait_s += time.perf_counter() - t0
 
@@ -241,14 +312,28 @@ class OffloadClient:
             if self.log:
                 self.log.warning("client.bad_reply", reason=str(exc))
             return
+        if msg.op == "relay_event":
+            event = {k: str(msg.header.get(k, ""))[:500] for k in ("relay", "event", "reason")}
+            self.relay_events.append(event)
+            if self.log:
+                self.log.warning("client.relay_event", relay=event["relay"], what=event["event"],
+                                 reason=event["reason"])
+            return
         rid = msg.request_id
         pending = self._pending.get(rid) if rid else None
-        if pending is None or msg.header.get("bind") != pending.bind.to_wire() or rid in self._replies:
+        # An error about one of our control messages carries our id but no binding; an error can
+        # only fail a request, never deliver data, so the id alone is enough for it.
+        bind_ok = msg.header.get("bind") == pending.bind.to_wire() if pending else False
+        if msg.op == "error" and pending is not None and "bind" not in msg.header:
+            bind_ok = True
+        if pending is None or not bind_ok or rid in self._replies:
             self.counters.unmatched_replies += 1
             if self.log:
                 self.log.warning("client.unmatched_reply", op=msg.op, id=str(rid)[:64])
             return
-        self._replies[rid] = "done" if msg.op == "done" else str(msg.header.get("reason", "error"))
+        self._replies[rid] = (
+            ("done", str(msg.header.get("relay", ""))[:255]) if msg.op == "done" else str(msg.header.get("reason", "error"))
+        )
 
     def ping(self, timeout_s: float = 5.0) -> int:
         """Ask the off-loader how many relays it has; raises `OffloadError` if it does not answer."""

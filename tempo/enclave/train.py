@@ -45,6 +45,9 @@ class TrainConfig:
     checkpoint_every: int = 20
     arena_mb: int = 256
     halt_after_steps: int | None = None  # tests: stop as if killed after this many steps
+    inject_fault: str | None = None  # start relay 0 with --fault MODE[:RATE]
+    part_timeout_s: float = 30.0
+    heartbeat_timeout_s: float = 3.0
 
 
 @dataclass
@@ -71,6 +74,8 @@ class Summary:
     wall_s: float
     breakdown: dict = field(default_factory=dict)
     offload: dict = field(default_factory=dict)
+    quarantined_relays: list = field(default_factory=list)
+    lost_relays: list = field(default_factory=list)
 
 
 def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -113,9 +118,15 @@ class Halted(RuntimeError):
     """Raised by `halt_after_steps` (tests): the run stops as a killed one would."""
 
 
+class TrainingStopped(RuntimeError):
+    """No healthy relay could compute a step: stopped before any unverified update, with a
+    checkpoint to resume from."""
+
+
 def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=None) -> Summary:
+    from tempo.enclave.client import OffloadError
     from tempo.enclave.keys import KeySchedule
-    from tempo.enclave.verify import freivalds_rounds, training_alpha
+    from tempo.enclave.verify import IntegrityError, freivalds_rounds, training_alpha
 
     if cfg.mode not in ("tempo", "plain"):
         raise ValueError("mode must be tempo or plain")
@@ -152,10 +163,17 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
             from tempo.enclave.client import OffloadClient, default_job_id
             from tempo.enclave.private import ClientEngine, PrivateContext, to_private
 
-            cluster = LocalCluster(relays=cfg.relays, device=cfg.device).start()
+            from tempo.relay import Fault
+
+            faults = {0: cfg.inject_fault} if cfg.inject_fault else {}
+            if cfg.inject_fault:
+                Fault.parse(cfg.inject_fault)  # a bad spec fails here, clearly
+            cluster = LocalCluster(relays=cfg.relays, device=cfg.device, faults=faults,
+                                   heartbeat_timeout_s=cfg.heartbeat_timeout_s, heartbeat_s=min(0.5, cfg.heartbeat_timeout_s / 4)).start()
             job = default_job_id()
             client = OffloadClient(cluster.enclave_endpoint, job, arena_bytes=cfg.arena_mb << 20,
-                                   rounds=rounds, log=log, keys=keys)
+                                   rounds=rounds, log=log, keys=keys, part_timeout_s=cfg.part_timeout_s,
+                                   max_attempts=cfg.relays + 1)
             client.wait_for_relays(cfg.relays)
             engine = ClientEngine(client)
             pctx = PrivateContext(engine, job=job)
@@ -203,9 +221,19 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
             for bi in range(start_batch, steps_per_epoch):
                 idx = order[bi * cfg.batch_size : (bi + 1) * cfg.batch_size]
                 x, y = split.train_x[idx].to(compute), split.train_y[idx].to(compute)
-                loss = F.cross_entropy(net(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+                try:
+                    loss = F.cross_entropy(net(x), y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                except (OffloadError, IntegrityError) as exc:
+                    # nothing of this step was applied: checkpoint the state before it and stop
+                    save_checkpoint(epoch, bi, order)
+                    events = client.relay_events if client is not None else []
+                    raise TrainingStopped(
+                        f"step {steps + 1} could not be computed and verified: {exc}. Relays quarantined or "
+                        f"lost: {[e['relay'] + ' (' + e['reason'] + ')' for e in events]}. A checkpoint of the "
+                        f"state before this step is at {ckpt_path}; fix the relays and resume with --resume"
+                    ) from None
                 opt.step()
                 if sched is not None:
                     sched.step()
@@ -243,9 +271,15 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
                        "key_refresh": cfg.key_refresh}
         else:
             breakdown.enclave_other = wall
+        events = client.relay_events if client is not None else []
+        if client is not None:
+            offload.update(failed_verifications=client.counters.failed_verifications,
+                           part_timeouts=client.counters.timeouts)
         summary = Summary(cfg.mode, cfg.model, cfg.dataset, cfg.epochs, steps, cfg.batch_size,
                           cfg.relays if cfg.mode == "tempo" else 0, cfg.device, loss_value, accuracy,
-                          wall, {k: round(v, 4) for k, v in asdict(breakdown).items()}, offload)
+                          wall, {k: round(v, 4) for k, v in asdict(breakdown).items()}, offload,
+                          [e for e in events if e["event"] == "quarantined"],
+                          [e for e in events if e["event"] == "lost"])
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out / "model.pt")
         (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
         return summary

@@ -43,6 +43,7 @@ class RelayState:
     free_memory: int
     last_seen: float
     inflight: set[str] = field(default_factory=set)
+    given: int = 0  # parts dispatched to it so far (ties go to the least used)
 
 
 @dataclass
@@ -106,8 +107,10 @@ class Offloader:
         self.waiting: deque[Part] = deque()  # no relay available yet
         self.affinity: dict[Binding, bytes] = {}  # who holds a forward's cached operands
         self.arenas: dict[str, Arena] = {}
-        self.stats = {"dispatched": 0, "redispatched": 0, "dropped_replies": 0, "bad_messages": 0}
-        self.enclave_handlers = {"submit": self._submit, "release": self._release, "ping": self._ping}
+        self.quarantined: dict[bytes, str] = {}  # relay -> why; never used again
+        self.stats = {"dispatched": 0, "redispatched": 0, "dropped_replies": 0, "bad_messages": 0, "quarantined": 0}
+        self.enclave_handlers = {"submit": self._submit, "release": self._release, "ping": self._ping,
+                                 "quarantine": self._quarantine}
         self.relay_handlers = {
             "ready": self._relay_ready,
             "heartbeat": self._relay_ready,
@@ -184,6 +187,48 @@ class Offloader:
             [part.client, *error_frames(reason, part.client_id, part.bind.to_wire())], copy=False
         )
 
+    def _quarantine(self, client: bytes, header: dict) -> None:
+        """Stop using a relay for good: by name, or the one holding the enclave's request `id`."""
+        reason = str(header.get("reason", ""))[:500]
+        relay = header.get("relay")
+        identity = relay.encode() if isinstance(relay, str) else None
+        rid = header.get("id")
+        if identity is None and isinstance(rid, str):
+            holder = next((p for p in self.parts.values() if p.client == client and p.client_id == rid), None)
+            identity = holder.relay if holder else None
+        if identity is None:
+            raise ProtocolError("no relay holds this request (is any healthy relay left?)")
+        self._remove_relay(identity, quarantine_reason=reason or "quarantined by the enclave")
+        self._notify(client, identity, "quarantined", reason)
+
+    def _remove_relay(self, identity: bytes, quarantine_reason: str | None = None) -> None:
+        """Drop a relay (lost or quarantined); send its outstanding parts to the others."""
+        relay = self.relays.pop(identity, None)
+        if quarantine_reason is not None:
+            self.quarantined[identity] = quarantine_reason
+            self.stats["quarantined"] += 1
+            self._warn("offloader.relay_quarantined", relay=identity.decode("utf-8", "replace"),
+                       evidence=quarantine_reason, relays=len(self.relays))
+        for key in [k for k, v in self.affinity.items() if v == identity]:
+            del self.affinity[key]
+        rids = relay.inflight if relay else {r for r, p in self.parts.items() if p.relay == identity}
+        orphans = [self.parts.pop(rid) for rid in list(rids) if rid in self.parts]
+        if quarantine_reason is None:
+            self._warn("offloader.relay_lost", relay=identity.decode("utf-8", "replace"), parts=len(orphans),
+                       relays=len(self.relays))
+            for client in {p.client for p in orphans}:
+                self._notify(client, identity, "lost", "stopped sending heartbeats")
+        for part in orphans:
+            self.stats["redispatched"] += 1
+            if part.kind == "backward":
+                part.full = True
+            self._dispatch(part)
+
+    def _notify(self, client: bytes, identity: bytes, event: str, reason: str) -> None:
+        self.enclave_sock.send_multipart(
+            [client, *encode("relay_event", relay=identity.decode("utf-8", "replace"), event=event,
+                             reason=reason[:500])], copy=False)
+
     # -- dispatch --
     def _pick_relay(self, part: Part) -> bytes | None:
         if part.kind == "backward" and not part.full:
@@ -193,7 +238,7 @@ class Offloader:
             part.full = True  # the cache is gone: send the operands along
         if not self.relays:
             return None
-        return min(self.relays.values(), key=lambda r: len(r.inflight)).identity
+        return min(self.relays.values(), key=lambda r: (len(r.inflight), r.given)).identity
 
     def _dispatch(self, part: Part) -> None:
         relay = self._pick_relay(part)
@@ -218,6 +263,7 @@ class Offloader:
         self.relay_sock.send_multipart([relay, *frames], copy=False)
         self.parts[part.relay_rid] = part
         self.relays[relay].inflight.add(part.relay_rid)
+        self.relays[relay].given += 1
         if part.kind == "forward":
             self.affinity[part.bind] = relay
         self.stats["dispatched"] += 1
@@ -236,7 +282,8 @@ class Offloader:
         state.last_seen = time.monotonic()
         self.relays[identity] = state
         if not known:
-            self._info("offloader.relay_joined", relay=identity.hex(), device=state.device, relays=len(self.relays))
+            self._info("offloader.relay_joined", relay=identity.decode("utf-8", "replace"), device=state.device,
+                       relays=len(self.relays))
             self._drain_waiting()
 
     def _take_part(self, identity: bytes, msg) -> Part | None:
@@ -266,7 +313,8 @@ class Offloader:
         for t, d in zip(msg.tensors, part.outputs):
             part.arena.tensor(d).copy_(t)
         self.enclave_sock.send_multipart(
-            [part.client, *encode("done", id=part.client_id, bind=part.bind.to_wire())], copy=False
+            [part.client, *encode("done", id=part.client_id, bind=part.bind.to_wire(),
+                                  relay=identity.decode("utf-8", "replace"))], copy=False
         )
 
     def _relay_error(self, identity: bytes, msg) -> None:
@@ -289,18 +337,8 @@ class Offloader:
 
     def _expire_relays(self) -> None:
         now = time.monotonic()
-        dead = [r for r in self.relays.values() if now - r.last_seen > self.heartbeat_timeout_s]
-        for relay in dead:
-            del self.relays[relay.identity]
-            for key in [k for k, v in self.affinity.items() if v == relay.identity]:
-                del self.affinity[key]
-            orphans = [self.parts.pop(rid) for rid in relay.inflight if rid in self.parts]
-            self._warn("offloader.relay_lost", relay=relay.identity.hex(), parts=len(orphans), relays=len(self.relays))
-            for part in orphans:
-                self.stats["redispatched"] += 1
-                if part.kind == "backward":
-                    part.full = True
-                self._dispatch(part)
+        for relay in [r for r in self.relays.values() if now - r.last_seen > self.heartbeat_timeout_s]:
+            self._remove_relay(relay.identity)
 
     # -- the loop --
     def _on_enclave(self, frames: list) -> None:
@@ -326,6 +364,9 @@ class Offloader:
         if len(frames) < 2:
             return
         identity, rest = bytes(frames[0]), frames[1:]
+        if identity in self.quarantined:
+            self.stats["dropped_replies"] += 1
+            return
         try:
             msg = decode(rest, RELAY_OPS, self.max_frame_bytes)
             if msg.op not in ("ready", "heartbeat") and identity not in self.relays:

@@ -12,8 +12,11 @@ the peer it was sent to.
 Ops (``op``), by direction:
 
 - enclave → off-loader: ``submit`` (a forward or backward part, by arena descriptors),
-  ``release`` (drop a binding's cached operands on the relays), ``ping``.
-- off-loader → enclave: ``done`` (outputs written into the arena), ``error``, ``pong``.
+  ``release`` (drop a binding's cached operands on the relays), ``ping``, ``quarantine`` (stop
+  using a relay, named or by the request it holds; its parts go to the others).
+- off-loader → enclave: ``done`` (outputs written into the arena, and which relay computed
+  them), ``error``, ``pong``, ``relay_event`` (a relay that held this enclave's parts was lost
+  or quarantined).
 - off-loader → relay: ``forward`` (A', B' → C'), ``backward`` (D' with the cached A', B' →
   T1', T2'), ``backward_full`` (A', B', D' → T1', T2', for when the relay holding the cache
   died), ``release``, ``ping``.
@@ -48,8 +51,8 @@ MAX_TENSORS = 8
 MAX_DIMS = 6
 DEFAULT_MAX_FRAME_BYTES = 2 << 30  # 2 GiB per tensor frame
 
-ENCLAVE_OPS = frozenset({"submit", "release", "ping"})
-OFFLOADER_TO_ENCLAVE_OPS = frozenset({"done", "error", "pong"})
+ENCLAVE_OPS = frozenset({"submit", "release", "ping", "quarantine"})
+OFFLOADER_TO_ENCLAVE_OPS = frozenset({"done", "error", "pong", "relay_event"})
 OFFLOADER_TO_RELAY_OPS = frozenset({"forward", "backward", "backward_full", "release", "ping"})
 RELAY_OPS = frozenset({"ready", "heartbeat", "result", "error", "pong"})
 

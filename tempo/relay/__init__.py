@@ -10,6 +10,8 @@ first. Anything malformed gets an ``error`` reply and a log line; the relay keep
 
 from __future__ import annotations
 
+import os
+import random
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -26,6 +28,36 @@ from tempo.protocol import (
     encode,
     error_frames,
 )
+
+
+FAULT_MODES = ("corrupt", "nan", "lazy", "slow", "drop", "crash")
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A misbehaviour to inject, for tests and demos: ``MODE[:RATE]`` (RATE per request, default 1).
+
+    corrupt: one entry or a rank-1 change; nan: a NaN entry; lazy: zeros or a stale result;
+    slow: replies after `slow_s` without heartbeats; drop: never replies (keeps heartbeating);
+    crash: exits in the middle of a job.
+    """
+
+    mode: str
+    rate: float = 1.0
+    slow_s: float = 30.0
+
+    @classmethod
+    def parse(cls, text: str) -> Fault:
+        mode, _, rate = text.partition(":")
+        if mode not in FAULT_MODES:
+            raise ValueError(f"fault mode must be one of {', '.join(FAULT_MODES)}, not {mode!r}")
+        try:
+            value = float(rate) if rate else 1.0
+        except ValueError:
+            raise ValueError(f"fault rate {rate!r} is not a number") from None
+        if not 0.0 <= value <= 1.0:
+            raise ValueError("fault rate must be in [0, 1]")
+        return cls(mode, value, float(os.environ.get("TEMPO_FAULT_SLOW_S", "30")))
 
 
 @dataclass
@@ -92,8 +124,14 @@ class Relay:
         heartbeat_s: float = 0.5,
         max_frame_bytes: int = 1 << 30,
         log=None,
+        name: str | None = None,
+        fault: Fault | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.name = name or f"{os.uname().nodename}:{os.getpid()}"
+        self.fault = fault
+        self._rng = random.Random(os.urandom(16))
+        self._stale: dict[tuple, list[torch.Tensor]] = {}
         self.device = torch.device(device)
         if self.device.type == "cuda":
             if not torch.cuda.is_available():
@@ -182,7 +220,7 @@ class Relay:
     # -- the loop --
     def _ready_frames(self, op: str = "ready") -> list:
         return encode(op, device=str(self.device), free_memory=_free_memory(self.device),
-                      cache_bytes=self.cache.nbytes)
+                      cache_bytes=self.cache.nbytes, name=self.name)
 
     def handle(self, frames: list) -> list | None:
         """Decode one request and produce the reply frames (``None``: nothing to send back)."""
@@ -205,8 +243,48 @@ class Relay:
         if out is None:
             return None
         self.served += 1
-        op = "pong" if msg.op == "ping" else "result"
-        return encode(op, out, id=rid, bind=bind)
+        if msg.op == "ping":
+            return encode("pong", out, id=rid, bind=bind)
+        out = self._misbehave(out)
+        if out is None:
+            return None
+        return encode("result", out, id=rid, bind=bind)
+
+    def _misbehave(self, out: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """Apply the injected fault, if any, to a result about to be sent."""
+        fault = self.fault
+        if fault is None:
+            return out
+        key = tuple(tuple(t.shape) for t in out)
+        honest = [t.clone() for t in out]
+        if self._rng.random() >= fault.rate:
+            self._stale[key] = honest
+            return out
+        if self.log:
+            self.log.warning("relay.fault_injected", mode=fault.mode)
+        if fault.mode == "corrupt":
+            t = out[self._rng.randrange(len(out))]
+            if t.numel() and self._rng.random() < 0.5:
+                t.view(-1)[self._rng.randrange(t.numel())] += 1.0 + t.abs().max()
+            elif t.dim() >= 2 and t.numel():
+                u = torch.randn(*t.shape[:-1], 1, dtype=t.dtype)
+                v = torch.randn(*t.shape[:-2], 1, t.shape[-1], dtype=t.dtype)
+                t += (1.0 + t.abs().max()) * (u @ v)
+        elif fault.mode == "nan":
+            t = out[0]
+            if t.numel():
+                t.view(-1)[self._rng.randrange(t.numel())] = float("nan")
+        elif fault.mode == "lazy":
+            stale = self._stale.get(key)
+            out = stale if stale is not None and self._rng.random() < 0.5 else [torch.zeros_like(t) for t in out]
+        elif fault.mode == "slow":
+            time.sleep(fault.slow_s)
+        elif fault.mode == "drop":
+            return None
+        elif fault.mode == "crash":
+            os._exit(3)
+        self._stale[key] = honest
+        return out
 
     def _warn(self, event: str, **kw) -> None:
         if self.log is not None:
@@ -217,11 +295,14 @@ class Relay:
         ctx = context or zmq.Context.instance()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        # the relay's name is its routing identity: the off-loader's logs and quarantine use it
+        sock.setsockopt(zmq.IDENTITY, self.name.encode()[:255])
         sock.connect(self.endpoint)
         try:
             sock.send_multipart(self._ready_frames(), copy=False)
             if self.log:
-                self.log.info("relay.ready", endpoint=self.endpoint, device=str(self.device))
+                self.log.info("relay.ready", endpoint=self.endpoint, device=str(self.device), name=self.name,
+                              fault=f"{self.fault.mode}:{self.fault.rate}" if self.fault else None)
             last_beat = time.monotonic()
             poller = zmq.Poller()
             poller.register(sock, zmq.POLLIN)

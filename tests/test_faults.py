@@ -1,0 +1,70 @@
+"""Hostile relays in real training runs: every fault mode, quarantine, stop-and-resume."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tempo.cli import main
+from tempo.enclave.train import TrainConfig, TrainingStopped, run
+from tempo.relay import FAULT_MODES, Fault
+
+FAST = dict(model="mlp", epochs=1, batch_size=256, seed=5, relays=2, part_timeout_s=2.0, heartbeat_timeout_s=1.0)
+
+
+@pytest.fixture(scope="module")
+def honest(tmp_path_factory):
+    out = tmp_path_factory.mktemp("honest")
+    summary = run(TrainConfig(out=str(out), **FAST))
+    return summary, torch.load(out / "model.pt")
+
+
+@pytest.mark.parametrize("mode", FAULT_MODES)
+def test_training_with_a_faulty_relay_ends_with_honest_weights(mode, honest, tmp_path, monkeypatch):
+    monkeypatch.setenv("TEMPO_FAULT_SLOW_S", "6")  # slow: well past the 2 s part timeout
+    summary = run(TrainConfig(out=str(tmp_path), inject_fault=mode, **FAST))
+    honest_summary, honest_weights = honest
+    weights = torch.load(tmp_path / "model.pt")
+    for k in honest_weights:
+        assert torch.allclose(weights[k], honest_weights[k], rtol=1e-4, atol=1e-4), (mode, k)
+    assert summary.steps == honest_summary.steps
+    named = summary.quarantined_relays + summary.lost_relays
+    assert [e["relay"] for e in named] and all(e["relay"].startswith("relay0-") for e in named), named
+    if mode in ("corrupt", "nan", "lazy"):
+        assert "failed verification" in summary.quarantined_relays[0]["reason"]
+    if mode == "drop":
+        assert "no answer" in summary.quarantined_relays[0]["reason"]
+
+
+def test_fault_specs_are_checked():
+    assert Fault.parse("lazy:0.25").rate == 0.25
+    for bad in ("melt", "corrupt:2", "corrupt:x"):
+        with pytest.raises(ValueError):
+            Fault.parse(bad)
+    result = CliRunner().invoke(main, ["train", "--inject-fault", "melt", "--out", "/tmp/never"])
+    assert result.exit_code != 0 and "fault mode" in result.output
+
+
+def test_only_relay_corrupt_stops_with_a_checkpoint_that_resumes_on_honest_relays(tmp_path):
+    cfg = dict(FAST, relays=1, epochs=2)
+    with pytest.raises(TrainingStopped, match="failed verification") as info:
+        run(TrainConfig(out=str(tmp_path), inject_fault="corrupt:1.0", **cfg))
+    assert "resume" in str(info.value) and (tmp_path / "checkpoint.pt").exists()
+    assert not (tmp_path / "model.pt").exists()  # no model from a run that could not verify
+    resumed = run(TrainConfig(out=str(tmp_path), resume=True, **cfg))
+    plain = run(TrainConfig(out=str(tmp_path / "plain"), **dict(cfg, mode="plain")))
+    assert resumed.steps == plain.steps
+    assert abs(resumed.train_loss - plain.train_loss) < 1e-3
+
+
+def test_cli_names_the_quarantined_relay_and_exits_non_zero_when_none_is_left(tmp_path):
+    runner = CliRunner()
+    ok = runner.invoke(main, ["train", "--model", "mlp", "--epochs", "1", "--relays", "2", "--inject-fault", "corrupt",
+                              "--out", str(tmp_path / "a")])
+    assert ok.exit_code == 0, ok.output
+    assert "quarantined relay relay0-" in ok.output
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["quarantined_relays"]
+    stopped = runner.invoke(main, ["train", "--model", "mlp", "--epochs", "1", "--relays", "1", "--inject-fault",
+                                   "nan:1.0", "--part-timeout", "2", "--out", str(tmp_path / "b")])
+    assert stopped.exit_code != 0 and "failed verification" in stopped.output and "--resume" in stopped.output
