@@ -130,8 +130,11 @@ def _install_signal_handlers() -> dict:
 @click.option("--enclave-bind", default="ipc:///tmp/tempo-offloader.ipc", show_default=True, help="Where the enclave connects.")
 @click.option("--heartbeat-timeout", default=3.0, show_default=True, type=click.FloatRange(0.1), help="Seconds of relay silence before its parts are re-dispatched.")
 @click.option("--max-frame-mb", default=1024, show_default=True, type=click.IntRange(1), help="Largest tensor frame accepted.")
+@click.option("--curve-secret", default=None, type=click.Path(exists=True, dir_okay=False), help="CURVE: the off-loader's secret key file.")
+@click.option("--curve-allow", default=None, type=click.Path(exists=True, file_okay=False), help="CURVE: directory of allowed relays' public keys.")
 @click.pass_context
-def offloader(ctx: click.Context, relay_bind: str, enclave_bind: str, heartbeat_timeout: float, max_frame_mb: int) -> None:
+def offloader(ctx: click.Context, relay_bind: str, enclave_bind: str, heartbeat_timeout: float, max_frame_mb: int,
+              curve_secret: str | None, curve_allow: str | None) -> None:
     """Run the off-loader: between the enclave's arena and the relays."""
     from tempo.arena import cleanup_stale
     from tempo.offloader import Offloader
@@ -141,7 +144,13 @@ def offloader(ctx: click.Context, relay_bind: str, enclave_bind: str, heartbeat_
     if removed:
         log.info("offloader.stale_segments_removed", segments=removed)
     state = _install_signal_handlers()
-    server = Offloader(relay_bind, enclave_bind, heartbeat_timeout, max_frame_mb << 20, log=log)
+    try:
+        server = Offloader(relay_bind, enclave_bind, heartbeat_timeout, max_frame_mb << 20, log=log,
+                           curve_secret=curve_secret, curve_allow=curve_allow)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    if curve_secret:
+        log.info("offloader.curve", allow=curve_allow)
 
     def ready(relays: str, enclave: str) -> None:
         click.echo(f"offloader listening: relays {relays} enclave {enclave}", err=True)
@@ -158,9 +167,11 @@ def offloader(ctx: click.Context, relay_bind: str, enclave_bind: str, heartbeat_
 @click.option("--max-frame-mb", default=1024, show_default=True, type=click.IntRange(1), help="Largest tensor frame accepted.")
 @click.option("--name", default=None, help="The relay's name in logs and quarantine reports (default host:pid).")
 @click.option("--fault", default=None, help="Misbehave on purpose (tests, demos): corrupt|nan|lazy|slow|drop|crash[:RATE].")
+@click.option("--curve-secret", default=None, type=click.Path(exists=True, dir_okay=False), help="CURVE: this relay's secret key file.")
+@click.option("--curve-server-key", default=None, type=click.Path(exists=True, dir_okay=False), help="CURVE: the off-loader's public key file (pinned).")
 @click.pass_context
 def relay(ctx: click.Context, endpoint: str, device: str, cache_mb: int, heartbeat: float, max_frame_mb: int,
-          name: str | None, fault: str | None) -> None:
+          name: str | None, fault: str | None, curve_secret: str | None, curve_server_key: str | None) -> None:
     """Run a relay: multiply masked operands on DEVICE for the off-loader at ENDPOINT."""
     import os
 
@@ -172,7 +183,7 @@ def relay(ctx: click.Context, endpoint: str, device: str, cache_mb: int, heartbe
     try:
         injected = Fault.parse(fault) if fault else None
         worker = Relay(endpoint, device, cache_mb << 20, heartbeat, max_frame_mb << 20, log=log, name=name,
-                       fault=injected)
+                       fault=injected, curve_secret=curve_secret, curve_server_key=curve_server_key)
     except (RuntimeError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     worker.run(stop=lambda: state["stop"])
@@ -301,3 +312,19 @@ def infer(ctx: click.Context, checkpoint, model, width, dataset, data_dir, batch
                f"{result['images']} images, {result['images_per_s']:.1f} images/s with {relays} relay(s)")
     if as_json:
         click.echo(json.dumps(result))
+
+
+@main.group()
+def keys() -> None:
+    """CurveZMQ keys for authenticated, encrypted relay links."""
+
+
+@keys.command("generate")
+@click.option("--dir", "directory", required=True, type=click.Path(file_okay=False), help="Where to write the key files.")
+@click.option("--name", required=True, help="Key name: NAME.key (public) and NAME.key_secret are written.")
+def keys_generate(directory: str, name: str) -> None:
+    """Generate a CURVE key pair (for the off-loader or a relay)."""
+    from tempo import curve
+
+    public, secret = curve.generate(directory, name)
+    click.echo(f"public key {public}\nsecret key {secret} (keep it on its host; mode 600)")

@@ -39,7 +39,9 @@ class LocalCluster:
         cache_mb: int = 1024,
         log_format: str = "json",
         faults: dict[int, str] | None = None,
+        offloader_args: list[str] | None = None,
     ) -> None:
+        self.offloader_args = offloader_args or []
         self.n_relays = relays
         self.device = device
         self.heartbeat_timeout_s = heartbeat_timeout_s
@@ -84,7 +86,7 @@ class LocalCluster:
         self.offloader, m = self._spawn(
             "offloader",
             ["offloader", "--relay-bind", "tcp://127.0.0.1:*", "--enclave-bind", f"ipc://{ipc}",
-             "--heartbeat-timeout", str(self.heartbeat_timeout_s)],
+             "--heartbeat-timeout", str(self.heartbeat_timeout_s), *self.offloader_args],
             wait_for=r"offloader listening: relays (\S+) enclave (\S+)",
         )
         self.relay_endpoint, self.enclave_endpoint = m.group(1), m.group(2)
@@ -92,12 +94,13 @@ class LocalCluster:
             self.add_relay(fault=self.faults.get(i))
         return self
 
-    def add_relay(self, device: str | None = None, fault: str | None = None) -> Proc:
+    def add_relay(self, device: str | None = None, fault: str | None = None, extra_args: list[str] | None = None) -> Proc:
         name = f"relay{len(self.relays)}-{os.getpid()}"
         args = ["relay", "--connect", self.relay_endpoint, "--device", device or self.device,
                 "--heartbeat", str(self.heartbeat_s), "--cache-mb", str(self.cache_mb), "--name", name]
         if fault:
             args += ["--fault", fault]
+        args += extra_args or []
         proc, _ = self._spawn(name, args)
         self.relays.append(proc)
         return proc

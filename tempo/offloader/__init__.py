@@ -96,7 +96,12 @@ class Offloader:
         heartbeat_timeout_s: float = 3.0,
         max_frame_bytes: int = 1 << 30,
         log=None,
+        curve_secret: str | None = None,
+        curve_allow: str | None = None,
     ) -> None:
+        if (curve_secret is None) != (curve_allow is None):
+            raise ValueError("CURVE needs both the off-loader's secret key and an allow-list of relay keys")
+        self.curve_secret, self.curve_allow = curve_secret, curve_allow
         self.relay_bind = relay_bind
         self.enclave_bind = enclave_bind
         self.heartbeat_timeout_s = heartbeat_timeout_s
@@ -384,6 +389,14 @@ class Offloader:
         for s in (self.relay_sock, self.enclave_sock):
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        auth = monitor = None
+        if self.curve_secret:
+            from tempo import curve
+
+            auth = curve.serve(ctx, self.relay_sock, self.curve_secret, self.curve_allow)
+            monitor = self.relay_sock.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
         self.relay_sock.bind(self.relay_bind)
         self.enclave_sock.bind(self.enclave_bind)
         self._info("offloader.listening", relays=self.relay_sock.last_endpoint.decode(),
@@ -393,6 +406,8 @@ class Offloader:
         poller = zmq.Poller()
         poller.register(self.relay_sock, zmq.POLLIN)
         poller.register(self.enclave_sock, zmq.POLLIN)
+        if monitor is not None:
+            poller.register(monitor, zmq.POLLIN)
         tick = max(0.05, self.heartbeat_timeout_s / 4)
         try:
             while not stop():
@@ -411,8 +426,19 @@ class Offloader:
                         except zmq.Again:
                             break
                         self._on_enclave([f.buffer for f in frames])
+                if monitor is not None and monitor in events:
+                    from zmq.utils.monitor import recv_monitor_message
+
+                    event = recv_monitor_message(monitor)
+                    self._warn("offloader.relay_refused", reason="CURVE handshake failed (key not allowed?)",
+                               zmq_event=int(event["event"]), endpoint=str(event.get("endpoint", b""), "utf-8", "replace"))
                 self._expire_relays()
         finally:
+            if monitor is not None:
+                self.relay_sock.disable_monitor()
+                monitor.close(linger=0)
+            if auth is not None:
+                auth.stop()
             self.relay_sock.close(linger=0)
             self.enclave_sock.close(linger=0)
             for arena in self.arenas.values():

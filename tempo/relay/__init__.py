@@ -126,7 +126,12 @@ class Relay:
         log=None,
         name: str | None = None,
         fault: Fault | None = None,
+        curve_secret: str | None = None,
+        curve_server_key: str | None = None,
     ) -> None:
+        if (curve_secret is None) != (curve_server_key is None):
+            raise ValueError("CURVE needs both the relay's secret key and the off-loader's public key")
+        self.curve_secret, self.curve_server_key = curve_secret, curve_server_key
         self.endpoint = endpoint
         self.name = name or f"{os.uname().nodename}:{os.getpid()}"
         self.fault = fault
@@ -297,6 +302,10 @@ class Relay:
         sock.setsockopt(zmq.LINGER, 0)
         # the relay's name is its routing identity: the off-loader's logs and quarantine use it
         sock.setsockopt(zmq.IDENTITY, self.name.encode()[:255])
+        if self.curve_secret:
+            from tempo import curve
+
+            curve.connect_as(sock, self.curve_secret, self.curve_server_key)
         sock.connect(self.endpoint)
         try:
             sock.send_multipart(self._ready_frames(), copy=False)
