@@ -130,11 +130,12 @@ def _install_signal_handlers() -> dict:
 @click.option("--enclave-bind", default="ipc:///tmp/tempo-offloader.ipc", show_default=True, help="Where the enclave connects.")
 @click.option("--heartbeat-timeout", default=3.0, show_default=True, type=click.FloatRange(0.1), help="Seconds of relay silence before its parts are re-dispatched.")
 @click.option("--max-frame-mb", default=1024, show_default=True, type=click.IntRange(1), help="Largest tensor frame accepted.")
+@click.option("--max-inflight", default=64, show_default=True, type=click.IntRange(1), help="Outstanding parts per relay; more wait.")
 @click.option("--curve-secret", default=None, type=click.Path(exists=True, dir_okay=False), help="CURVE: the off-loader's secret key file.")
 @click.option("--curve-allow", default=None, type=click.Path(exists=True, file_okay=False), help="CURVE: directory of allowed relays' public keys.")
 @click.pass_context
 def offloader(ctx: click.Context, relay_bind: str, enclave_bind: str, heartbeat_timeout: float, max_frame_mb: int,
-              curve_secret: str | None, curve_allow: str | None) -> None:
+              max_inflight: int, curve_secret: str | None, curve_allow: str | None) -> None:
     """Run the off-loader: between the enclave's arena and the relays."""
     from tempo.arena import cleanup_stale
     from tempo.offloader import Offloader
@@ -146,7 +147,7 @@ def offloader(ctx: click.Context, relay_bind: str, enclave_bind: str, heartbeat_
     state = _install_signal_handlers()
     try:
         server = Offloader(relay_bind, enclave_bind, heartbeat_timeout, max_frame_mb << 20, log=log,
-                           curve_secret=curve_secret, curve_allow=curve_allow)
+                           curve_secret=curve_secret, curve_allow=curve_allow, max_inflight=max_inflight)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     if curve_secret:
@@ -297,15 +298,19 @@ def train(ctx: click.Context, **options) -> None:
 @click.option("--relays", default=2, show_default=True, type=click.IntRange(1, 16))
 @click.option("--device", default="cpu", show_default=True, help="Relays' device.")
 @click.option("--seed", default=7, show_default=True, type=int, help="The data split's seed (as in training).")
+@click.option("--integrity-t", default=1e-6, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Target probability that any wrong result goes undetected (Theorem V.2, alpha = 1).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on the last line.")
 @click.pass_context
-def infer(ctx: click.Context, checkpoint, model, width, dataset, data_dir, batch_size, relays, device, seed, as_json) -> None:
+def infer(ctx: click.Context, checkpoint, model, width, dataset, data_dir, batch_size, relays, device, seed,
+          integrity_t, as_json) -> None:
     """Private inference: forward passes only, every product masked and offloaded."""
     from tempo.enclave.infer import run_inference
 
     log = _logger(ctx, "enclave")
     try:
-        result = run_inference(checkpoint, model, width, dataset, data_dir, batch_size, relays, device, seed, log=log)
+        result = run_inference(checkpoint, model, width, dataset, data_dir, batch_size, relays, device, seed,
+                               integrity_t=integrity_t, log=log)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"private inference of {model} on {dataset}: accuracy {result['accuracy']:.4f} over "

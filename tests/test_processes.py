@@ -334,3 +334,9 @@ def test_cuda_relays_compute_offloaded_products():
     with LocalCluster(relays=2, device="cuda", heartbeat_timeout_s=5.0) as cluster:
         with new_client(cluster, "cuda") as client:
             assert run_products(client, "cuda", 300, random.Random(3)) == 300
+
+
+def test_parts_beyond_a_relays_inflight_limit_wait_their_turn():
+    with LocalCluster(relays=1, offloader_args=["--max-inflight", "1"]) as cluster:
+        with new_client(cluster, "limit") as client:
+            assert run_products(client, "limit", 40, random.Random(9), window=20) == 40

@@ -11,11 +11,13 @@ from tempo import models
 
 
 def run_inference(checkpoint: str, model_name: str, width: int | None, dataset: str, data_dir: str | None,
-                  batch_size: int, relays: int, device: str = "cpu", seed: int = 7, rounds: int = 16, log=None) -> dict:
+                  batch_size: int, relays: int, device: str = "cpu", seed: int = 7, integrity_t: float = 1e-6,
+                  log=None) -> dict:
     from tempo.cluster import LocalCluster
     from tempo.enclave.client import OffloadClient, default_job_id
     from tempo.enclave.private import ClientEngine, PrivateContext, to_private
-    from tempo.enclave.train import evaluate
+    from tempo.enclave.train import evaluate, offloaded_products
+    from tempo.enclave.verify import freivalds_rounds
 
     split = datasets.load(dataset, data_dir, seed=seed)
     model = models.build(model_name, split.image_shape, split.classes, width)
@@ -24,6 +26,9 @@ def run_inference(checkpoint: str, model_name: str, width: int | None, dataset: 
     except RuntimeError as exc:
         raise ValueError(f"{checkpoint} does not fit model {model_name}: {str(exc).splitlines()[0]}") from None
     model.eval()
+    rounds = freivalds_rounds(integrity_t, 1, relays, max(1, offloaded_products(model)))  # alpha = 1: inference
+    if log:
+        log.info("infer.integrity", t=integrity_t, relays=relays, freivalds_rounds=rounds)
     with LocalCluster(relays=relays, device=device) as cluster:
         job = default_job_id()
         with OffloadClient(cluster.enclave_endpoint, job, rounds=rounds, log=log) as client:
@@ -36,4 +41,4 @@ def run_inference(checkpoint: str, model_name: str, width: int | None, dataset: 
             seconds = time.perf_counter() - start
     images = len(split.test_x)
     return {"accuracy": accuracy, "images": images, "seconds": seconds, "images_per_s": images / seconds,
-            "relays": relays, "model": model_name, "dataset": dataset}
+            "relays": relays, "model": model_name, "dataset": dataset, "freivalds_rounds": rounds}

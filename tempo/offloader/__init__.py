@@ -98,7 +98,9 @@ class Offloader:
         log=None,
         curve_secret: str | None = None,
         curve_allow: str | None = None,
+        max_inflight: int = 64,
     ) -> None:
+        self.max_inflight = max_inflight  # outstanding parts per relay; more wait their turn
         if (curve_secret is None) != (curve_allow is None):
             raise ValueError("CURVE needs both the off-loader's secret key and an allow-list of relay keys")
         self.curve_secret, self.curve_allow = curve_secret, curve_allow
@@ -239,11 +241,12 @@ class Offloader:
         if part.kind == "backward" and not part.full:
             holder = self.affinity.get(part.bind)
             if holder in self.relays:
-                return holder
+                return holder if len(self.relays[holder].inflight) < self.max_inflight else None
             part.full = True  # the cache is gone: send the operands along
-        if not self.relays:
+        free = [r for r in self.relays.values() if len(r.inflight) < self.max_inflight]
+        if not free:
             return None
-        return min(self.relays.values(), key=lambda r: (len(r.inflight), r.given)).identity
+        return min(free, key=lambda r: (len(r.inflight), r.given)).identity
 
     def _dispatch(self, part: Part) -> None:
         relay = self._pick_relay(part)
@@ -274,7 +277,9 @@ class Offloader:
         self.stats["dispatched"] += 1
 
     def _drain_waiting(self) -> None:
-        while self.waiting and self.relays:
+        for _ in range(len(self.waiting)):  # each waiting part once; what still finds no slot stays
+            if not self.relays:
+                return
             self._dispatch(self.waiting.popleft())
 
     # -- relay side --
@@ -302,6 +307,7 @@ class Offloader:
         del self.parts[rid]
         if identity in self.relays:
             self.relays[identity].inflight.discard(rid)
+        self._drain_waiting()
         return part
 
     def _relay_result(self, identity: bytes, msg) -> None:
