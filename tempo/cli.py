@@ -131,11 +131,13 @@ def _install_signal_handlers() -> dict:
 @click.option("--heartbeat-timeout", default=3.0, show_default=True, type=click.FloatRange(0.1), help="Seconds of relay silence before its parts are re-dispatched.")
 @click.option("--max-frame-mb", default=1024, show_default=True, type=click.IntRange(1), help="Largest tensor frame accepted.")
 @click.option("--max-inflight", default=64, show_default=True, type=click.IntRange(1), help="Outstanding parts per relay; more wait.")
+@click.option("--input-digest/--no-input-digest", default=True, show_default=True,
+              help="Bind each request to a SHA-256 of its inputs (relays check it); costs hashing bandwidth.")
 @click.option("--curve-secret", default=None, type=click.Path(exists=True, dir_okay=False), help="CURVE: the off-loader's secret key file.")
 @click.option("--curve-allow", default=None, type=click.Path(exists=True, file_okay=False), help="CURVE: directory of allowed relays' public keys.")
 @click.pass_context
 def offloader(ctx: click.Context, relay_bind: str, enclave_bind: str, heartbeat_timeout: float, max_frame_mb: int,
-              max_inflight: int, curve_secret: str | None, curve_allow: str | None) -> None:
+              max_inflight: int, input_digest: bool, curve_secret: str | None, curve_allow: str | None) -> None:
     """Run the off-loader: between the enclave's arena and the relays."""
     from tempo.arena import cleanup_stale
     from tempo.offloader import Offloader
@@ -147,7 +149,8 @@ def offloader(ctx: click.Context, relay_bind: str, enclave_bind: str, heartbeat_
     state = _install_signal_handlers()
     try:
         server = Offloader(relay_bind, enclave_bind, heartbeat_timeout, max_frame_mb << 20, log=log,
-                           curve_secret=curve_secret, curve_allow=curve_allow, max_inflight=max_inflight)
+                           curve_secret=curve_secret, curve_allow=curve_allow, max_inflight=max_inflight,
+                           input_digest=input_digest)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     if curve_secret:
@@ -206,16 +209,18 @@ def cleanup(ctx: click.Context, all_segments: bool) -> None:
 @click.option("--relays", default=2, show_default=True, type=click.IntRange(1, 16), help="Local CPU relays to start.")
 @click.option("--mb", default=16.0, show_default=True, type=click.FloatRange(0.01, 4096), help="MiB of operands per relay per round.")
 @click.option("--rounds", default=20, show_default=True, type=click.IntRange(1), help="Timed rounds (median).")
+@click.option("--input-digest/--no-input-digest", default=True, show_default=True, help="As the off-loader's option.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on the last line.")
 @click.pass_context
-def bench_transport(ctx: click.Context, relays: int, mb: float, rounds: int, as_json: bool) -> None:
+def bench_transport(ctx: click.Context, relays: int, mb: float, rounds: int, input_digest: bool, as_json: bool) -> None:
     """Round trips of masked operands through a real off-loader and relays vs a plain copy."""
     from tempo.bench import transport
 
     log = _logger(ctx, "bench")
     log.info("bench.transport.start", relays=relays, mb=mb, rounds=rounds)
     try:
-        figures = transport.run(relays, mb, rounds, progress=lambda m: log.debug("bench.progress", msg=m))
+        figures = transport.run(relays, mb, rounds, progress=lambda m: log.debug("bench.progress", msg=m),
+                                input_digest=input_digest)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(transport.table(figures))

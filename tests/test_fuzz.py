@@ -8,7 +8,7 @@ import zmq
 
 from tempo.cluster import LocalCluster
 from tempo.enclave.client import OffloadClient
-from tempo.protocol import PROTOCOL_VERSION, RELAY_OPS, Binding, decode, encode
+from tempo.protocol import PROTOCOL_VERSION, RELAY_OPS, Binding, decode, encode, inputs_digest
 
 
 def rss_kb(pid: int) -> int:
@@ -137,7 +137,8 @@ def test_fuzzed_offloader_and_relay_stay_up_bounded_and_correct():
         # and correct work is still served: the fuzzed relay multiplies, the off-loader offloads
         drain(router)
         a, b = torch.randn(3, 4), torch.randn(4, 2)
-        router.send_multipart([identity, *encode("forward", [a, b], id="ok", bind=["j", 9, 9, 9])])
+        digest = inputs_digest([a.numpy().tobytes(), b.numpy().tobytes()])
+        router.send_multipart([identity, *encode("forward", [a, b], id="ok", bind=["j", 9, 9, 9], digest=digest)])
         router.setsockopt(zmq.RCVTIMEO, 60_000)
         while True:  # the relay may still be answering fuzz from its backlog
             reply = decode(router.recv_multipart()[1:], RELAY_OPS)

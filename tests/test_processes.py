@@ -14,7 +14,11 @@ from tempo import arena as arena_mod
 from tempo.cluster import LocalCluster
 from tempo.enclave.client import NoHealthyRelay, OffloadClient, OffloadError
 from tempo.enclave.verify import rounding_bound
-from tempo.protocol import PROTOCOL_VERSION, RELAY_OPS, Binding, decode, encode
+from tempo.protocol import PROTOCOL_VERSION, RELAY_OPS, Binding, decode, encode, inputs_digest
+
+
+def digest_of(tensors):
+    return inputs_digest([t.numpy().tobytes() for t in tensors])
 
 
 
@@ -228,8 +232,10 @@ def test_hostile_input_to_a_relay_and_replayed_results():
         assert ask(encode("backward", [torch.randn(3, 2)], id="x", bind=["j", 9, 9, 9])).op == "error"  # no cache
         assert ask(encode("forward", [torch.randn(2, 3)] * 2, bind=bind)).op == "error"  # no id
         a, b = torch.randn(4, 3), torch.randn(3, 2)
-        reply = ask(encode("forward", [a, b], id="ok", bind=bind))
-        assert reply.op == "result" and reply.request_id == "ok"
+        tampered = ask(encode("forward", [a, b], id="x", bind=bind, digest=digest_of([a, b * 2])))
+        assert tampered.op == "error" and "digest" in tampered.header["reason"]
+        reply = ask(encode("forward", [a, b], id="ok", bind=bind, digest=digest_of([a, b])))
+        assert reply.op == "result" and reply.request_id == "ok" and reply.header["digest"] == digest_of([a, b])
         assert torch.allclose(reply.tensors[0], a @ b)
     finally:
         fake.stop()
@@ -252,9 +258,13 @@ def test_replayed_result_from_a_relay_is_dropped():
         pending = client.submit_forward(a, b, bind)
         req = decode(relay.recv_multipart(), frozenset({"forward"}))
         a_enc, b_enc = req.tensors
-        good = encode("result", [a_enc @ b_enc], id=req.request_id, bind=req.header["bind"])
-        wrong_bind = encode("result", [a_enc @ b_enc], id=req.request_id, bind=["replay", 1, 0, 0])
+        assert req.header["digest"] == digest_of([a_enc, b_enc])
+        good = encode("result", [a_enc @ b_enc], id=req.request_id, bind=req.header["bind"], digest=req.header["digest"])
+        wrong_bind = encode("result", [a_enc @ b_enc], id=req.request_id, bind=["replay", 1, 0, 0],
+                            digest=req.header["digest"])
+        wrong_digest = encode("result", [a_enc @ b_enc], id=req.request_id, bind=req.header["bind"], digest="00" * 16)
         relay.send_multipart(wrong_bind)  # dropped: binding differs
+        relay.send_multipart(wrong_digest)  # dropped: computed on other inputs
         relay.send_multipart(good)
         relay.send_multipart(good)  # replay: dropped
         c = client.finish_forward(pending)
@@ -266,7 +276,8 @@ def test_replayed_result_from_a_relay_is_dropped():
         bind2 = Binding("replay", 1, 0, 0)
         pending = client.submit_forward(a, b, bind2)
         req = decode(relay.recv_multipart(), frozenset({"forward"}))
-        relay.send_multipart(encode("result", [torch.randn(5, 3)], id=req.request_id, bind=req.header["bind"]))
+        relay.send_multipart(encode("result", [torch.randn(5, 3)], id=req.request_id, bind=req.header["bind"],
+                                    digest=req.header["digest"]))
         with pytest.raises(NoHealthyRelay):  # quarantined on the evidence, and it was the only relay
             client.finish_forward(pending)
         assert client.relay_events and client.relay_events[0]["event"] == "quarantined"
@@ -277,7 +288,7 @@ def test_replayed_result_from_a_relay_is_dropped():
         ctx.term()
         cluster.stop()
     drops = [line for line in cluster.offloader.lines if "offloader.unmatched_reply" in line]
-    assert len(drops) == 2, cluster.logs()
+    assert len(drops) == 3, cluster.logs()
     assert any("offloader.relay_quarantined" in line for line in cluster.offloader.lines)
 
 

@@ -36,7 +36,7 @@ class TransportFigures:
 
 
 def run(relays: int = 2, mb: float = 16.0, rounds: int = 20,
-        progress: Callable[[str], None] | None = None) -> TransportFigures:
+        progress: Callable[[str], None] | None = None, input_digest: bool = True) -> TransportFigures:
     """Each round sends one part of about `mb` MiB to every relay and waits for all results.
 
     The operands are written into the arena once (their content does not matter to the
@@ -46,7 +46,7 @@ def run(relays: int = 2, mb: float = 16.0, rounds: int = 20,
     say = progress or (lambda _m: None)
     rows = max(1, int(mb * (1 << 20) / 4 / INNER))
     before = {p.name for p in list_segments()}
-    cluster = LocalCluster(relays=relays).start()
+    cluster = LocalCluster(relays=relays, offloader_args=[] if input_digest else ["--no-input-digest"]).start()
     client = None
     try:
         part_bytes = 4 * (rows * INNER + INNER + rows)

@@ -32,6 +32,7 @@ from tempo.protocol import (
     decode_header,
     encode,
     error_frames,
+    inputs_digest,
     new_request_id,
 )
 
@@ -62,6 +63,7 @@ class Part:
     relay_rid: str | None = None
     full: bool = False  # backward sent with its operands
     attempts: int = 0
+    digest: str = ""
 
 
 def _expected_outputs(kind: str, inputs: list[Descriptor], operands: list[Descriptor]) -> list[tuple]:
@@ -99,7 +101,9 @@ class Offloader:
         curve_secret: str | None = None,
         curve_allow: str | None = None,
         max_inflight: int = 64,
+        input_digest: bool = True,
     ) -> None:
+        self.input_digest = input_digest
         self.max_inflight = max_inflight  # outstanding parts per relay; more wait their turn
         if (curve_secret is None) != (curve_allow is None):
             raise ValueError("CURVE needs both the off-loader's secret key and an allow-list of relay keys")
@@ -267,7 +271,11 @@ class Offloader:
         else:
             op, descs = "backward", part.inputs
         tensors = [arena.tensor(d) for d in descs]
-        frames = encode(op, tensors, id=part.relay_rid, bind=part.bind.to_wire())
+        extra = {}
+        if self.input_digest:
+            part.digest = inputs_digest(arena.buffer(d) for d in descs)
+            extra["digest"] = part.digest
+        frames = encode(op, tensors, id=part.relay_rid, bind=part.bind.to_wire(), **extra)
         self.relay_sock.send_multipart([relay, *frames], copy=False)
         self.parts[part.relay_rid] = part
         self.relays[relay].inflight.add(part.relay_rid)
@@ -300,7 +308,8 @@ class Offloader:
         rid = msg.request_id
         part = self.parts.get(rid) if rid else None
         bind = msg.header.get("bind")
-        if part is None or part.relay != identity or bind != part.bind.to_wire():
+        digest_ok = part is None or msg.op == "error" or not self.input_digest or msg.header.get("digest") == part.digest
+        if part is None or part.relay != identity or bind != part.bind.to_wire() or not digest_ok:
             self.stats["dropped_replies"] += 1
             self._warn("offloader.unmatched_reply", relay=identity.hex(), id=str(rid)[:64])
             return None

@@ -27,6 +27,7 @@ from tempo.protocol import (
     decode,
     encode,
     error_frames,
+    inputs_digest,
 )
 
 
@@ -241,6 +242,10 @@ class Relay:
                 raise ProtocolError("request lacks an id")
             if msg.op != "release" or "job" not in msg.header:
                 msg.binding  # validates bind  # noqa: B018
+            digest = msg.header.get("digest")
+            if msg.op in ("forward", "backward", "backward_full") and digest is not None:
+                if digest != inputs_digest(frames[1:]):
+                    raise ProtocolError("inputs do not match the request's digest")
             out = self.handlers[msg.op](msg)
         except (ProtocolError, LookupError, RuntimeError, ValueError) as exc:
             self._warn("relay.request_failed", op=msg.op, reason=str(exc))
@@ -253,7 +258,7 @@ class Relay:
         out = self._misbehave(out)
         if out is None:
             return None
-        return encode("result", out, id=rid, bind=bind)
+        return encode("result", out, id=rid, bind=bind, **({"digest": digest} if digest is not None else {}))
 
     def _misbehave(self, out: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """Apply the injected fault, if any, to a result about to be sent."""
