@@ -26,3 +26,34 @@ class SeededBytes:
 @pytest.fixture
 def seeded_bytes():
     return SeededBytes
+
+
+@pytest.fixture
+def relay_driven_by_test():
+    """A real relay process whose off-loader is the test: call with a zmq context; yields
+    ``(router, identity, cluster)`` after the relay's ``ready`` arrived."""
+    import contextlib
+
+    import zmq
+
+    from tempo.cluster import LocalCluster
+    from tempo.protocol import RELAY_OPS, decode
+
+    @contextlib.contextmanager
+    def start(ctx):
+        router = ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.RCVTIMEO, 10000)
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        cluster = LocalCluster(relays=0)
+        cluster.relay_endpoint = f"tcp://127.0.0.1:{port}"
+        try:
+            cluster.add_relay()
+            identity, *frames = router.recv_multipart()
+            assert decode(frames, RELAY_OPS).op == "ready"
+            yield router, identity, cluster
+        finally:
+            cluster.stop()
+            router.close(linger=0)
+
+    return start

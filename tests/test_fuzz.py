@@ -95,62 +95,55 @@ def drain(sock):
             return n
 
 
-def test_fuzzed_offloader_and_relay_stay_up_bounded_and_correct():
+def test_fuzzed_offloader_and_relay_stay_up_bounded_and_correct(relay_driven_by_test):
     rng = random.Random(2026)
     base = seeds()
     ctx = zmq.Context()
     cluster = LocalCluster(relays=1, heartbeat_timeout_s=2.0, heartbeat_s=0.2).start()
-    # a second relay, driven directly: the test plays its off-loader
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    victim = LocalCluster(relays=0)
-    victim.relay_endpoint = f"tcp://127.0.0.1:{port}"
     try:
-        victim.add_relay()
-        identity = router.recv_multipart()[0]
-        as_relay = ctx.socket(zmq.DEALER)
-        as_enclave = ctx.socket(zmq.DEALER)
-        for s, ep in ((as_relay, cluster.relay_endpoint), (as_enclave, cluster.enclave_endpoint)):
-            s.setsockopt(zmq.LINGER, 0)
-            s.connect(ep)
-        off_pid, relay_pid = cluster.offloader.popen.pid, victim.relays[0].popen.pid
-        before = (rss_kb(off_pid), rss_kb(relay_pid))
-        sent = 0
-        for i in range(10_500):
-            frames = mutate(rng, rng.choice(base))
-            target = i % 3
-            if target == 0:
-                as_relay.send_multipart(frames)
-            elif target == 1:
-                as_enclave.send_multipart(frames)
-            else:
-                router.send_multipart([identity, *frames])
-            sent += 1
-            if i % 50 == 0:
-                drain(as_relay), drain(as_enclave), drain(router)
-        assert sent >= 10_000
-        # still alive, memory bounded
-        assert cluster.offloader.alive() and victim.relays[0].alive() and cluster.relays[0].alive()
-        after = (rss_kb(off_pid), rss_kb(relay_pid))
-        assert after[0] - before[0] < 200_000 and after[1] - before[1] < 200_000, (before, after)
-        # and correct work is still served: the fuzzed relay multiplies, the off-loader offloads
-        drain(router)
-        a, b = torch.randn(3, 4), torch.randn(4, 2)
-        digest = inputs_digest([a.numpy().tobytes(), b.numpy().tobytes()])
-        router.send_multipart([identity, *encode("forward", [a, b], id="ok", bind=["j", 9, 9, 9], digest=digest)])
-        router.setsockopt(zmq.RCVTIMEO, 60_000)
-        while True:  # the relay may still be answering fuzz from its backlog
-            reply = decode(router.recv_multipart()[1:], RELAY_OPS)
-            if reply.op == "result" and reply.request_id == "ok":
-                break
-        assert torch.allclose(reply.tensors[0], a @ b)
-        with OffloadClient(cluster.enclave_endpoint, "afterfuzz", arena_bytes=1 << 20, part_timeout_s=3.0) as client:
-            client.wait_for_relays(1)
-            x, y = torch.randn(5, 6), torch.randn(6, 7)
-            assert torch.allclose(client.forward(x, y, Binding("afterfuzz", 0, 0, 0)), x @ y, atol=1e-5)
+        # a second relay, driven directly: the test plays its off-loader
+        with relay_driven_by_test(ctx) as (router, identity, victim):
+            as_relay = ctx.socket(zmq.DEALER)
+            as_enclave = ctx.socket(zmq.DEALER)
+            for s, ep in ((as_relay, cluster.relay_endpoint), (as_enclave, cluster.enclave_endpoint)):
+                s.setsockopt(zmq.LINGER, 0)
+                s.connect(ep)
+            off_pid, relay_pid = cluster.offloader.popen.pid, victim.relays[0].popen.pid
+            before = (rss_kb(off_pid), rss_kb(relay_pid))
+            sent = 0
+            for i in range(10_500):
+                frames = mutate(rng, rng.choice(base))
+                target = i % 3
+                if target == 0:
+                    as_relay.send_multipart(frames)
+                elif target == 1:
+                    as_enclave.send_multipart(frames)
+                else:
+                    router.send_multipart([identity, *frames])
+                sent += 1
+                if i % 50 == 0:
+                    drain(as_relay), drain(as_enclave), drain(router)
+            assert sent >= 10_000
+            # still alive, memory bounded
+            assert cluster.offloader.alive() and victim.relays[0].alive() and cluster.relays[0].alive()
+            after = (rss_kb(off_pid), rss_kb(relay_pid))
+            assert after[0] - before[0] < 200_000 and after[1] - before[1] < 200_000, (before, after)
+            # and correct work is still served: the fuzzed relay multiplies, the off-loader offloads
+            drain(router)
+            a, b = torch.randn(3, 4), torch.randn(4, 2)
+            digest = inputs_digest([a.numpy().tobytes(), b.numpy().tobytes()])
+            router.send_multipart([identity, *encode("forward", [a, b], id="ok", bind=["j", 9, 9, 9], digest=digest)])
+            router.setsockopt(zmq.RCVTIMEO, 60_000)
+            while True:  # the relay may still be answering fuzz from its backlog
+                reply = decode(router.recv_multipart()[1:], RELAY_OPS)
+                if reply.op == "result" and reply.request_id == "ok":
+                    break
+            assert torch.allclose(reply.tensors[0], a @ b)
+            with OffloadClient(cluster.enclave_endpoint, "afterfuzz", arena_bytes=1 << 20, part_timeout_s=3.0) as client:
+                client.wait_for_relays(1)
+                x, y = torch.randn(5, 6), torch.randn(6, 7)
+                assert torch.allclose(client.forward(x, y, Binding("afterfuzz", 0, 0, 0)), x @ y, atol=1e-5)
     finally:
-        victim.stop()
         cluster.stop()
         ctx.destroy(linger=0)  # closes every socket of the test, even after a failure
     assert cluster.offloader.popen.returncode == 0, cluster.logs()

@@ -201,46 +201,34 @@ def test_hostile_input_to_the_offloader_enclave_socket(cluster):
     assert_still_serving(cluster, "after-enclave-attack")
 
 
-def test_hostile_input_to_a_relay_and_replayed_results():
-    """The test plays the off-loader for a real relay process, then a fake relay for a real off-loader."""
+def test_hostile_input_to_a_relay_and_replayed_results(relay_driven_by_test):
+    """The test plays the off-loader for a real relay process."""
     ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    router.setsockopt(zmq.RCVTIMEO, 10000)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    fake = LocalCluster(relays=0)
-    fake.relay_endpoint = f"tcp://127.0.0.1:{port}"
-    try:
-        fake.add_relay()
-        identity, *frames = router.recv_multipart()
-        assert decode(frames, RELAY_OPS).op == "ready"
+    with relay_driven_by_test(ctx) as (router, identity, fake):
 
-        def ask(frames):
-            router.send_multipart([identity, *frames])
-            while True:
-                _, *reply = router.recv_multipart()
-                msg = decode(reply, RELAY_OPS)
-                if msg.op != "heartbeat":
-                    return msg
+            def ask(frames):
+                router.send_multipart([identity, *frames])
+                while True:
+                    _, *reply = router.recv_multipart()
+                    msg = decode(reply, RELAY_OPS)
+                    if msg.op != "heartbeat":
+                        return msg
 
-        hostile = {**HOSTILE, "unknown op": [good_header("result")]}
-        for name, frames in hostile.items():
-            assert ask(frames).op == "error", name
-        bind = ["j", 0, 0, 0]
-        assert ask(encode("forward", [torch.randn(2, 3)], id="x", bind=bind)).op == "error"  # one tensor
-        assert ask(encode("forward", [torch.randn(2, 3), torch.randn(4, 5)], id="x", bind=bind)).op == "error"
-        assert ask(encode("backward", [torch.randn(3, 2)], id="x", bind=["j", 9, 9, 9])).op == "error"  # no cache
-        assert ask(encode("forward", [torch.randn(2, 3)] * 2, bind=bind)).op == "error"  # no id
-        a, b = torch.randn(4, 3), torch.randn(3, 2)
-        tampered = ask(encode("forward", [a, b], id="x", bind=bind, digest=digest_of([a, b * 2])))
-        assert tampered.op == "error" and "digest" in tampered.header["reason"]
-        reply = ask(encode("forward", [a, b], id="ok", bind=bind, digest=digest_of([a, b])))
-        assert reply.op == "result" and reply.request_id == "ok" and reply.header["digest"] == digest_of([a, b])
-        assert torch.allclose(reply.tensors[0], a @ b)
-    finally:
-        fake.stop()
-        router.close()
-        ctx.term()
+            hostile = {**HOSTILE, "unknown op": [good_header("result")]}
+            for name, frames in hostile.items():
+                assert ask(frames).op == "error", name
+            bind = ["j", 0, 0, 0]
+            assert ask(encode("forward", [torch.randn(2, 3)], id="x", bind=bind)).op == "error"  # one tensor
+            assert ask(encode("forward", [torch.randn(2, 3), torch.randn(4, 5)], id="x", bind=bind)).op == "error"
+            assert ask(encode("backward", [torch.randn(3, 2)], id="x", bind=["j", 9, 9, 9])).op == "error"  # no cache
+            assert ask(encode("forward", [torch.randn(2, 3)] * 2, bind=bind)).op == "error"  # no id
+            a, b = torch.randn(4, 3), torch.randn(3, 2)
+            tampered = ask(encode("forward", [a, b], id="x", bind=bind, digest=digest_of([a, b * 2])))
+            assert tampered.op == "error" and "digest" in tampered.header["reason"]
+            reply = ask(encode("forward", [a, b], id="ok", bind=bind, digest=digest_of([a, b])))
+            assert reply.op == "result" and reply.request_id == "ok" and reply.header["digest"] == digest_of([a, b])
+            assert torch.allclose(reply.tensors[0], a @ b)
+    ctx.destroy(linger=0)
     assert fake.relays[0].popen.returncode == 0
 
 
