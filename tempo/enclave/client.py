@@ -63,14 +63,16 @@ class Pending:
     kind: str
     bind: Binding
     outputs: list[Descriptor] = field(default_factory=list)
-    sent_at: float = 0.0
     relay: str = ""  # which relay computed it (from the off-loader's done)
+    grad_c: torch.Tensor | None = None  # a backward's dL/dC, kept here for verification
 
 
 @dataclass
 class Counters:
     forward: int = 0
     backward: int = 0
+    forward_encryptions: int = 0  # matrices masked, counted where it happens (2 per forward)
+    backward_encryptions: int = 0  # 1 per backward: dL/dC^T only, never a weight again
     encrypt_s: float = 0.0
     decrypt_s: float = 0.0
     verify_s: float = 0.0
@@ -136,6 +138,7 @@ class OffloadClient:
         a_desc, a_buf = self._alloc(a.shape, a.dtype)
         b_desc, b_buf = self._alloc(b.shape, b.dtype)
         encrypt(sk, a, b, out_a=a_buf, out_b=b_buf)
+        self.counters.forward_encryptions += 2
         c_shape = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), m, p)
         c_desc, _ = self._alloc(c_shape, a.dtype)
         self.counters.encrypt_s += time.perf_counter() - t0
@@ -146,7 +149,7 @@ class OffloadClient:
 
     def _send_forward(self, state: _Forward, bind: Binding) -> Pending:
         rid = new_request_id()
-        pending = Pending(rid, "forward", bind, [state.c_enc], time.monotonic())
+        pending = Pending(rid, "forward", bind, [state.c_enc])
         self._pending[rid] = pending
         self._send(id=rid, bind=bind.to_wire(), kind="forward",
                    inputs=[state.a_enc.to_wire(), state.b_enc.to_wire()], outputs=[state.c_enc.to_wire()])
@@ -189,6 +192,7 @@ class OffloadClient:
         batch = grad_c.shape[:-2]
         d_desc, d_buf = self._alloc((*batch, p, m), grad_c.dtype)
         encrypt_grad(state.key, grad_c, out=d_buf)
+        self.counters.backward_encryptions += 1
         t1_desc, _ = self._alloc((*batch, n, m), grad_c.dtype)
         t2_desc, _ = self._alloc((*batch, p, n), grad_c.dtype)
         self.counters.encrypt_s += time.perf_counter() - t0
@@ -198,12 +202,11 @@ class OffloadClient:
     def _send_backward(self, state: _Forward, bind: Binding, grad_c: torch.Tensor, outputs: list) -> Pending:
         d_desc, t1_desc, t2_desc = outputs
         rid = new_request_id()
-        pending = Pending(rid, "backward", bind, outputs, time.monotonic())
+        pending = Pending(rid, "backward", bind, outputs, grad_c=grad_c)
         self._pending[rid] = pending
         self._send(id=rid, bind=bind.to_wire(), kind="backward", inputs=[d_desc.to_wire()],
                    operands=[state.a_enc.to_wire(), state.b_enc.to_wire()],
                    outputs=[t1_desc.to_wire(), t2_desc.to_wire()])
-        pending.grad_c = grad_c  # type: ignore[attr-defined]
         return pending
 
     def finish_backward(self, pending: Pending) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,7 +214,7 @@ class OffloadClient:
         same quarantine-and-recompute policy as `finish_forward`)."""
         state = self._forwards[pending.bind]
         d_desc, t1_desc, t2_desc = pending.outputs
-        grad_c = pending.grad_c  # type: ignore[attr-defined]
+        grad_c = pending.grad_c
         for attempt in range(self.max_attempts):
             self._wait_or_quarantine(pending)
             t0 = time.perf_counter()
@@ -275,7 +278,7 @@ class OffloadClient:
     def submit_masked(self, bind: Binding, inputs: list[Descriptor], outputs: list[Descriptor]) -> Pending:
         """Submit a forward of operands already masked in the arena (the transport benchmark)."""
         rid = new_request_id()
-        pending = Pending(rid, "forward", bind, outputs, time.monotonic())
+        pending = Pending(rid, "forward", bind, outputs)
         self._pending[rid] = pending
         self._send(id=rid, bind=bind.to_wire(), kind="forward", inputs=[d.to_wire() for d in inputs],
                    outputs=[d.to_wire() for d in outputs])

@@ -127,7 +127,7 @@ class AxisKey:
 
     coef: torch.Tensor  # float64, no zero entry
     perm: torch.Tensor  # int64, each row a permutation of range(size)
-    _scales: dict = field(default_factory=dict, repr=False, compare=False)
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)  # per role and dtype
 
     def __post_init__(self) -> None:
         coef, perm = self.coef, self.perm
@@ -164,15 +164,15 @@ class AxisKey:
     def indices(self, role: str, dtype: torch.dtype = torch.int64) -> torch.Tensor:
         """The gather indices of a role: ``π`` to ``mask``, ``π⁻¹`` to ``unmask`` (int64 or int32)."""
         cache_key = (role, dtype)
-        if cache_key not in self._scales:
+        if cache_key not in self._cache:
             if role == "mask":
                 idx = self.perm
             elif role == "unmask":
                 idx = self.inverse_perm
             else:
                 raise ValueError(f"unknown index role {role!r}")
-            self._scales[cache_key] = idx.to(dtype).contiguous()
-        return self._scales[cache_key]
+            self._cache[cache_key] = idx.to(dtype).contiguous()
+        return self._cache[cache_key]
 
     def scales(self, role: str, dtype: torch.dtype) -> torch.Tensor:
         """The scale vector this key contributes in one role, cast once per dtype and cached.
@@ -180,7 +180,7 @@ class AxisKey:
         Roles: ``mask-row`` c, ``mask-col`` 1/c, ``unmask-row`` 1/c[π⁻¹], ``unmask-col`` c[π⁻¹].
         """
         cache_key = (role, dtype)
-        if cache_key not in self._scales:
+        if cache_key not in self._cache:
             c = self.coef
             if role == "mask-row":
                 s = c
@@ -192,8 +192,8 @@ class AxisKey:
                 s = torch.gather(c, -1, self.inverse_perm)
             else:
                 raise ValueError(f"unknown scale role {role!r}")
-            self._scales[cache_key] = s.to(dtype).contiguous()
-        return self._scales[cache_key]
+            self._cache[cache_key] = s.to(dtype).contiguous()
+        return self._cache[cache_key]
 
     def fingerprint(self) -> bytes:
         """Bytes identifying this key, to compare keys (tests, never logged or sent)."""

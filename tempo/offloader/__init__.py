@@ -24,6 +24,7 @@ import zmq
 
 from tempo.arena import Arena, Descriptor
 from tempo.protocol import (
+    DTYPES,
     ENCLAVE_OPS,
     RELAY_OPS,
     Binding,
@@ -324,7 +325,7 @@ class Offloader:
         if part is None:
             return
         if len(msg.tensors) != len(part.outputs) or any(
-            t.dtype != part.arena.tensor(d).dtype or tuple(t.shape) != d.shape
+            t.dtype != DTYPES[d.dtype] or tuple(t.shape) != d.shape
             for t, d in zip(msg.tensors, part.outputs)
         ):
             self._warn("offloader.bad_result_shape", relay=identity.hex())
