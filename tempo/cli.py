@@ -229,6 +229,56 @@ def bench_transport(ctx: click.Context, relays: int, mb: float, rounds: int, inp
 
 
 MODEL_CHOICES = click.Choice(["mlp", "cnn", "resnet18", "resnet50", "vit"])
+
+
+@bench.command("train")
+@click.option("--model", type=click.Choice(["mlp", "cnn", "resnet18", "resnet50", "vit"]), default="resnet18", show_default=True)
+@click.option("--width", default=None, type=click.IntRange(1), help="Model width (as for train).")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--steps", default=3, show_default=True, type=click.IntRange(1), help="Timed steps per mode (after one warm-up).")
+@click.option("--modes", default="tempo,plain-cpu,plain-cuda", show_default=True,
+              help="Comma-separated: tempo, plain-cpu (pure TEE), plain-cuda (non-private GPU).")
+@click.option("--relays", default=1, show_default=True, type=click.IntRange(1, 16), help="Local relays for tempo; products split across them.")
+@click.option("--device", default="cpu", show_default=True, help="The relays' device (and plain-cuda's): cpu, cuda, cuda:i.")
+@click.option("--pipeline/--no-pipeline", default=True, show_default=True, help="Overlap the parts of each product.")
+@click.option("--image-shape", default="3x32x32", show_default=True, help="C×H×W of the synthetic batch (CIFAR's by default).")
+@click.option("--arena-mb", default=4096, show_default=True, type=click.IntRange(16), help="Shared-memory arena for masked operands.")
+@click.option("--json", "json_path", default=None, help="Write the figures as JSON to this file ('-': stdout, last line).")
+@click.option("--plot", "plot_path", default=None, help="Draw the breakdown as a PNG (needs matplotlib).")
+@click.pass_context
+def bench_train(ctx: click.Context, model, width, batch_size, steps, modes, relays, device, pipeline, image_shape,
+                arena_mb, json_path, plot_path) -> None:
+    """Training steps side by side: tempo, pure TEE (plain-cpu), non-private GPU (plain-cuda)."""
+    from tempo.bench import train as bench
+
+    log = _logger(ctx, "bench")
+    try:
+        shape = tuple(int(v) for v in image_shape.lower().split("x"))
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(f"{image_shape!r}: expected C×H×W such as 3x32x32", param_hint="--image-shape") from None
+    chosen = [m.strip() for m in modes.split(",") if m.strip()]
+    log.info("bench.train.start", model=model, batch_size=batch_size, steps=steps, modes=chosen, relays=relays,
+             device=device, pipeline=pipeline)
+    try:
+        figures = bench.run(model, batch_size, steps, chosen, relays, device, pipeline, width, shape,
+                            arena_mb=arena_mb, progress=lambda m: log.info("bench.progress", msg=m), log=log)
+    except (ValueError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(bench.table(figures))
+    if plot_path:
+        try:
+            bench.plot(figures, plot_path)
+        except RuntimeError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"plot: {plot_path}")
+    if json_path == "-":
+        click.echo(json.dumps(figures))
+    elif json_path:
+        with open(json_path, "w") as f:
+            json.dump(figures, f, indent=2)
+        click.echo(f"figures: {json_path}")
 DATASET_CHOICES = click.Choice(["digits", "cifar10", "synthetic"])
 
 
@@ -243,7 +293,9 @@ DATASET_CHOICES = click.Choice(["digits", "cifar10", "synthetic"])
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
 @click.option("--schedule", type=click.Choice(["none", "cosine", "step"]), default="none", show_default=True, help="Learning-rate schedule.")
 @click.option("--seed", default=7, show_default=True, type=int)
-@click.option("--relays", default=2, show_default=True, type=click.IntRange(1, 16), help="Local relays to start.")
+@click.option("--relays", default=2, show_default=True, type=click.IntRange(1, 16), help="Local relays to start; each product is split across them.")
+@click.option("--pipeline/--no-pipeline", default=True, show_default=True,
+              help="Mask, compute and unmask a product's parts overlapped (off: one part after another).")
 @click.option("--device", default="cpu", show_default=True, help="Relays' device (tempo) or the training device (plain): cpu, cuda, cuda:i.")
 @click.option("--mode", type=click.Choice(["tempo", "plain"]), default="tempo", show_default=True,
               help="tempo: offload every product masked; plain: no offload (pure-TEE baseline on cpu, non-private on cuda).")

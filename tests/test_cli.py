@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from tempo import __version__
@@ -62,3 +63,37 @@ def test_tempo_runs_as_a_real_process_with_json_logs():
     done = [e for e in events if e["event"] == "selfcheck.done"]
     assert done and done[0]["ok"] is True and done[0]["role"] == "selfcheck"
     assert all({"timestamp", "level", "role"} <= set(e) for e in events)
+
+
+def test_bench_train_puts_the_modes_side_by_side(tmp_path):
+    import torch
+
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    result = CliRunner().invoke(main, [
+        "--log-level", "warning", "bench", "train", "--model", "mlp", "--width", "32", "--batch-size", "16",
+        "--steps", "2", "--relays", "2", "--image-shape", "1x8x8", "--json", str(out), "--plot", str(png)])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(out.read_text())
+    tempo, plain = figures["modes"]["tempo"], figures["modes"]["plain-cpu"]
+    assert len(tempo["steps_s"]) == 2 and tempo["step_s"] > 0 and plain["step_s"] > 0
+    assert set(tempo["breakdown"]) == {"encrypt", "decrypt", "verify", "transfer_wait", "non_linear",
+                                       "optimizer", "offload_other"}
+    assert all(v >= 0 for k, v in tempo["breakdown"].items() if k != "offload_other")
+    assert tempo["breakdown"]["encrypt"] > 0 and tempo["breakdown"]["verify"] > 0
+    assert tempo["relays"]["relay_compute"] > 0
+    # the measured categories and the step are the same seconds, counted once
+    total = sum(tempo["breakdown"].values())
+    assert abs(total - tempo["mean_step_s"]) < 1e-3 * max(1.0, total)
+    assert figures["tempo_over_plain_cpu"] == pytest.approx(tempo["step_s"] / plain["step_s"], rel=1e-3)
+    if torch.cuda.is_available():
+        assert figures["modes"]["plain-cuda"]["step_s"] > 0 and figures["tempo_over_plain_cuda"]
+    else:
+        assert "no CUDA" in figures["modes"]["plain-cuda"]["note"] and figures["tempo_over_plain_cuda"] is None
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_train_refuses_bad_input():
+    bad_mode = CliRunner().invoke(main, ["bench", "train", "--modes", "tempo,gpu-magic"])
+    assert bad_mode.exit_code != 0 and "unknown mode" in bad_mode.output
+    bad_shape = CliRunner().invoke(main, ["bench", "train", "--image-shape", "32x32"])
+    assert bad_shape.exit_code != 0 and "C×H×W" in bad_shape.output

@@ -80,8 +80,9 @@ def test_key_refresh_epoch_reuses_one_key_per_layer_and_shape(tmp_path):
     per_epoch = run(TrainConfig(model="mlp", epochs=2, batch_size=256, mode="tempo", key_refresh="epoch",
                                 out=str(tmp_path / "e")))
     assert per_step.offload["keys_generated"] == per_step.offload["forward_products"]
-    # 3 layers, 2 batch sizes per epoch (the last batch is smaller), 2 epochs; eval reuses them
-    assert per_epoch.offload["keys_generated"] <= 3 * 2 * 2 + 3
+    # 3 layers × 2 parts (2 relays), 2 batch sizes per epoch (the last batch is smaller), 2
+    # epochs; eval reuses them
+    assert per_epoch.offload["keys_generated"] <= (3 * 2 * 2 + 3) * 2
     assert abs(per_step.train_loss - per_epoch.train_loss) < 1e-3
 
 
@@ -113,3 +114,25 @@ def test_the_issue_command_reaches_95_percent_within_a_point_of_plain(tmp_path):
     plain = json.loads((tmp_path / "plain" / "summary.json").read_text())
     assert private["test_accuracy"] >= 0.95
     assert abs(private["test_accuracy"] - plain["test_accuracy"]) <= 0.01
+
+
+def test_products_are_split_across_the_relays_pipelined_or_not(tmp_path):
+    common = dict(model="mlp", epochs=1, batch_size=512, relays=3, mode="tempo")
+    on = run(TrainConfig(out=str(tmp_path / "on"), **common))
+    off = run(TrainConfig(out=str(tmp_path / "off"), pipeline=False, **common))
+    plain = run(TrainConfig(out=str(tmp_path / "plain"), **{**common, "mode": "plain"}))
+    for s in (on, off):
+        # every Linear product cut by output features into 3 parts, each its own key
+        products = 3 * (s.steps + -(-len_test() // 512))
+        assert s.offload["forward_products"] == 3 * products
+        assert s.offload["keys_generated"] == 3 * products
+        by_relay = s.offload["parts_by_relay"]
+        assert len(by_relay) == 3 and all(v > 0 for v in by_relay.values()), by_relay
+        assert abs(s.train_loss - plain.train_loss) < 1e-3
+    assert on.offload["pipeline"] is True and off.offload["pipeline"] is False
+
+
+def len_test() -> int:
+    from tempo import data
+
+    return len(data.load("digits", None, seed=7).test_x)

@@ -76,10 +76,13 @@ class Counters:
     encrypt_s: float = 0.0
     decrypt_s: float = 0.0
     verify_s: float = 0.0
-    wait_s: float = 0.0
+    wait_s: float = 0.0  # blocked on replies
+    relay_compute_s: float = 0.0  # the relays' own compute time for the answers used (their report)
+    turnaround_s: float = 0.0  # the off-loader's dispatch-to-result time for them (transfer + compute)
     unmatched_replies: int = 0  # replies for no outstanding request (duplicates, replays)
     failed_verifications: int = 0
     timeouts: int = 0
+    parts_by_relay: dict = field(default_factory=dict)  # answers used, per relay name
 
 
 class OffloadClient:
@@ -134,7 +137,7 @@ class OffloadClient:
             raise ValueError(f"binding {bind} already has a forward in flight or cached")
         m, n, p = a.shape[-2], a.shape[-1], b.shape[-1]
         t0 = time.perf_counter()
-        sk = self.keys.key(bind.layer, m, n, p)
+        sk = self.keys.key(bind.layer, m, n, p, bind.part)
         a_desc, a_buf = self._alloc(a.shape, a.dtype)
         b_desc, b_buf = self._alloc(b.shape, b.dtype)
         encrypt(sk, a, b, out_a=a_buf, out_b=b_buf)
@@ -304,6 +307,9 @@ class OffloadClient:
             if not (isinstance(reply, tuple) and reply[0] == "done"):
                 raise OffloadError(f"{pending.kind} {pending.bind} failed: {reply}")
             pending.relay = reply[1]
+            self.counters.parts_by_relay[pending.relay] = self.counters.parts_by_relay.get(pending.relay, 0) + 1
+            self.counters.relay_compute_s += reply[2]
+            self.counters.turnaround_s += reply[3]
         finally:
             self.counters.wait_s += time.perf_counter() - t0
 
@@ -334,9 +340,12 @@ class OffloadClient:
             if self.log:
                 self.log.warning("client.unmatched_reply", op=msg.op, id=str(rid)[:64])
             return
-        self._replies[rid] = (
-            ("done", str(msg.header.get("relay", ""))[:255]) if msg.op == "done" else str(msg.header.get("reason", "error"))
-        )
+        if msg.op == "done":
+            timing = [msg.header.get(k) for k in ("relay_s", "turnaround_s")]
+            timing = [float(t) if isinstance(t, (int, float)) and 0 <= t < 1e6 else 0.0 for t in timing]
+            self._replies[rid] = ("done", str(msg.header.get("relay", ""))[:255], *timing)
+        else:
+            self._replies[rid] = str(msg.header.get("reason", "error"))
 
     def ping(self, timeout_s: float = 5.0) -> int:
         """Ask the off-loader how many relays it has; raises `OffloadError` if it does not answer."""

@@ -275,12 +275,13 @@ class KeySchedule:
         self.refresh = refresh
         self.key_space = key_space
         self.random_bytes = random_bytes
-        self._epoch_keys: dict[tuple[int, int, int, int], MatmulKey] = {}
+        self._epoch_keys: dict[tuple[int, int, int, int, int], MatmulKey] = {}
         self.generated = 0
 
-    def key(self, layer: int, m: int, n: int, p: int) -> MatmulKey:
+    def key(self, layer: int, m: int, n: int, p: int, part: int = 0) -> MatmulKey:
+        """The key of one part of one layer's product (every part of a product has its own)."""
         if self.refresh == "epoch":
-            slot = (layer, m, n, p)
+            slot = (layer, part, m, n, p)
             if slot not in self._epoch_keys:
                 self._epoch_keys[slot] = self._new(m, n, p)
             return self._epoch_keys[slot]

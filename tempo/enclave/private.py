@@ -15,12 +15,14 @@ single-process runs. Both mask, unmask and verify the same way.
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tempo.enclave import partition
 from tempo.enclave.keys import KeySchedule, MatmulKey
 from tempo.enclave.obfuscation import decrypt, decrypt_grads, encrypt, encrypt_grad
 from tempo.enclave.verify import freivalds_check
@@ -76,10 +78,22 @@ class InProcessEngine:
 
 
 class ClientEngine:
-    """Offload through a running off-loader and relays (`OffloadClient`)."""
+    """Offload through a running off-loader and relays (`OffloadClient`).
 
-    def __init__(self, client) -> None:
+    Each product is cut into up to `parts` parts (`tempo.enclave.partition`: convolutions and
+    attention by batch, fully connected layers by output features), each under its own key.
+    With `pipeline` on, every part of a product is masked and sent before the first is awaited,
+    so the relays compute part i while the enclave masks part i+1, and part i is unmasked and
+    verified while part i+1 is still in flight (forward and backward alike). With it off, each
+    part makes the whole round trip before the next is masked: the comparison point.
+    """
+
+    def __init__(self, client, parts: int = 1, pipeline: bool = True) -> None:
         self.client = client
+        self.parts = parts
+        self.pipeline = pipeline
+        self.offload_s = 0.0  # wall time inside forward/backward (the enclave's offload path)
+        self._plans: dict[Binding, partition.Plan] = {}
 
     @property
     def counters(self) -> EngineCounters:
@@ -87,14 +101,43 @@ class ClientEngine:
         c = self.client.counters
         return EngineCounters(c.forward, c.backward, c.forward_encryptions, c.backward_encryptions)
 
+    @staticmethod
+    def _part_bind(bind: Binding, i: int) -> Binding:
+        return Binding(bind.job, bind.step, bind.layer, i)
+
     def forward(self, a: torch.Tensor, b: torch.Tensor, bind: Binding) -> torch.Tensor:
-        return self.client.forward(a, b, bind)
+        t0 = time.perf_counter()
+        plan = partition.plan(a.shape, b.shape, self.parts)
+        pieces = partition.split(a, b, plan)
+        client = self.client
+        if self.pipeline:
+            pending = [client.submit_forward(ai, bi, self._part_bind(bind, i)) for i, (ai, bi) in enumerate(pieces)]
+            cs = [client.finish_forward(p) for p in pending]
+        else:
+            cs = [client.forward(ai, bi, self._part_bind(bind, i)) for i, (ai, bi) in enumerate(pieces)]
+        self._plans[bind] = plan
+        c = partition.gather_c(cs, plan)
+        self.offload_s += time.perf_counter() - t0
+        return c
 
     def backward(self, grad_c: torch.Tensor, bind: Binding) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.client.backward(grad_c, bind)
+        t0 = time.perf_counter()
+        plan = self._plans.pop(bind)
+        grads = partition.split_grad(grad_c, plan)
+        client = self.client
+        if self.pipeline:
+            pending = [client.submit_backward(g, self._part_bind(bind, i)) for i, g in enumerate(grads)]
+            out = [client.finish_backward(p) for p in pending]
+        else:
+            out = [client.backward(g, self._part_bind(bind, i)) for i, g in enumerate(grads)]
+        da, db = partition.gather_grads(out, plan)
+        self.offload_s += time.perf_counter() - t0
+        return da, db
 
     def release(self, bind: Binding) -> None:
-        self.client.release(bind)
+        plan = self._plans.pop(bind, None)
+        for i in range(plan.parts if plan else 1):
+            self.client.release(self._part_bind(bind, i))
 
     def close(self) -> None:
         self.client.close()

@@ -36,6 +36,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     seed: int = 7
     relays: int = 2
+    pipeline: bool = True  # overlap masking, relay compute and unmasking across a product's parts
     device: str = "cpu"
     mode: str = "tempo"
     key_refresh: str = "step"
@@ -175,7 +176,7 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
                                    rounds=rounds, log=log, keys=keys, part_timeout_s=cfg.part_timeout_s,
                                    max_attempts=cfg.relays + 1)
             client.wait_for_relays(cfg.relays)
-            engine = ClientEngine(client)
+            engine = ClientEngine(client, parts=cfg.relays, pipeline=cfg.pipeline)
             pctx = PrivateContext(engine, job=job)
             net = to_private(model, pctx)
         opt = _optimizer(cfg, model.parameters())
@@ -274,7 +275,8 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
         events = client.relay_events if client is not None else []
         if client is not None:
             offload.update(failed_verifications=client.counters.failed_verifications,
-                           part_timeouts=client.counters.timeouts)
+                           part_timeouts=client.counters.timeouts, pipeline=cfg.pipeline,
+                           parts_by_relay=dict(sorted(client.counters.parts_by_relay.items())))
         summary = Summary(cfg.mode, cfg.model, cfg.dataset, cfg.epochs, steps, cfg.batch_size,
                           cfg.relays if cfg.mode == "tempo" else 0, cfg.device, loss_value, accuracy,
                           wall, {k: round(v, 4) for k, v in asdict(breakdown).items()}, offload,

@@ -65,6 +65,7 @@ class Part:
     full: bool = False  # backward sent with its operands
     attempts: int = 0
     digest: str = ""
+    sent_at: float = 0.0  # when the part last left for a relay (turnaround = transfer + compute)
 
 
 def _expected_outputs(kind: str, inputs: list[Descriptor], operands: list[Descriptor]) -> list[tuple]:
@@ -278,6 +279,7 @@ class Offloader:
             extra["digest"] = part.digest
         frames = encode(op, tensors, id=part.relay_rid, bind=part.bind.to_wire(), **extra)
         self.relay_sock.send_multipart([relay, *frames], copy=False)
+        part.sent_at = time.perf_counter()
         self.parts[part.relay_rid] = part
         self.relays[relay].inflight.add(part.relay_rid)
         self.relays[relay].given += 1
@@ -333,9 +335,15 @@ class Offloader:
             return
         for t, d in zip(msg.tensors, part.outputs):
             part.arena.tensor(d).copy_(t)
+        # Timing for the breakdown only (a relay may lie about it; it decides nothing): the
+        # relay's own compute time, and this part's turnaround from dispatch to result in the arena.
+        turnaround = time.perf_counter() - part.sent_at
+        compute = msg.header.get("compute_s")
+        compute = min(max(float(compute), 0.0), turnaround) if isinstance(compute, (int, float)) else 0.0
         self.enclave_sock.send_multipart(
             [part.client, *encode("done", id=part.client_id, bind=part.bind.to_wire(),
-                                  relay=identity.decode("utf-8", "replace"))], copy=False
+                                  relay=identity.decode("utf-8", "replace"),
+                                  relay_s=round(compute, 6), turnaround_s=round(turnaround, 6))], copy=False
         )
 
     def _relay_error(self, identity: bytes, msg) -> None:

@@ -246,7 +246,9 @@ class Relay:
             if msg.op in ("forward", "backward", "backward_full") and digest is not None:
                 if digest != inputs_digest(frames[1:]):
                     raise ProtocolError("inputs do not match the request's digest")
+            t0 = time.perf_counter()
             out = self.handlers[msg.op](msg)
+            compute_s = time.perf_counter() - t0  # results are on the host by now (synchronized)
         except (ProtocolError, LookupError, RuntimeError, ValueError) as exc:
             self._warn("relay.request_failed", op=msg.op, reason=str(exc))
             return error_frames(str(exc), rid, bind if isinstance(bind, list) else None)
@@ -258,7 +260,8 @@ class Relay:
         out = self._misbehave(out)
         if out is None:
             return None
-        return encode("result", out, id=rid, bind=bind, **({"digest": digest} if digest is not None else {}))
+        return encode("result", out, id=rid, bind=bind, compute_s=round(compute_s, 6),
+                      **({"digest": digest} if digest is not None else {}))
 
     def _misbehave(self, out: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """Apply the injected fault, if any, to a result about to be sent."""

@@ -1,0 +1,263 @@
+"""`tempo bench train`: private training steps beside the pure-TEE and non-private baselines.
+
+One run, one data shape, the same model and seed for every mode:
+
+- ``tempo``: the enclave's loop through a real off-loader and `relays` relay processes (Tempo-l),
+  each product split across the relays, pipelined or not;
+- ``plain-cpu``: the same steps in plaintext on the CPU — the pure-TEE baseline (the enclave
+  doing everything itself);
+- ``plain-cuda``: the same steps on the GPU without any privacy — the limit. Skipped, with a
+  note, where torch sees no CUDA device.
+
+Per mode: the median step time, and a breakdown of the mean step. For ``tempo`` the enclave's
+categories are measured where the work happens (encrypt, decrypt, verify, waiting on replies,
+the optimizer step); ``non_linear`` is the rest of the step outside offloaded products (the
+enclave's plaintext layers, loss, autograd); ``offload_other`` is time inside the offload path
+not covered by any measured category (partitioning, gathering, bookkeeping) — the part of the
+step the breakdown does not explain. On the relays' side: their reported compute time, the
+transfer time (the off-loader's dispatch-to-result turnaround minus that), and their idle time.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from tempo import models
+
+MODES = ("tempo", "plain-cpu", "plain-cuda")
+TEMPO_CATEGORIES = ("encrypt", "decrypt", "verify", "transfer_wait", "non_linear", "optimizer", "offload_other")
+PLAIN_CATEGORIES = ("forward_backward", "optimizer")
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    step_s: float | None = None  # median
+    mean_step_s: float | None = None
+    steps: list[float] = field(default_factory=list)
+    breakdown: dict = field(default_factory=dict)  # mean seconds per step, by category
+    relays: dict = field(default_factory=dict)  # tempo: relay compute, transfer, idle (mean per step)
+    explained: float | None = None  # tempo: share of the mean step the measured categories cover
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        def r(x):
+            return None if x is None else round(x, 6)
+
+        return {"mode": self.mode, "step_s": r(self.step_s), "mean_step_s": r(self.mean_step_s),
+                "steps_s": [r(s) for s in self.steps],
+                "breakdown": {k: r(v) for k, v in self.breakdown.items()},
+                "relays": {k: r(v) for k, v in self.relays.items()},
+                "explained": r(self.explained), "note": self.note}
+
+
+def _data(shape: tuple[int, ...], classes: int, batch: int, device: torch.device):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *shape, generator=g)
+    y = torch.randint(0, classes, (batch,), generator=g)
+    return x.to(device), y.to(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _plain(model_name, shape, classes, width, batch, steps, warmup, device, say) -> ModeResult:
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    model = models.build(model_name, shape, classes, width).to(dev)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = _data(shape, classes, batch, dev)
+    times, fb, op = [], [], []
+    for i in range(warmup + steps):
+        _sync(dev)
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        _sync(dev)
+        t1 = time.perf_counter()
+        opt.step()
+        _sync(dev)
+        t2 = time.perf_counter()
+        if i >= warmup:
+            times.append(t2 - t0)
+            fb.append(t1 - t0)
+            op.append(t2 - t1)
+        say(f"{device} step {i + 1}/{warmup + steps}: {t2 - t0:.3f}s")
+    mode = "plain-cuda" if dev.type == "cuda" else "plain-cpu"
+    return ModeResult(mode, statistics.median(times), statistics.fmean(times), times,
+                      {"forward_backward": statistics.fmean(fb), "optimizer": statistics.fmean(op)})
+
+
+_CLIENT_FIELDS = ("encrypt_s", "decrypt_s", "verify_s", "wait_s", "relay_compute_s", "turnaround_s")
+
+
+def _tempo(model_name, shape, classes, width, batch, steps, warmup, relays, device, pipeline, arena_mb, say,
+           log) -> ModeResult:
+    from tempo.cluster import LocalCluster
+    from tempo.enclave.client import OffloadClient, default_job_id
+    from tempo.enclave.private import ClientEngine, PrivateContext, to_private
+
+    torch.manual_seed(0)
+    model = models.build(model_name, shape, classes, width)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = _data(shape, classes, batch, torch.device("cpu"))
+    cluster = LocalCluster(relays=relays, device=device).start()
+    client = None
+    try:
+        job = default_job_id()
+        client = OffloadClient(cluster.enclave_endpoint, job, arena_bytes=arena_mb << 20, log=log,
+                               max_attempts=relays + 1, timeout_s=600.0)
+        client.wait_for_relays(relays)
+        engine = ClientEngine(client, parts=relays, pipeline=pipeline)
+        pctx = PrivateContext(engine, job=job)
+        net = to_private(model, pctx)
+        rows: list[dict] = []
+        for i in range(warmup + steps):
+            before = {k: getattr(client.counters, k) for k in _CLIENT_FIELDS}
+            off0 = engine.offload_s
+            t0 = time.perf_counter()
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            t1 = time.perf_counter()
+            opt.step()
+            pctx.end_step()
+            t2 = time.perf_counter()
+            row = {k: getattr(client.counters, k) - before[k] for k in _CLIENT_FIELDS}
+            row.update(step=t2 - t0, optimizer=t2 - t1, offload=engine.offload_s - off0)
+            if i >= warmup:
+                rows.append(row)
+            say(f"tempo step {i + 1}/{warmup + steps}: {t2 - t0:.3f}s")
+    finally:
+        if client is not None:
+            client.close()
+        cluster.stop()
+
+    def mean(key: str) -> float:
+        return statistics.fmean(r[key] for r in rows)
+
+    step = mean("step")
+    measured_offload = mean("encrypt_s") + mean("decrypt_s") + mean("verify_s") + mean("wait_s")
+    breakdown = {
+        "encrypt": mean("encrypt_s"),
+        "decrypt": mean("decrypt_s"),
+        "verify": mean("verify_s"),
+        "transfer_wait": mean("wait_s"),
+        "non_linear": step - mean("offload") - mean("optimizer"),
+        "optimizer": mean("optimizer"),
+        "offload_other": mean("offload") - measured_offload,
+    }
+    compute = mean("relay_compute_s")
+    relay_side = {
+        "relay_compute": compute,  # summed over relays
+        "transfer": max(0.0, mean("turnaround_s") - compute),  # summed over parts (they overlap)
+        "relay_idle": max(0.0, step - compute / relays),  # per relay
+    }
+    times = [r["step"] for r in rows]
+    explained = 1.0 - breakdown["offload_other"] / step
+    return ModeResult("tempo", statistics.median(times), step, times, breakdown, relay_side, explained)
+
+
+def run(model: str = "resnet18", batch_size: int = 32, steps: int = 3, modes=MODES, relays: int = 1,
+        device: str = "cpu", pipeline: bool = True, width: int | None = None,
+        shape: tuple[int, ...] = (3, 32, 32), classes: int = 10, warmup: int = 1, arena_mb: int = 4096,
+        progress: Callable[[str], None] | None = None, log=None) -> dict:
+    """Every requested mode on the same model and batch; returns the JSON-ready figures."""
+    say = progress or (lambda _m: None)
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
+    cuda = torch.cuda.is_available()
+    if device != "cpu" and not cuda:
+        raise ValueError(f"--device {device}: torch sees no CUDA device here")
+    results: dict[str, ModeResult] = {}
+    for mode in modes:
+        if mode == "plain-cuda" and not cuda:
+            results[mode] = ModeResult(mode, note="skipped: no CUDA device here")
+            say("plain-cuda skipped: no CUDA device")
+            continue
+        if mode == "tempo":
+            results[mode] = _tempo(model, shape, classes, width, batch_size, steps, warmup, relays, device,
+                                   pipeline, arena_mb, say, log)
+        else:
+            results[mode] = _plain(model, shape, classes, width, batch_size, steps, warmup,
+                                   "cpu" if mode == "plain-cpu" else ("cuda" if device == "cpu" else device), say)
+
+    def ratio(a: str, b: str) -> float | None:
+        ra, rb = results.get(a), results.get(b)
+        if ra is None or rb is None or ra.step_s is None or rb.step_s is None:
+            return None
+        return round(ra.step_s / rb.step_s, 4)
+
+    return {
+        "model": model, "width": width, "batch_size": batch_size, "steps": steps, "warmup": warmup,
+        "shape": list(shape), "relays": relays, "device": device, "pipeline": pipeline,
+        "torch_threads": torch.get_num_threads(),
+        "modes": {m: r.as_dict() for m, r in results.items()},
+        "tempo_over_plain_cpu": ratio("tempo", "plain-cpu"),
+        "tempo_over_plain_cuda": ratio("tempo", "plain-cuda"),
+    }
+
+
+def table(figures: dict) -> str:
+    lines = [f"model {figures['model']}  batch {figures['batch_size']}  relays {figures['relays']} on "
+             f"{figures['device']}  pipeline {'on' if figures['pipeline'] else 'off'}  "
+             f"({figures['steps']} timed steps after {figures['warmup']} warm-up)"]
+    for mode, r in figures["modes"].items():
+        if r["step_s"] is None:
+            lines.append(f"  {mode:<11} {r['note']}")
+            continue
+        parts = "  ".join(f"{k} {v:.3f}" for k, v in r["breakdown"].items())
+        lines.append(f"  {mode:<11} step {r['step_s']:.3f}s   {parts}")
+        if r["relays"]:
+            lines.append("  " + " " * 11 + " relays: " + "  ".join(f"{k} {v:.3f}" for k, v in r["relays"].items())
+                         + f"   breakdown explains {100 * r['explained']:.1f}% of the step")
+    for key, label in (("tempo_over_plain_cpu", "tempo / plain-cpu (pure TEE)"),
+                       ("tempo_over_plain_cuda", "tempo / plain-cuda (non-private GPU)")):
+        if figures.get(key) is not None:
+            lines.append(f"  {label}: {figures[key]:.2f}")
+    return "\n".join(lines)
+
+
+def plot(figures: dict, path: str) -> None:
+    """The breakdown as stacked bars, one per mode (like the paper's Fig. 11)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("--plot needs matplotlib: pip install 'tempo-train[plot]'") from None
+    modes = [(m, r) for m, r in figures["modes"].items() if r["step_s"] is not None]
+    categories = [*TEMPO_CATEGORIES, *[c for c in PLAIN_CATEGORIES if c not in TEMPO_CATEGORIES]]
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.8 * len(modes)))
+    colors = plt.get_cmap("tab10").colors
+    for row, (mode, r) in enumerate(modes):
+        left = 0.0
+        for ci, cat in enumerate(categories):
+            v = r["breakdown"].get(cat, 0.0)
+            if v <= 0:
+                continue
+            ax.barh(row, v, left=left, color=colors[ci % len(colors)], label=cat)
+            left += v
+    ax.set_yticks(range(len(modes)), [m for m, _ in modes])
+    ax.set_xlabel("seconds per training step (mean)")
+    ax.set_title(f"{figures['model']}, batch {figures['batch_size']}, {figures['relays']} relay(s) on "
+                 f"{figures['device']}, pipeline {'on' if figures['pipeline'] else 'off'}")
+    handles, labels = ax.get_legend_handles_labels()
+    seen = {}
+    for h, lab in zip(handles, labels):
+        seen.setdefault(lab, h)
+    ax.legend(seen.values(), seen.keys(), loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,108 @@
+"""Partitioning one product across N relays (paper §IV-D, Algorithm 4; SPEC §5).
+
+Pure functions, no I/O. A product ``C = A @ B`` with ``A`` (…×m×n) and ``B`` (…×n×p) is cut
+into parts that are computed independently, each under its own key:
+
+- ``"batch"``: along the first broadcast batch dimension. Convolutions (``W @ patches`` with
+  ``patches`` of shape batch×(in·kh·kw)×positions) are split by data, attention's ``QKᵀ`` and
+  ``AV`` (batch·heads×T×d) by batch·head slices. An operand without that dimension (the conv
+  weight) goes whole to every part, masked under each part's key.
+- ``"cols"``: along ``p``, the output features of a fully connected layer (``B = Wᵀ``), the
+  paper's split by tensor; ``A`` (the activations) goes whole to every part.
+
+`split` returns views (no copies: the masking kernel reads row-strided input). `gather_c`
+concatenates the parts' results; `gather_grads` concatenates the gradient of a split operand and
+sums the gradient of one that every part received.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Plan:
+    axis: str  # "none" | "batch" | "cols"
+    bounds: tuple[tuple[int, int], ...]
+    batch_dims: int  # broadcast batch dimensions of the product
+
+    @property
+    def parts(self) -> int:
+        return len(self.bounds)
+
+
+def _ranges(size: int, parts: int) -> tuple[tuple[int, int], ...]:
+    """``parts`` contiguous ranges covering ``range(size)``, sizes differing by at most one."""
+    base, extra = divmod(size, parts)
+    out, lo = [], 0
+    for i in range(parts):
+        hi = lo + base + (1 if i < extra else 0)
+        out.append((lo, hi))
+        lo = hi
+    return tuple(out)
+
+
+def plan(a_shape: torch.Size | tuple, b_shape: torch.Size | tuple, parts: int) -> Plan:
+    """How to cut ``A @ B`` into at most `parts` parts (fewer when the split axis is shorter)."""
+    if parts < 1:
+        raise ValueError(f"parts must be at least 1, not {parts}")
+    if len(a_shape) < 2 or len(b_shape) < 2:
+        raise ValueError("partitioning needs matrices (at least two dimensions)")
+    batch = torch.broadcast_shapes(tuple(a_shape[:-2]), tuple(b_shape[:-2]))
+    p = b_shape[-1]
+    if parts > 1 and len(batch) and batch[0] >= 2:
+        return Plan("batch", _ranges(batch[0], min(parts, batch[0])), len(batch))
+    if parts > 1 and not len(batch) and p >= 2:
+        return Plan("cols", _ranges(p, min(parts, p)), 0)
+    return Plan("none", ((0, 0),), len(batch))
+
+
+def _has_lead(t: torch.Tensor, plan: Plan) -> bool:
+    """Whether `t` carries the split batch dimension itself (not broadcast into it)."""
+    return t.dim() - 2 == plan.batch_dims and t.shape[0] != 1
+
+
+def split(a: torch.Tensor, b: torch.Tensor, plan: Plan) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if plan.axis == "none":
+        return [(a, b)]
+    if plan.axis == "batch":
+        a_lead, b_lead = _has_lead(a, plan), _has_lead(b, plan)
+        return [(a[lo:hi] if a_lead else a, b[lo:hi] if b_lead else b) for lo, hi in plan.bounds]
+    return [(a, b[..., lo:hi]) for lo, hi in plan.bounds]
+
+
+def split_grad(grad_c: torch.Tensor, plan: Plan) -> list[torch.Tensor]:
+    """``dL/dC`` cut the way ``C`` was gathered."""
+    if plan.axis == "none":
+        return [grad_c]
+    if plan.axis == "batch":
+        return [grad_c[lo:hi] for lo, hi in plan.bounds]
+    return [grad_c[..., lo:hi] for lo, hi in plan.bounds]
+
+
+def gather_c(parts: list[torch.Tensor], plan: Plan) -> torch.Tensor:
+    if plan.axis == "none":
+        return parts[0]
+    return torch.cat(parts, dim=0 if plan.axis == "batch" else -1)
+
+
+def gather_grads(
+    parts: list[tuple[torch.Tensor, torch.Tensor]], plan: Plan
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dL/dA, dL/dB)`` from the parts' gradients.
+
+    Along ``"batch"`` every part's gradients carry their slice of the batch (a shared operand's
+    gradient is broadcast to it, summed later by the caller), so both are concatenated. Along
+    ``"cols"``, ``A`` went to every part: its gradients are summed; ``B``'s are concatenated.
+    """
+    if plan.axis == "none":
+        return parts[0]
+    das, dbs = zip(*parts)
+    if plan.axis == "batch":
+        return torch.cat(das, dim=0), torch.cat(dbs, dim=0)
+    da = das[0].clone()
+    for d in das[1:]:
+        da += d
+    return da, torch.cat(dbs, dim=-1)
