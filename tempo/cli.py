@@ -164,7 +164,7 @@ def offloader(ctx: click.Context, relay_bind: str, enclave_bind: str, heartbeat_
 
 
 @main.command()
-@click.option("--connect", "endpoint", default="tcp://127.0.0.1:5555", show_default=True, help="The off-loader's relay endpoint.")
+@click.option("--connect", default="tcp://127.0.0.1:5555", show_default=True, help="The off-loader's relay endpoint.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:i.")
 @click.option("--cache-mb", default=1024, show_default=True, type=click.IntRange(0), help="Bound on cached operands.")
 @click.option("--heartbeat", default=0.5, show_default=True, type=click.FloatRange(0.01), help="Seconds between heartbeats.")
@@ -174,9 +174,10 @@ def offloader(ctx: click.Context, relay_bind: str, enclave_bind: str, heartbeat_
 @click.option("--curve-secret", default=None, type=click.Path(exists=True, dir_okay=False), help="CURVE: this relay's secret key file.")
 @click.option("--curve-server-key", default=None, type=click.Path(exists=True, dir_okay=False), help="CURVE: the off-loader's public key file (pinned).")
 @click.pass_context
-def relay(ctx: click.Context, endpoint: str, device: str, cache_mb: int, heartbeat: float, max_frame_mb: int,
+def relay(ctx: click.Context, connect: str, device: str, cache_mb: int, heartbeat: float, max_frame_mb: int,
           name: str | None, fault: str | None, curve_secret: str | None, curve_server_key: str | None) -> None:
-    """Run a relay: multiply masked operands on DEVICE for the off-loader at ENDPOINT."""
+    """Run a relay: multiply masked operands on DEVICE for the off-loader at CONNECT."""
+    endpoint = connect
     import os
 
     from tempo.relay import Fault, Relay
@@ -279,6 +280,8 @@ def bench_train(ctx: click.Context, model, width, batch_size, steps, modes, rela
         with open(json_path, "w") as f:
             json.dump(figures, f, indent=2)
         click.echo(f"figures: {json_path}")
+
+
 DATASET_CHOICES = click.Choice(["digits", "cifar10", "synthetic"])
 
 
@@ -313,11 +316,46 @@ DATASET_CHOICES = click.Choice(["digits", "cifar10", "synthetic"])
 @click.pass_context
 def train(ctx: click.Context, **options) -> None:
     """Train privately: Linear and Conv2d products masked and offloaded to local relays."""
-    from tempo.enclave.train import TrainConfig, run
+    from tempo.enclave.train import TrainConfig
 
     log = _logger(ctx, "enclave")
     cfg = TrainConfig(**options)
     log.info("train.start", **{k: v for k, v in options.items() if v is not None})
+    _run_training(cfg, log)
+
+
+@main.command()
+@click.option("--config", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="The job: a TOML file of training settings (model, dataset, epochs, batch_size, lr, …).")
+@click.option("--offloader", required=True, help="The off-loader's enclave endpoint, e.g. ipc:///tmp/tempo/offloader.ipc.")
+@click.option("--relays", default=None, type=click.IntRange(1, 16), help="Relays to wait for and split products across (default: the job's).")
+@click.option("--relay-wait", default=60.0, show_default=True, type=click.FloatRange(0.1),
+              help="Seconds to wait for the relays to join.")
+@click.option("--out", default=None, help="Where summary.json, model.pt and checkpoint.pt go (default: the job's).")
+@click.option("--data-dir", default=None, help="Where CIFAR-10's python batches are (default: the job's).")
+@click.option("--arena-mb", default=None, type=click.IntRange(16), help="Shared-memory arena size (default: the job's).")
+@click.option("--resume/--no-resume", default=None, help="Continue from OUT/checkpoint.pt (default: the job's).")
+@click.pass_context
+def enclave(ctx: click.Context, config, offloader, relays, relay_wait, out, data_dir, arena_mb, resume) -> None:
+    """The enclave process as deployed: train the job in CONFIG through a separately started
+    off-loader (and its relays). Runs under Gramine in ops/gramine."""
+    from tempo.enclave.train import load_job
+
+    log = _logger(ctx, "enclave")
+    try:
+        cfg = load_job(config, relays=relays, out=out, data_dir=data_dir, arena_mb=arena_mb, resume=resume)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    cfg.offloader, cfg.relay_wait_s, cfg.mode = offloader, relay_wait, "tempo"
+    log.info("enclave.start", config=config, offloader=offloader, relays=cfg.relays, model=cfg.model,
+             dataset=cfg.dataset, epochs=cfg.epochs)
+    _run_training(cfg, log)
+
+
+def _run_training(cfg, log) -> None:
+    from tempo.enclave.client import OffloadError
+    from tempo.enclave.train import Halted, TrainingStopped, run
+
     tty = sys.stderr.isatty()
 
     def progress(p: dict) -> None:
@@ -325,11 +363,9 @@ def train(ctx: click.Context, **options) -> None:
             click.echo(f"\repoch {p['epoch']}/{p['epochs']} step {p['step']} loss {p['loss']:.4f} "
                        f"{p['images_per_s']:.0f} img/s", err=True, nl=False)
 
-    from tempo.enclave.train import Halted, TrainingStopped
-
     try:
         summary = run(cfg, progress=progress, log=log)
-    except (ValueError, FileNotFoundError, TrainingStopped) as exc:
+    except (ValueError, FileNotFoundError, TrainingStopped, OffloadError) as exc:
         raise click.ClickException(str(exc)) from None
     except Halted as exc:
         raise click.ClickException(f"{exc}; resume with --resume") from None

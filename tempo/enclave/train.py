@@ -49,6 +49,44 @@ class TrainConfig:
     inject_fault: str | None = None  # start relay 0 with --fault MODE[:RATE]
     part_timeout_s: float = 30.0
     heartbeat_timeout_s: float = 3.0
+    offloader: str | None = None  # a separately started off-loader's enclave endpoint (tempo enclave)
+    relay_wait_s: float = 60.0  # with `offloader`: how long to wait for `relays` relays to join
+
+
+# What a job file may set (`tempo enclave --config`): the job, not the test hooks.
+JOB_KEYS = ("model", "width", "dataset", "data_dir", "epochs", "batch_size", "lr", "optimizer", "schedule",
+            "momentum", "weight_decay", "seed", "relays", "pipeline", "device", "key_refresh", "integrity_t",
+            "out", "resume", "checkpoint_every", "arena_mb", "part_timeout_s")
+
+
+def load_job(path: str | Path, **overrides) -> TrainConfig:
+    """A `TrainConfig` from a TOML job file (keys: `JOB_KEYS`, at the top level or under
+    ``[job]``); `overrides` that are not ``None`` win. Unknown keys and wrong types are errors."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as exc:
+        raise ValueError(f"job file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"job file {path} is not valid TOML: {exc}") from None
+    job = doc.get("job", doc)
+    unknown = sorted(set(job) - set(JOB_KEYS))
+    if unknown:
+        raise ValueError(f"job file {path}: unknown key(s) {unknown}; known: {', '.join(JOB_KEYS)}")
+    defaults = TrainConfig()
+    values = {}
+    for key, value in {**job, **{k: v for k, v in overrides.items() if v is not None}}.items():
+        default = getattr(defaults, key, None)
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ValueError(f"job file {path}: {key} must be true or false, not {value!r}")
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if default is not None and not isinstance(value, type(default)):
+            raise ValueError(f"job file {path}: {key} must be a {type(default).__name__}, not {value!r}")
+        values[key] = value
+    return TrainConfig(**values)
 
 
 @dataclass
@@ -166,16 +204,25 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
 
             from tempo.relay import Fault
 
-            faults = {0: cfg.inject_fault} if cfg.inject_fault else {}
-            if cfg.inject_fault:
-                Fault.parse(cfg.inject_fault)  # a bad spec fails here, clearly
-            cluster = LocalCluster(relays=cfg.relays, device=cfg.device, faults=faults,
-                                   heartbeat_timeout_s=cfg.heartbeat_timeout_s, heartbeat_s=min(0.5, cfg.heartbeat_timeout_s / 4)).start()
+            if cfg.offloader:  # Tempo as deployed: off-loader and relays started on their own
+                if cfg.inject_fault:
+                    raise ValueError("inject_fault starts a local relay; start a relay with --fault instead")
+                endpoint = cfg.offloader
+            else:  # Tempo-l in one command: start them here
+                faults = {0: cfg.inject_fault} if cfg.inject_fault else {}
+                if cfg.inject_fault:
+                    Fault.parse(cfg.inject_fault)  # a bad spec fails here, clearly
+                cluster = LocalCluster(relays=cfg.relays, device=cfg.device, faults=faults,
+                                       heartbeat_timeout_s=cfg.heartbeat_timeout_s,
+                                       heartbeat_s=min(0.5, cfg.heartbeat_timeout_s / 4)).start()
+                endpoint = cluster.enclave_endpoint
             job = default_job_id()
-            client = OffloadClient(cluster.enclave_endpoint, job, arena_bytes=cfg.arena_mb << 20,
+            client = OffloadClient(endpoint, job, arena_bytes=cfg.arena_mb << 20,
                                    rounds=rounds, log=log, keys=keys, part_timeout_s=cfg.part_timeout_s,
                                    max_attempts=cfg.relays + 1)
-            client.wait_for_relays(cfg.relays)
+            if log:
+                log.info("train.waiting_for_relays", offloader=endpoint, relays=cfg.relays)
+            client.wait_for_relays(cfg.relays, timeout_s=cfg.relay_wait_s if cfg.offloader else 30.0)
             engine = ClientEngine(client, parts=cfg.relays, pipeline=cfg.pipeline)
             pctx = PrivateContext(engine, job=job)
             net = to_private(model, pctx)

@@ -1,0 +1,210 @@
+"""Deployment files: the Gramine manifest renders to TOML naming what the enclave needs, and every
+compose service runs a real `tempo` subcommand whose options parse."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tomllib
+from pathlib import Path
+from types import SimpleNamespace
+
+import click
+import jinja2
+import jinja2.meta
+import pytest
+import yaml
+from click.testing import CliRunner
+
+import tempo
+from tempo.cli import main
+
+OPS = Path(__file__).resolve().parent.parent / "ops"
+GRAMINE = OPS / "gramine"
+COMPOSE_FILES = sorted((OPS / "compose").glob("compose.*.yaml"))
+
+
+def _unparsed(ctx: click.Context) -> list[str]:
+    """A group context's subcommand and its arguments (click 8.2 keeps the name apart)."""
+    return [*getattr(ctx, "_protected_args", []), *ctx.args]
+
+
+def makefile_defines() -> set[str]:
+    """The -D variables the Makefile passes to gramine-manifest."""
+    return set(re.findall(r"-D(\w+)=", (GRAMINE / "Makefile").read_text()))
+
+
+def render(tmp_path: Path, **overrides) -> dict:
+    """Render the template as gramine-manifest would (Jinja with its `gramine` and `python`
+    globals), with this machine's interpreter and the tempo install, and parse the TOML."""
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    source = (GRAMINE / "tempo.manifest.template").read_text()
+    site = str(Path(tempo.__file__).resolve().parent.parent)
+    job = tmp_path / "job.toml"
+    job.write_text((GRAMINE / "job.toml").read_text())
+    values = dict(
+        gramine=SimpleNamespace(libos="/usr/lib/x86_64-linux-gnu/gramine/libsysdb.so",
+                                runtimedir=lambda: "/usr/lib/x86_64-linux-gnu/gramine/runtime/glibc"),
+        python=SimpleNamespace(stdlib=sysconfig.get_paths()["stdlib"], distlib=sysconfig.get_paths()["purelib"]),
+        log_level="error", arch_libdir="/lib/x86_64-linux-gnu", entrypoint=os.path.realpath(sys.executable),
+        site_packages=site, job=str(job), out_dir=str(tmp_path / "out"), data_dir="", debug="true",
+        edmm="false", enclave_size="16G", max_threads=64, compute_threads=8, attestation="none",
+        insecure_out_key="",
+    )
+    values.update(overrides)
+    return tomllib.loads(env.from_string(source).render(**values)), values
+
+
+def test_the_template_uses_only_what_the_makefile_defines():
+    source = (GRAMINE / "tempo.manifest.template").read_text()
+    used = jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(source))
+    assert used - {"gramine", "python"} == makefile_defines()
+
+
+def test_the_manifest_renders_to_toml_naming_what_the_enclave_needs(tmp_path):
+    manifest, values = render(tmp_path)
+    site, entry = values["site_packages"], values["entrypoint"]
+    assert manifest["libos"]["entrypoint"] == entry
+    assert manifest["loader"]["entrypoint"]["uri"] == "file:" + values["gramine"].libos
+    trusted = manifest["sgx"]["trusted_files"]
+    for needed in (entry, site + "/", values["python"].stdlib + "/", values["job"]):
+        assert "file:" + needed in trusted, needed
+    # tempo and every dependency it imports in the enclave live under a trusted directory
+    import click, msgpack, numpy, structlog, torch, zmq  # noqa: E401
+    for module in (tempo, torch, numpy, zmq, msgpack, structlog, click):
+        path = str(Path(module.__file__).resolve())
+        assert path.startswith(site + "/"), (module.__name__, path)
+    mounts = {m["path"]: m for m in manifest["fs"]["mounts"]}
+    assert mounts["/dev/shm/"]["type"] == "untrusted_shm"  # the arena
+    assert mounts["/tempo/out"]["type"] == "encrypted"  # the trained model leaves sealed
+    assert mounts["/tempo/job.toml"]["uri"] == "file:" + values["job"]
+    assert "dev:/dev/shm/" in manifest["sgx"]["allowed_files"]
+    size = manifest["sgx"]["enclave_size"]
+    number = int(size[:-1]) * {"M": 1 << 20, "G": 1 << 30}[size[-1]]
+    assert number & (number - 1) == 0, "SGX enclave sizes are powers of two"
+    assert manifest["sgx"]["max_threads"] >= 16
+    assert manifest["loader"]["env"]["TEMPO_ENCLAVE_OFFLOADER"] == {"passthrough": True}
+    assert "fs" in manifest and "insecure__keys" not in manifest["fs"]
+
+
+def test_the_manifest_command_is_tempo_enclave_and_parses(tmp_path):
+    manifest, values = render(tmp_path)
+    argv = manifest["loader"]["argv"]
+    assert argv[:3] == [values["entrypoint"], "-m", "tempo"]
+    job = tmp_path / "stand-in-job.toml"  # /tempo/job.toml exists inside the enclave only
+    job.write_text("")
+    assert argv[argv.index("--config") + 1] == "/tempo/job.toml"
+    argv = [str(job) if a == "/tempo/job.toml" else a for a in argv]
+    ctx = main.make_context("tempo", argv[3:])
+    name, cmd, rest = main.resolve_command(ctx, _unparsed(ctx))
+    assert name == "enclave"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TEMPO_ENCLAVE_OFFLOADER", "tcp://127.0.0.1:5556")
+        sub = cmd.make_context(name, rest, parent=ctx)
+    assert sub.params["config"] == str(job) and sub.params["out"] == "/tempo/out"
+    assert sub.params["offloader"] == "tcp://127.0.0.1:5556"
+
+
+def test_the_manifest_options_render(tmp_path):
+    data = tmp_path / "cifar"
+    data.mkdir()
+    manifest, _ = render(tmp_path, data_dir=str(data), insecure_out_key="00" * 16)
+    assert "file:" + str(data) + "/" in manifest["sgx"]["trusted_files"]
+    assert manifest["fs"]["insecure__keys"]["tempo_out"] == "00" * 16
+
+
+def test_the_shipped_job_file_is_a_valid_job():
+    from tempo.enclave.train import load_job
+
+    cfg = load_job(GRAMINE / "job.toml")
+    assert cfg.model == "cnn" and cfg.relays == 2
+
+
+def test_job_files_with_mistakes_are_refused(tmp_path):
+    from tempo.enclave.train import load_job
+
+    cases = {"epochs = 'five'": "must be a int", "modle = 'cnn'": "unknown key", "pipeline = 1": "true or false",
+             "epochs = [": "not valid TOML"}
+    for text, message in cases.items():
+        path = tmp_path / "job.toml"
+        path.write_text(text + "\n")
+        with pytest.raises(ValueError, match=message):
+            load_job(path)
+    assert load_job(GRAMINE / "job.toml", epochs=1).epochs == 1  # an override wins
+
+
+# -- compose --
+
+
+def services():
+    for path in COMPOSE_FILES:
+        doc = yaml.safe_load(path.read_text())
+        for name, service in doc["services"].items():
+            yield path.name, name, service
+
+
+def test_there_are_local_and_network_compose_files():
+    assert {p.name for p in COMPOSE_FILES} == {"compose.local.yaml", "compose.network.yaml"}
+
+
+@pytest.mark.parametrize("where,name,service", list(services()), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_service_runs_a_tempo_subcommand_whose_options_parse(where, name, service, monkeypatch, tmp_path):
+    command = service["command"]
+    assert isinstance(command, list) and command[0] == "tempo", f"{where}:{name} must run tempo"
+    env = {k: str(v) for k, v in (service.get("environment") or {}).items()}
+    for key in list(os.environ):
+        if key.startswith("TEMPO_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    args = command[1:]
+    if service.get("entrypoint") == ["run-enclave"]:
+        # under Gramine the command is the manifest's (measured) and only passthrough variables
+        # reach it: check exactly that
+        manifest, _ = render(tmp_path)
+        argv = manifest["loader"]["argv"][3:]
+        assert argv[:3] == ["--log-format", "json", "enclave"] and command == ["tempo", "enclave"]
+        passthrough = {k for k, v in manifest["loader"]["env"].items() if v == {"passthrough": True}}
+        assert set(env) <= passthrough, f"{where}:{name}: {set(env) - passthrough} never reach the enclave"
+        stand_in = tmp_path / "job.toml"
+        args = [str(stand_in) if a == "/tempo/job.toml" else a for a in argv]
+    ctx = main.make_context("tempo", args)
+    sub_name, cmd, rest = main.resolve_command(ctx, _unparsed(ctx))
+    if isinstance(cmd, type(main)):  # a group such as `keys`
+        inner = cmd.make_context(sub_name, rest, parent=ctx)
+        sub_name, cmd, rest = cmd.resolve_command(inner, _unparsed(inner))
+        ctx = inner
+    prefix = f"TEMPO_{sub_name.upper()}_"
+    options = {p.name.upper() for p in cmd.params}
+    for key in env:
+        if key.startswith("TEMPO_"):
+            assert key.startswith(prefix) and key[len(prefix):] in options, (
+                f"{where}:{name}: {key} is not an option of tempo {sub_name}")
+    # files the environment names (keys, job files) live in the containers: stand-ins here
+    for param in cmd.params:
+        key = prefix + param.name.upper()
+        if isinstance(param.type, click.Path) and key in env:
+            stand_in = tmp_path / key
+            stand_in.mkdir() if not param.type.file_okay else stand_in.write_text("")
+            monkeypatch.setenv(key, str(stand_in))
+    cmd.make_context(sub_name, rest, parent=ctx)
+    help_run = CliRunner().invoke(main, [*command[1:2], "--help"])
+    assert help_run.exit_code == 0, help_run.output
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None and shutil.which("docker") is None,
+                    reason="needs docker-compose (or docker compose) to validate against the compose specification")
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_compose_files_validate_against_the_compose_specification(path):
+    if shutil.which("docker-compose"):
+        cmd = ["docker-compose", "-f", str(path), "config", "-q"]
+    else:
+        cmd = ["docker", "compose", "-f", str(path), "config", "-q"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=path.parent, timeout=120)
+    if "unknown command" in result.stderr:
+        pytest.skip("docker has no compose plugin here")
+    assert result.returncode == 0, result.stderr
