@@ -9,6 +9,7 @@ pure-TEE baseline on CPU.
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -111,6 +112,7 @@ class Summary:
     train_loss: float
     test_accuracy: float
     wall_s: float
+    median_step_s: float = 0.0  # one training step (forward, backward, update), evaluation excluded
     breakdown: dict = field(default_factory=dict)
     offload: dict = field(default_factory=dict)
     quarantined_relays: list = field(default_factory=list)
@@ -232,6 +234,7 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
         steps, first_epoch, first_batch, loss_value = 0, 0, 0, float("nan")
         order = None
         epoch_loss, batches = 0.0, 0
+        step_times: list[float] = []
         if cfg.resume:
             if not ckpt_path.exists():
                 raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
@@ -269,6 +272,7 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
             for bi in range(start_batch, steps_per_epoch):
                 idx = order[bi * cfg.batch_size : (bi + 1) * cfg.batch_size]
                 x, y = split.train_x[idx].to(compute), split.train_y[idx].to(compute)
+                step_start = time.perf_counter()
                 try:
                     loss = F.cross_entropy(net(x), y)
                     opt.zero_grad(set_to_none=True)
@@ -287,6 +291,7 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
                     sched.step()
                 if pctx is not None:
                     pctx.end_step()
+                step_times.append(time.perf_counter() - step_start)
                 steps += 1
                 batches += 1
                 loss_f = float(loss.detach())
@@ -326,7 +331,8 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
                            parts_by_relay=dict(sorted(client.counters.parts_by_relay.items())))
         summary = Summary(cfg.mode, cfg.model, cfg.dataset, cfg.epochs, steps, cfg.batch_size,
                           cfg.relays if cfg.mode == "tempo" else 0, cfg.device, loss_value, accuracy,
-                          wall, {k: round(v, 4) for k, v in asdict(breakdown).items()}, offload,
+                          wall, round(statistics.median(step_times), 5) if step_times else 0.0,
+                          {k: round(v, 4) for k, v in asdict(breakdown).items()}, offload,
                           [e for e in events if e["event"] == "quarantined"],
                           [e for e in events if e["event"] == "lost"])
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out / "model.pt")
