@@ -75,3 +75,46 @@ def test_bad_part_counts_are_refused():
         partition.plan((2, 2), (2, 2), 0)
     with pytest.raises(ValueError, match="matrices"):
         partition.plan((2,), (2, 2), 2)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """A real off-loader and 2 relays; products split in two, pipelined, weights masked ahead."""
+    from tempo.cluster import LocalCluster
+    from tempo.enclave.client import OffloadClient, default_job_id
+    from tempo.enclave.private import ClientEngine
+
+    with LocalCluster(relays=2) as cluster:
+        client = OffloadClient(cluster.enclave_endpoint, default_job_id(), arena_bytes=64 << 20)
+        client.wait_for_relays(2)
+        yield ClientEngine(client, parts=2, pipeline=True)
+        client.close()
+
+
+def test_weights_masked_ahead_are_used_only_while_they_are_current(engine):
+    from tempo.enclave.private import PrivateContext, to_private
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 6),
+                              torch.nn.ReLU(), torch.nn.Linear(6, 4))
+    pctx = PrivateContext(engine, job=engine.client.job)
+    private = to_private(net, pctx)
+    x = torch.randn(10, 12)
+    used0 = engine.prefetch_used
+    with torch.no_grad():
+        for _ in range(2):  # the first pass shows the layers; the second masks ahead
+            torch.testing.assert_close(private(x), net(x), rtol=1e-4, atol=1e-4)
+            pctx.end_step()
+        assert engine.prefetch_used == used0 + 2  # layers 1 and 2, masked during layers 0 and 1
+        # weights changed between the look-ahead and their product: the look-ahead is dropped
+        dropped0 = engine.client.counters.premasks_dropped
+        _ = private[0](x)  # layer 0 runs and masks layer 1's weights ahead
+        net[2].weight.mul_(2.0)
+        h = private[1](_)
+        torch.testing.assert_close(private[2](h), net[2](net[1](net[0](x))), rtol=1e-4, atol=1e-4)
+        assert engine.client.counters.premasks_dropped == dropped0 + 2  # both parts of layer 1
+        pctx.end_step()
+        # another batch size: masked-ahead weights do not fit and are dropped, results stay right
+        x3 = torch.randn(3, 12)
+        torch.testing.assert_close(private(x3), net(x3), rtol=1e-4, atol=1e-4)
+        pctx.end_step()

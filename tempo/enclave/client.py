@@ -21,7 +21,7 @@ import zmq
 
 from tempo.arena import Arena, Descriptor
 from tempo.enclave.keys import DEFAULT_KEY_SPACE, KeySchedule, KeySpace, MatmulKey
-from tempo.enclave.obfuscation import decrypt, decrypt_grads, encrypt, encrypt_grad
+from tempo.enclave.obfuscation import decrypt, decrypt_grads, encrypt, encrypt_grad, mask
 from tempo.enclave.verify import IntegrityError, freivalds_check
 from tempo.protocol import (
     OFFLOADER_TO_ENCLAVE_OPS,
@@ -58,6 +58,16 @@ class _Forward:
 
 
 @dataclass
+class Premasked:
+    """One operand masked ahead of its product, waiting in the arena."""
+
+    key: MatmulKey
+    side: str  # "a" or "b"
+    desc: Descriptor
+    shape: tuple
+
+
+@dataclass
 class Pending:
     rid: str
     kind: str
@@ -73,6 +83,7 @@ class Counters:
     backward: int = 0
     forward_encryptions: int = 0  # matrices masked, counted where it happens (2 per forward)
     backward_encryptions: int = 0  # 1 per backward: dL/dC^T only, never a weight again
+    premasks_dropped: int = 0  # weights masked ahead (pipeline) whose product came with other shapes
     encrypt_s: float = 0.0
     decrypt_s: float = 0.0
     verify_s: float = 0.0
@@ -131,17 +142,54 @@ class OffloadClient:
         self.sock.send_multipart(encode("submit", arena=self.arena.name, **fields), copy=False)
 
     # -- forward --
-    def submit_forward(self, a: torch.Tensor, b: torch.Tensor, bind: Binding) -> Pending:
-        """Encrypt ``A``, ``B`` into the arena and send them off; returns a handle for `wait`."""
+    def premask(self, layer: int, part: int, side: str, operand: torch.Tensor,
+                shape: tuple[int, int, int]) -> Premasked:
+        """Mask one operand of a product that is still to come (the pipeline's look-ahead: the
+        next layer's weights while the relays compute this one) under that product's key."""
+        m, n, p = shape
+        t0 = time.perf_counter()
+        sk = self.keys.key(layer, m, n, p, part)
+        desc, buf = self._alloc(operand.shape, operand.dtype)
+        if side == "a":
+            mask(operand, sk.m, sk.n, out=buf)
+        else:
+            mask(operand, sk.n, sk.p, out=buf)
+        self.counters.forward_encryptions += 1
+        self.counters.encrypt_s += time.perf_counter() - t0
+        return Premasked(sk, side, desc, tuple(operand.shape))
+
+    def drop_premasked(self, pre: Premasked) -> None:
+        """Throw away an operand masked ahead for a product that came with other shapes."""
+        self._free(pre.desc)
+        self.counters.premasks_dropped += 1
+
+    def submit_forward(self, a: torch.Tensor, b: torch.Tensor, bind: Binding,
+                       pre: Premasked | None = None) -> Pending:
+        """Encrypt ``A``, ``B`` into the arena and send them off; returns a handle for `wait`.
+
+        With `pre`, one operand was masked ahead of time (`premask`) under the key used here."""
         if bind in self._forwards:
             raise ValueError(f"binding {bind} already has a forward in flight or cached")
         m, n, p = a.shape[-2], a.shape[-1], b.shape[-1]
         t0 = time.perf_counter()
-        sk = self.keys.key(bind.layer, m, n, p, bind.part)
-        a_desc, a_buf = self._alloc(a.shape, a.dtype)
-        b_desc, b_buf = self._alloc(b.shape, b.dtype)
-        encrypt(sk, a, b, out_a=a_buf, out_b=b_buf)
-        self.counters.forward_encryptions += 2
+        if pre is not None:
+            if pre.key.shape != (m, n, p) or pre.shape != tuple((a if pre.side == "a" else b).shape):
+                raise ValueError(f"a pre-masked operand of shape {pre.shape} under a {pre.key.shape} key does "
+                                 f"not fit A {tuple(a.shape)} @ B {tuple(b.shape)}")
+            sk = pre.key
+            if pre.side == "a":
+                a_desc, (b_desc, b_buf) = pre.desc, self._alloc(b.shape, b.dtype)
+                mask(b, sk.n, sk.p, out=b_buf)
+            else:
+                (a_desc, a_buf), b_desc = self._alloc(a.shape, a.dtype), pre.desc
+                mask(a, sk.m, sk.n, out=a_buf)
+            self.counters.forward_encryptions += 1
+        else:
+            sk = self.keys.key(bind.layer, m, n, p, bind.part)
+            a_desc, a_buf = self._alloc(a.shape, a.dtype)
+            b_desc, b_buf = self._alloc(b.shape, b.dtype)
+            encrypt(sk, a, b, out_a=a_buf, out_b=b_buf)
+            self.counters.forward_encryptions += 2
         c_shape = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), m, p)
         c_desc, _ = self._alloc(c_shape, a.dtype)
         self.counters.encrypt_s += time.perf_counter() - t0

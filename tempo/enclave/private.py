@@ -30,6 +30,11 @@ from tempo.layers import AddTokens, Matmul
 from tempo.protocol import Binding
 
 
+# Which operand of a product is a layer's weight, and how to read it now: ("a" | "b", callable).
+# Engines may mask it ahead of time (the pipeline's look-ahead); it never changes the result.
+Weight = tuple
+
+
 @dataclass
 class EngineCounters:
     """Per run: products offloaded and matrices encrypted, by pass."""
@@ -49,7 +54,7 @@ class InProcessEngine:
         self.counters = EngineCounters()
         self._cache: dict[Binding, tuple[MatmulKey, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor, bind: Binding) -> torch.Tensor:
+    def forward(self, a: torch.Tensor, b: torch.Tensor, bind: Binding, weight: Weight | None = None) -> torch.Tensor:
         m, n, p = a.shape[-2], a.shape[-1], b.shape[-1]
         sk = self.keys.key(bind.layer, m, n, p)
         a_enc, b_enc = encrypt(sk, a, b)
@@ -94,6 +99,10 @@ class ClientEngine:
         self.pipeline = pipeline
         self.offload_s = 0.0  # wall time inside forward/backward (the enclave's offload path)
         self._plans: dict[Binding, partition.Plan] = {}
+        self._trace: dict[int, tuple] = {}  # layer -> (weight, A shape, B shape), from the last pass
+        self._prefetched: dict[int, tuple] = {}  # layer -> weights masked ahead, per part
+        self.prefetch_used = 0  # products whose weights were masked while the previous one ran
+        self.prefetch_dropped = 0  # look-aheads thrown away (shapes or weights changed)
 
     @property
     def counters(self) -> EngineCounters:
@@ -105,13 +114,19 @@ class ClientEngine:
     def _part_bind(bind: Binding, i: int) -> Binding:
         return Binding(bind.job, bind.step, bind.layer, i)
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor, bind: Binding) -> torch.Tensor:
+    def forward(self, a: torch.Tensor, b: torch.Tensor, bind: Binding, weight: Weight | None = None) -> torch.Tensor:
         t0 = time.perf_counter()
         plan = partition.plan(a.shape, b.shape, self.parts)
         pieces = partition.split(a, b, plan)
         client = self.client
+        pres = self._take_prefetched(bind.layer, a, b, weight)
+        if weight is not None:
+            self._trace[bind.layer] = (weight, tuple(a.shape), tuple(b.shape))
         if self.pipeline:
-            pending = [client.submit_forward(ai, bi, self._part_bind(bind, i)) for i, (ai, bi) in enumerate(pieces)]
+            pending = [client.submit_forward(ai, bi, self._part_bind(bind, i), pre=pres[i] if pres else None)
+                       for i, (ai, bi) in enumerate(pieces)]
+            # while the relays compute this product, mask the next layer's weights
+            self._prefetch(bind.layer + 1)
             cs = [client.finish_forward(p) for p in pending]
         else:
             cs = [client.forward(ai, bi, self._part_bind(bind, i)) for i, (ai, bi) in enumerate(pieces)]
@@ -119,6 +134,47 @@ class ClientEngine:
         c = partition.gather_c(cs, plan)
         self.offload_s += time.perf_counter() - t0
         return c
+
+    # -- the look-ahead: weights of layer l+1 masked while layer l is computed --
+    def _prefetch(self, layer: int) -> None:
+        """Mask `layer`'s weight operand now, if the last step showed which it is and its shapes."""
+        traced = self._trace.get(layer)
+        if traced is None or layer in self._prefetched:
+            return
+        (side, operand), a_shape, b_shape = traced
+        w = operand()
+        meta_a, meta_b = torch.empty(a_shape, device="meta"), torch.empty(b_shape, device="meta")
+        plan = partition.plan(a_shape, b_shape, self.parts)
+        shapes = partition.split(meta_a, meta_b, plan)
+        weights = partition.split(w if side == "a" else meta_a, w if side == "b" else meta_b, plan)
+        pres = []
+        for i, ((ma, mb), (wa, wb)) in enumerate(zip(shapes, weights)):
+            pres.append(self.client.premask(layer, i, side, wa if side == "a" else wb,
+                                            (ma.shape[-2], ma.shape[-1], mb.shape[-1])))
+        self._prefetched[layer] = (a_shape, b_shape, side, w._version, pres)
+
+    def _take_prefetched(self, layer: int, a: torch.Tensor, b: torch.Tensor, weight: Weight | None):
+        entry = self._prefetched.pop(layer, None)
+        if entry is None:
+            return None
+        a_shape, b_shape, side, version, pres = entry
+        fits = (weight is not None and weight[0] == side and (a_shape, b_shape) == (tuple(a.shape), tuple(b.shape))
+                and weight[1]()._version == version)
+        if fits:
+            self.prefetch_used += 1
+            return pres
+        self._drop(pres)  # the batch shape changed (last batch, evaluation), or the weights did
+        return None
+
+    def _drop(self, pres) -> None:
+        for pre in pres:
+            self.client.drop_premasked(pre)
+        self.prefetch_dropped += 1
+
+    def end_step(self) -> None:
+        for *_, pres in self._prefetched.values():
+            self._drop(pres)
+        self._prefetched.clear()
 
     def backward(self, grad_c: torch.Tensor, bind: Binding) -> tuple[torch.Tensor, torch.Tensor]:
         t0 = time.perf_counter()
@@ -163,6 +219,8 @@ class PrivateContext:
         for bind in list(self._open):
             self.engine.release(bind)
         self._open.clear()
+        if hasattr(self.engine, "end_step"):
+            self.engine.end_step()
         self.step += 1
         self._layer = 0
 
@@ -181,10 +239,11 @@ class OffloadedMatmul(torch.autograd.Function):
     """``A @ B`` computed by the engine, forward and backward (one encryption of ``Δᵀ`` back)."""
 
     @staticmethod
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor, pctx: PrivateContext, track: bool) -> torch.Tensor:
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, pctx: PrivateContext, track: bool,
+                weight: Weight | None = None) -> torch.Tensor:
         bind = pctx.next_bind()
-        a_, b_ = a.detach().contiguous(), b.detach().contiguous()
-        c = pctx.engine.forward(a_, b_, bind)
+        a_, b_ = a.detach(), b.detach()  # views are fine: masking reads strided rows
+        c = pctx.engine.forward(a_, b_, bind, weight=weight)
         ctx.bind, ctx.pctx = bind, pctx
         ctx.shapes = (a.shape, b.shape)
         if track:  # a backward can come: keep the operands (here and on the relay) until then
@@ -198,14 +257,15 @@ class OffloadedMatmul(torch.autograd.Function):
         ctx.pctx._open.discard(ctx.bind)
         da, db = ctx.pctx.engine.backward(grad_c.contiguous(), ctx.bind)
         a_shape, b_shape = ctx.shapes
-        return _reduce_to(da, a_shape), _reduce_to(db, b_shape), None, None
+        return _reduce_to(da, a_shape), _reduce_to(db, b_shape), None, None, None
 
 
-def private_matmul(a: torch.Tensor, b: torch.Tensor, pctx: PrivateContext) -> torch.Tensor:
+def private_matmul(a: torch.Tensor, b: torch.Tensor, pctx: PrivateContext, weight: Weight | None = None) -> torch.Tensor:
     """``A @ B`` offloaded; differentiable. (Grad mode is always off inside a Function's
-    forward, so whether a backward can come is decided here.)"""
+    forward, so whether a backward can come is decided here.) `weight` says which operand is a
+    layer's weight (see `Weight`)."""
     track = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
-    return OffloadedMatmul.apply(a, b, pctx, track)
+    return OffloadedMatmul.apply(a, b, pctx, track, weight)
 
 
 class PrivateLinear(nn.Module):
@@ -219,7 +279,8 @@ class PrivateLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = private_matmul(x.reshape(-1, x.shape[-1]), self.weight.t(), self.pctx)
+        y = private_matmul(x.reshape(-1, x.shape[-1]), self.weight.t(), self.pctx,
+                           weight=("b", lambda: self.weight.detach().t()))
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, -1)
@@ -245,7 +306,8 @@ class PrivateConv2d(nn.Module):
         n, _, h, w = x.shape
         out_ch, _, kh, kw = self.weight.shape
         patches = F.unfold(x, (kh, kw), dilation=self.dilation, padding=self.padding, stride=self.stride)
-        y = private_matmul(self.weight.reshape(out_ch, -1), patches, self.pctx)  # (n, out, L)
+        y = private_matmul(self.weight.reshape(out_ch, -1), patches, self.pctx,  # (n, out, L)
+                           weight=("a", lambda: self.weight.detach().reshape(out_ch, -1)))
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1)
         ho = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1

@@ -328,6 +328,7 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
         if client is not None:
             offload.update(failed_verifications=client.counters.failed_verifications,
                            part_timeouts=client.counters.timeouts, pipeline=cfg.pipeline,
+                           weights_masked_ahead=engine.prefetch_used, premasks_dropped=client.counters.premasks_dropped,
                            parts_by_relay=dict(sorted(client.counters.parts_by_relay.items())))
         summary = Summary(cfg.mode, cfg.model, cfg.dataset, cfg.epochs, steps, cfg.batch_size,
                           cfg.relays if cfg.mode == "tempo" else 0, cfg.device, loss_value, accuracy,
