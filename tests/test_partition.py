@@ -44,9 +44,10 @@ def test_parts_reassemble_the_product_and_its_gradients(shapes, parts, dtype):
     full.backward(grad)
     grads = []
     for (ai, bi), gi in zip(pieces, partition.split_grad(grad, plan)):
-        # what a relay computes for one part: dA_i = Δ_i B_iᵀ, dB_i = A_iᵀ Δ_i (broadcast)
-        grads.append((gi @ bi.mT, ai.mT @ gi))
-    da, db = partition.gather_grads(grads, plan)
+        # what a relay computes for one part: dA_i = Δ_i B_iᵀ, dB_i = A_iᵀ Δ_i, each summed to
+        # its operand's shape
+        grads.append(((gi @ bi.mT).sum_to_size(ai.shape), (ai.mT @ gi).sum_to_size(bi.shape)))
+    da, db = partition.gather_grads(grads, plan, a.shape, b.shape)
     torch.testing.assert_close(_reduce_to(da, a.shape), a.grad)
     torch.testing.assert_close(_reduce_to(db, b.shape), b.grad)
 

@@ -2,6 +2,8 @@ import math
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from tempo.enclave import obfuscation as ob
@@ -174,3 +176,20 @@ def test_zero_rounds_is_an_error():
     a, b, c = honest(2, 2, 2)
     with pytest.raises(ValueError):
         freivalds_check(a, b, c, rounds=0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 9), st.integers(1, 9), st.integers(1, 9),
+       st.sampled_from([torch.float32, torch.float64]), st.sampled_from(["lead", "size1"]))
+def test_summed_products_are_accepted_when_honest_and_rejected_when_wrong(batch, m, n, p, dtype, shared):
+    """A shared weight's gradient: C = Σ_i A_i B_i over the slices the weight was broadcast across."""
+    a = torch.randn(batch, m, n, dtype=dtype) * 10
+    b = torch.randn(n, p, dtype=dtype) if shared == "lead" else torch.randn(1, n, p, dtype=dtype)
+    c = (a @ b).sum_to_size((m, p) if shared == "lead" else (1, m, p))
+    assert freivalds_check(a, b, c, 40, summed=True).ok
+    bad = c.clone()
+    bad.view(-1)[0] += 1.0 + c.abs().max()
+    assert not freivalds_check(a, b, bad, 40, summed=True).ok
+    assert not freivalds_check(a, b, c, 40).ok or batch == 1  # unsummed shape expected without it
+    wrong = torch.zeros(m + 1, p, dtype=dtype)
+    assert not freivalds_check(a, b, wrong, 40, summed=True).ok

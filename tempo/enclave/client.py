@@ -29,6 +29,7 @@ from tempo.protocol import (
     ProtocolError,
     decode,
     encode,
+    grad_shapes,
     new_request_id,
 )
 
@@ -244,8 +245,10 @@ class OffloadClient:
         d_desc, d_buf = self._alloc((*batch, p, m), grad_c.dtype)
         encrypt_grad(state.key, grad_c, out=d_buf)
         self.counters.backward_encryptions += 1
-        t1_desc, _ = self._alloc((*batch, n, m), grad_c.dtype)
-        t2_desc, _ = self._alloc((*batch, p, n), grad_c.dtype)
+        # each gradient comes back summed over the slices its operand was broadcast across
+        t1_shape, t2_shape = grad_shapes(state.a_enc.shape, state.b_enc.shape, d_desc.shape)
+        t1_desc, _ = self._alloc(t1_shape, grad_c.dtype)
+        t2_desc, _ = self._alloc(t2_shape, grad_c.dtype)
         self.counters.encrypt_s += time.perf_counter() - t0
         self.counters.backward += 1
         return self._send_backward(state, bind, grad_c, [d_desc, t1_desc, t2_desc])
@@ -273,9 +276,9 @@ class OffloadClient:
             da, db = da.contiguous(), db.contiguous()
             t1 = time.perf_counter()
             # dA = Δ Bᵀ and dB = Aᵀ Δ, checked against the plaintext kept here
-            verdict = freivalds_check(grad_c, state.b.mT, da, self.rounds)
+            verdict = freivalds_check(grad_c, state.b.mT, da, self.rounds, summed=True)
             if verdict.ok:
-                verdict = freivalds_check(state.a.mT, grad_c, db, self.rounds)
+                verdict = freivalds_check(state.a.mT, grad_c, db, self.rounds, summed=True)
             self.counters.decrypt_s += t1 - t0
             self.counters.verify_s += time.perf_counter() - t1
             if verdict.ok:

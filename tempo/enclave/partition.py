@@ -12,7 +12,7 @@ into parts that are computed independently, each under its own key:
 
 `split` returns views (no copies: the masking kernel reads row-strided input). `gather_c`
 concatenates the parts' results; `gather_grads` concatenates the gradient of a split operand and
-sums the gradient of one that every part received.
+sums the gradients of one that every part received.
 """
 
 from __future__ import annotations
@@ -89,20 +89,23 @@ def gather_c(parts: list[torch.Tensor], plan: Plan) -> torch.Tensor:
 
 
 def gather_grads(
-    parts: list[tuple[torch.Tensor, torch.Tensor]], plan: Plan
+    parts: list[tuple[torch.Tensor, torch.Tensor]], plan: Plan, a_shape: tuple, b_shape: tuple
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dL/dA, dL/dB)`` from the parts' gradients.
-
-    Along ``"batch"`` every part's gradients carry their slice of the batch (a shared operand's
-    gradient is broadcast to it, summed later by the caller), so both are concatenated. Along
-    ``"cols"``, ``A`` went to every part: its gradients are summed; ``B``'s are concatenated.
-    """
+    """``(dL/dA, dL/dB)`` from the parts' gradients (each already summed to its part's operand
+    shape, as relays return them): a split operand's gradients are concatenated, the gradients
+    of an operand every part received whole are summed."""
     if plan.axis == "none":
         return parts[0]
     das, dbs = zip(*parts)
     if plan.axis == "batch":
-        return torch.cat(das, dim=0), torch.cat(dbs, dim=0)
-    da = das[0].clone()
-    for d in das[1:]:
-        da += d
-    return da, torch.cat(dbs, dim=-1)
+        a_split = len(a_shape) - 2 == plan.batch_dims and a_shape[0] != 1
+        b_split = len(b_shape) - 2 == plan.batch_dims and b_shape[0] != 1
+        return (torch.cat(das, dim=0) if a_split else _sum(das)), (torch.cat(dbs, dim=0) if b_split else _sum(dbs))
+    return _sum(das), torch.cat(dbs, dim=-1)
+
+
+def _sum(ts) -> torch.Tensor:
+    total = ts[0].clone()
+    for t in ts[1:]:
+        total += t
+    return total

@@ -27,7 +27,7 @@ from tempo.enclave.keys import KeySchedule, MatmulKey
 from tempo.enclave.obfuscation import decrypt, decrypt_grads, encrypt, encrypt_grad
 from tempo.enclave.verify import freivalds_check
 from tempo.layers import AddTokens, Matmul
-from tempo.protocol import Binding
+from tempo.protocol import Binding, grad_shapes
 
 
 # Which operand of a product is a layer's weight, and how to read it now: ("a" | "b", callable).
@@ -70,9 +70,10 @@ class InProcessEngine:
         d_enc = encrypt_grad(sk, grad_c)
         self.counters.backward_encryptions += 1
         self.counters.backward_products += 1
-        da, db = decrypt_grads(sk, b_enc @ d_enc, d_enc @ a_enc)
-        freivalds_check(grad_c, b.mT, da, self.rounds).raise_if_failed()
-        freivalds_check(a.mT, grad_c, db, self.rounds).raise_if_failed()
+        t1_shape, t2_shape = grad_shapes(tuple(a_enc.shape), tuple(b_enc.shape), tuple(d_enc.shape))
+        da, db = decrypt_grads(sk, (b_enc @ d_enc).sum_to_size(t1_shape), (d_enc @ a_enc).sum_to_size(t2_shape))
+        freivalds_check(grad_c, b.mT, da, self.rounds, summed=True).raise_if_failed()
+        freivalds_check(a.mT, grad_c, db, self.rounds, summed=True).raise_if_failed()
         return da, db
 
     def release(self, bind: Binding) -> None:
@@ -99,6 +100,7 @@ class ClientEngine:
         self.pipeline = pipeline
         self.offload_s = 0.0  # wall time inside forward/backward (the enclave's offload path)
         self._plans: dict[Binding, partition.Plan] = {}
+        self._shapes: dict[Binding, tuple] = {}
         self._trace: dict[int, tuple] = {}  # layer -> (weight, A shape, B shape), from the last pass
         self._prefetched: dict[int, tuple] = {}  # layer -> weights masked ahead, per part
         self.prefetch_used = 0  # products whose weights were masked while the previous one ran
@@ -131,6 +133,7 @@ class ClientEngine:
         else:
             cs = [client.forward(ai, bi, self._part_bind(bind, i)) for i, (ai, bi) in enumerate(pieces)]
         self._plans[bind] = plan
+        self._shapes[bind] = (tuple(a.shape), tuple(b.shape))
         c = partition.gather_c(cs, plan)
         self.offload_s += time.perf_counter() - t0
         return c
@@ -186,12 +189,14 @@ class ClientEngine:
             out = [client.finish_backward(p) for p in pending]
         else:
             out = [client.backward(g, self._part_bind(bind, i)) for i, g in enumerate(grads)]
-        da, db = partition.gather_grads(out, plan)
+        a_shape, b_shape = self._shapes.pop(bind)
+        da, db = partition.gather_grads(out, plan, a_shape, b_shape)
         self.offload_s += time.perf_counter() - t0
         return da, db
 
     def release(self, bind: Binding) -> None:
         plan = self._plans.pop(bind, None)
+        self._shapes.pop(bind, None)
         for i in range(plan.parts if plan else 1):
             self.client.release(self._part_bind(bind, i))
 

@@ -74,6 +74,7 @@ def rounding_bound(
     c_row: torch.Tensor | None = None,
     relay_unit_roundoff: float | None = None,
     slack: float = 2.0,
+    summed_to: tuple | None = None,
 ) -> torch.Tensor:
     """Per-row bound on ``|A (B r) − C r|`` for any 0/1 vector ``r`` when ``C`` is honest.
 
@@ -89,19 +90,30 @@ def rounding_bound(
     each operand, shared by all k vectors. `slack` (≥ 1) covers the rounding of the bound itself
     and of the final subtraction. Give ``C`` (``(*batch, m, p)``) or its row sums ``|C| 1`` as
     `c_row` (``(*batch, m)``). Returns a tensor of shape ``(*batch, m)``.
+
+    With `summed_to` (a batch shape the product's batch broadcasts from), ``C`` is the product
+    summed over the broadcast slices (a shared weight's gradient): the k summed terms add
+    ``γ(k)`` to both sides' sums, ``|A| (|B| 1)`` is summed the same way, and the result has
+    shape ``(*summed_to, m)``.
     """
     n, p = b.shape[-2], b.shape[-1]
     u = unit_roundoff(a.dtype)
     u_relay = max(u, relay_unit_roundoff if relay_unit_roundoff is not None else u)
-    g_prod = _gamma(n + 9, u_relay) + _gamma(n + p, u) + u
+    k = 0
+    if summed_to is not None:
+        full = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        k = math.prod(full) // max(1, math.prod(summed_to))
+    g_prod = _gamma(n + 9 + k, u_relay) + _gamma(n + p + k, u) + u
     g_c = _gamma(max(p, 1), u) + u
     b_row = b.abs().sum(dim=-1, keepdim=True)  # |B| 1, shape (*, n, 1)
     a_b = _abs_matvec(a, b_row).squeeze(-1)  # |A| (|B| 1), shape (*, m)
+    if summed_to is not None:
+        a_b = a_b.sum_to_size((*summed_to, a_b.shape[-1]))
     if c_row is None:
         if c is None:
             raise ValueError("rounding_bound needs C or its row sums")
         c_row = c.abs().sum(dim=-1)  # |C| 1
-    tiny = torch.finfo(a.dtype).tiny * (n + p + 16)  # underflow: absolute error per operation
+    tiny = torch.finfo(a.dtype).tiny * (n + p + 16 + k)  # underflow: absolute error per operation
     return slack * (g_prod * a_b + g_c * c_row + tiny)
 
 
@@ -145,9 +157,13 @@ def freivalds_check(
     relay_unit_roundoff: float | None = None,
     slack: float = 2.0,
     random_bytes: RandomBytes = os.urandom,
+    summed: bool = False,
 ) -> Verdict:
     """Check ``C == A @ B`` with `rounds` random 0/1 vectors (each slice of batched operands
     gets its own). Returns a `Verdict`; never raises on a bad `C`.
+
+    With `summed`, ``C`` is ``A @ B`` summed over the batch dimensions it lacks (or has as 1):
+    the gradient of an operand that was broadcast over the batch, which relays return reduced.
     """
     if rounds < 1:
         raise ValueError("at least one Freivalds round is needed")
@@ -162,7 +178,17 @@ def freivalds_check(
     except RuntimeError:
         return Verdict(False, "operand batch shapes do not broadcast")
     expected = (*batch, m, p)
-    if tuple(c.shape) != expected:
+    summed_to = None
+    if summed:
+        c_batch = tuple(c.shape[:-2])
+        try:
+            ok = tuple(c.shape[-2:]) == (m, p) and torch.broadcast_shapes(c_batch, batch) == batch
+        except RuntimeError:
+            ok = False
+        if not ok:
+            return Verdict(False, f"result has shape {tuple(c.shape)}, expected (…, {m}, {p}) summed from {expected}")
+        summed_to = c_batch
+    elif tuple(c.shape) != expected:
         return Verdict(False, f"result has shape {tuple(c.shape)}, expected {expected}")
     if not a.dtype.is_floating_point or a.dtype != b.dtype:
         return Verdict(False, f"operands must share a floating dtype ({a.dtype}, {b.dtype})")
@@ -177,14 +203,19 @@ def freivalds_check(
     if not bool(torch.isfinite(c_row).all()):
         return Verdict(False, "result contains NaN or infinity")
     try:
-        bound = rounding_bound(a, b, c_row=c_row, relay_unit_roundoff=relay_unit_roundoff, slack=slack)
+        bound = rounding_bound(a, b, c_row=c_row, relay_unit_roundoff=relay_unit_roundoff, slack=slack,
+                               summed_to=summed_to)
     except ValueError as exc:
         return Verdict(False, str(exc))
     if not bool(torch.isfinite(bound).all()):
         return Verdict(False, "operands contain NaN or infinity (or overflow): nothing can be verified")
 
-    r = torch.from_numpy(random_bits((*batch, p, rounds), random_bytes)).to(a.dtype)
-    residual = a @ (b @ r) - c @ r  # (*batch, m, rounds); B r first (Algorithm 3 line 5)
+    r_batch = batch if summed_to is None else summed_to  # one r per slice of C, shared by its terms
+    r = torch.from_numpy(random_bits((*r_batch, p, rounds), random_bytes)).to(a.dtype)
+    abr = a @ (b @ r)  # B r first (Algorithm 3 line 5)
+    if summed_to is not None:
+        abr = abr.sum_to_size((*summed_to, m, rounds))
+    residual = abr - c @ r  # (*batch, m, rounds)
     ratio = residual.abs() / bound.unsqueeze(-1)
     if not bool(torch.isfinite(ratio).all()):
         return Verdict(False, "verification overflowed")

@@ -33,6 +33,7 @@ from tempo.protocol import (
     decode_header,
     encode,
     error_frames,
+    grad_shapes,
     inputs_digest,
     new_request_id,
 )
@@ -88,7 +89,9 @@ def _expected_outputs(kind: str, inputs: list[Descriptor], operands: list[Descri
         if len(inputs) != 1 or len(operands) != 2:
             raise ProtocolError("a backward submit has inputs [D'] and operands [A', B']")
         a, b, d = operands[0].shape, operands[1].shape, inputs[0].shape
-        return [chain(b, d, "B' @ D'"), chain(d, a, "D' @ A'")]
+        chain(b, d, "B' @ D'")
+        chain(d, a, "D' @ A'")
+        return list(grad_shapes(a, b, d))
     raise ProtocolError(f"unknown submit kind {kind!r}")
 
 

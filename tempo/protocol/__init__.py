@@ -287,3 +287,10 @@ def error_frames(reason: str, request_id: str | None = None, bind: list | None =
     if bind is not None:
         fields["bind"] = bind
     return encode("error", **fields)
+
+
+def grad_shapes(a: tuple, b: tuple, d: tuple) -> tuple[tuple, tuple]:
+    """Shapes of a backward's results ``T1' = B' D'`` and ``T2' = D' A'`` for ``A'`` (…×m×n),
+    ``B'`` (…×n×p), ``D'`` (…×p×m): each summed down to its operand's own batch shape, so a
+    weight broadcast over a batch gets one gradient, not one per slice."""
+    return (*a[:-2], b[-2], d[-1]), (*b[:-2], d[-2], a[-1])

@@ -27,6 +27,7 @@ from tempo.protocol import (
     decode,
     encode,
     error_frames,
+    grad_shapes,
     inputs_digest,
 )
 
@@ -195,7 +196,12 @@ class Relay:
     def _backward_from(self, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor):
         self._check_chain(b, d, "backward B' @ D'")
         self._check_chain(d, a, "backward D' @ A'")
-        return [self._to_host(torch.matmul(b, d)), self._to_host(torch.matmul(d, a))]
+        # each gradient summed over the batch slices its operand was broadcast across (a shared
+        # weight): one matrix back instead of one per slice (protocol.grad_shapes)
+        t1_shape, t2_shape = grad_shapes(tuple(a.shape), tuple(b.shape), tuple(d.shape))
+        t1 = torch.matmul(b, d).sum_to_size(t1_shape)
+        t2 = torch.matmul(d, a).sum_to_size(t2_shape)
+        return [self._to_host(t1), self._to_host(t2)]
 
     def _backward(self, msg: Message):
         if len(msg.tensors) != 1:
