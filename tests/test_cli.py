@@ -76,8 +76,8 @@ def test_bench_train_puts_the_modes_side_by_side(tmp_path):
     figures = json.loads(out.read_text())
     tempo, plain = figures["modes"]["tempo"], figures["modes"]["plain-cpu"]
     assert len(tempo["steps_s"]) == 2 and tempo["step_s"] > 0 and plain["step_s"] > 0
-    assert set(tempo["breakdown"]) == {"encrypt", "decrypt", "verify", "transfer_wait", "non_linear",
-                                       "optimizer", "offload_other"}
+    assert set(tempo["breakdown"]) == {"encrypt", "decrypt", "verify", "send", "split_gather", "transfer_wait",
+                                       "non_linear", "optimizer", "offload_other"}
     assert all(v >= 0 for k, v in tempo["breakdown"].items() if k != "offload_other")
     assert tempo["breakdown"]["encrypt"] > 0 and tempo["breakdown"]["verify"] > 0
     assert tempo["relays"]["relay_compute"] > 0

@@ -10,11 +10,12 @@ One run, one data shape, the same model and seed for every mode:
   note, where torch sees no CUDA device.
 
 Per mode: the median step time, and a breakdown of the mean step. For ``tempo`` the enclave's
-categories are measured where the work happens (encrypt, decrypt, verify, waiting on replies,
-the optimizer step); ``non_linear`` is the rest of the step outside offloaded products (the
-enclave's plaintext layers, loss, autograd); ``offload_other`` is time inside the offload path
-not covered by any measured category (partitioning, gathering, bookkeeping) — the part of the
-step the breakdown does not explain. On the relays' side: their reported compute time, the
+categories are measured where the work happens (encrypt — keys and masking —, decrypt,
+verify, send — encoding and sending requests —, split_gather — cutting products into parts and
+joining results —, transfer_wait — blocked on replies —, the optimizer step); ``non_linear`` is
+the rest of the step outside offloaded products (the enclave's plaintext layers, loss,
+autograd); ``offload_other`` is time inside the offload path no category covers (arena
+bookkeeping, Python overhead per part) — the part of the step the breakdown does not explain. On the relays' side: their reported compute time, the
 transfer time (the off-loader's dispatch-to-result turnaround minus that), and their idle time.
 """
 
@@ -31,7 +32,8 @@ import torch.nn.functional as F
 from tempo import models
 
 MODES = ("tempo", "plain-cpu", "plain-cuda")
-TEMPO_CATEGORIES = ("encrypt", "decrypt", "verify", "transfer_wait", "non_linear", "optimizer", "offload_other")
+TEMPO_CATEGORIES = ("encrypt", "decrypt", "verify", "send", "split_gather", "transfer_wait", "non_linear", "optimizer",
+                    "offload_other")
 PLAIN_CATEGORIES = ("forward_backward", "optimizer")
 
 
@@ -97,7 +99,7 @@ def _plain(model_name, shape, classes, width, batch, steps, warmup, device, say)
                       {"forward_backward": statistics.fmean(fb), "optimizer": statistics.fmean(op)})
 
 
-_CLIENT_FIELDS = ("encrypt_s", "decrypt_s", "verify_s", "wait_s", "relay_compute_s", "turnaround_s")
+_CLIENT_FIELDS = ("encrypt_s", "decrypt_s", "verify_s", "wait_s", "send_s", "relay_compute_s", "turnaround_s")
 
 
 def _tempo(model_name, shape, classes, width, batch, steps, warmup, relays, device, pipeline, arena_mb, say,
@@ -123,7 +125,7 @@ def _tempo(model_name, shape, classes, width, batch, steps, warmup, relays, devi
         rows: list[dict] = []
         for i in range(warmup + steps):
             before = {k: getattr(client.counters, k) for k in _CLIENT_FIELDS}
-            off0 = engine.offload_s
+            off0, gather0 = engine.offload_s, engine.gather_s
             t0 = time.perf_counter()
             loss = F.cross_entropy(net(x), y)
             opt.zero_grad(set_to_none=True)
@@ -133,7 +135,8 @@ def _tempo(model_name, shape, classes, width, batch, steps, warmup, relays, devi
             pctx.end_step()
             t2 = time.perf_counter()
             row = {k: getattr(client.counters, k) - before[k] for k in _CLIENT_FIELDS}
-            row.update(step=t2 - t0, optimizer=t2 - t1, offload=engine.offload_s - off0)
+            row.update(step=t2 - t0, optimizer=t2 - t1, offload=engine.offload_s - off0,
+                       split_gather=engine.gather_s - gather0)
             if i >= warmup:
                 rows.append(row)
             say(f"tempo step {i + 1}/{warmup + steps}: {t2 - t0:.3f}s")
@@ -146,11 +149,13 @@ def _tempo(model_name, shape, classes, width, batch, steps, warmup, relays, devi
         return statistics.fmean(r[key] for r in rows)
 
     step = mean("step")
-    measured_offload = mean("encrypt_s") + mean("decrypt_s") + mean("verify_s") + mean("wait_s")
+    measured_offload = sum(mean(k) for k in ("encrypt_s", "decrypt_s", "verify_s", "send_s", "split_gather", "wait_s"))
     breakdown = {
         "encrypt": mean("encrypt_s"),
         "decrypt": mean("decrypt_s"),
         "verify": mean("verify_s"),
+        "send": mean("send_s"),
+        "split_gather": mean("split_gather"),
         "transfer_wait": mean("wait_s"),
         "non_linear": step - mean("offload") - mean("optimizer"),
         "optimizer": mean("optimizer"),

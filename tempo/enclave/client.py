@@ -89,6 +89,7 @@ class Counters:
     decrypt_s: float = 0.0
     verify_s: float = 0.0
     wait_s: float = 0.0  # blocked on replies
+    send_s: float = 0.0  # encoding and sending requests
     relay_compute_s: float = 0.0  # the relays' own compute time for the answers used (their report)
     turnaround_s: float = 0.0  # the off-loader's dispatch-to-result time for them (transfer + compute)
     unmatched_replies: int = 0  # replies for no outstanding request (duplicates, replays)
@@ -140,7 +141,9 @@ class OffloadClient:
                 self.arena.free(d.offset)
 
     def _send(self, **fields) -> None:
+        t0 = time.perf_counter()
         self.sock.send_multipart(encode("submit", arena=self.arena.name, **fields), copy=False)
+        self.counters.send_s += time.perf_counter() - t0
 
     # -- forward --
     def premask(self, layer: int, part: int, side: str, operand: torch.Tensor,
@@ -239,13 +242,15 @@ class OffloadClient:
         state = self._forwards.get(bind)
         if state is None:
             raise ValueError(f"binding {bind} has no forward to take the backward of")
-        m, n, p = state.key.shape
+        m, _, p = state.key.shape
+        if tuple(grad_c.shape[-2:]) != (m, p):
+            raise ValueError(f"dL/dC has shape {tuple(grad_c.shape)}; the forward of {bind} made ({m}, {p})")
         t0 = time.perf_counter()
-        batch = grad_c.shape[:-2]
-        d_desc, d_buf = self._alloc((*batch, p, m), grad_c.dtype)
+        # D' = mask(Δᵀ; p, m), held as D'ᵀ in Δ's own layout (no transpose copy)
+        d_desc, d_buf = self._alloc(grad_c.shape, grad_c.dtype)
         encrypt_grad(state.key, grad_c, out=d_buf)
         self.counters.backward_encryptions += 1
-        # each gradient comes back summed over the slices its operand was broadcast across
+        # T1'ᵀ and T2'ᵀ come back, each summed over the slices its operand was broadcast across
         t1_shape, t2_shape = grad_shapes(state.a_enc.shape, state.b_enc.shape, d_desc.shape)
         t1_desc, _ = self._alloc(t1_shape, grad_c.dtype)
         t2_desc, _ = self._alloc(t2_shape, grad_c.dtype)
@@ -272,8 +277,7 @@ class OffloadClient:
         for attempt in range(self.max_attempts):
             self._wait_or_quarantine(pending)
             t0 = time.perf_counter()
-            da, db = decrypt_grads(state.key, self.arena.tensor(t1_desc), self.arena.tensor(t2_desc))
-            da, db = da.contiguous(), db.contiguous()
+            da, db = decrypt_grads(state.key, self.arena.tensor(t1_desc).mT, self.arena.tensor(t2_desc).mT)
             t1 = time.perf_counter()
             # dA = Δ Bᵀ and dB = Aᵀ Δ, checked against the plaintext kept here
             verdict = freivalds_check(grad_c, state.b.mT, da, self.rounds, summed=True)

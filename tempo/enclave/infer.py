@@ -33,7 +33,7 @@ def run_inference(checkpoint: str, model_name: str, width: int | None, dataset: 
         job = default_job_id()
         with OffloadClient(cluster.enclave_endpoint, job, rounds=rounds, log=log) as client:
             client.wait_for_relays(relays)
-            pctx = PrivateContext(ClientEngine(client), job=job)
+            pctx = PrivateContext(ClientEngine(client, parts=relays), job=job)  # split across the relays
             net = to_private(model, pctx)
             net.eval()
             start = time.perf_counter()

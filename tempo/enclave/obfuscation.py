@@ -132,8 +132,12 @@ def _keyed_gather(
         raise ValueError(f"unknown obfuscation backend {backend!r}; one of {BACKENDS}")
     if backend == "c" and _kernel is None:
         raise RuntimeError("backend 'c' needs the C kernel, which is not built")
-    row_scale = row_key.scales(f"{role}-row", src.dtype)
-    col_scale = col_key.scales(f"{role}-col", src.dtype)
+    # "mask-t"/"unmask-t": the transpose of mask/unmask of the transposed source, i.e. the same
+    # gather with the reciprocal scale on each axis (keys.AxisKey.scales); no transpose copies.
+    index_role = "unmask" if role.startswith("unmask") else "mask"
+    row_role, col_role = (("col", "row") if role.endswith("-t") else ("row", "col"))
+    row_scale = row_key.scales(f"{index_role}-{row_role}", src.dtype)
+    col_scale = col_key.scales(f"{index_role}-{col_role}", src.dtype)
 
     if backend == "c" and src.dtype in _KERNEL_DTYPES and src.device.type == "cpu":
         s3 = src.reshape(-1, rows, cols)  # a view for every layout we are given in practice
@@ -151,23 +155,23 @@ def _keyed_gather(
             s3.stride(0),
             s3.stride(1),
             1,  # unit column stride (with one column, torch may report any stride)
-            row_key.indices(role, torch.int32).data_ptr(),
+            row_key.indices(index_role, torch.int32).data_ptr(),
             row_scale.data_ptr(),
             rows if row_key.batch_shape else 0,
-            col_key.indices(role, torch.int32).data_ptr(),
+            col_key.indices(index_role, torch.int32).data_ptr(),
             col_scale.data_ptr(),
             cols if col_key.batch_shape else 0,
             nthreads,
             # An encrypted operand leaves for the relays and is not read back here: stream it
             # past the cache when it is large. A decrypted result is read next: keep it cached.
-            role == "mask" and out.nbytes >= _STREAM_MIN_BYTES,
+            index_role == "mask" and out.nbytes >= _STREAM_MIN_BYTES,
         )
         return out
 
     # Pure torch; `(r * c) * x` in the same order as the kernel, so results are bit-identical.
     dev = src.device
-    row_idx = row_key.indices(role).to(dev)
-    col_idx = col_key.indices(role).to(dev)
+    row_idx = row_key.indices(index_role).to(dev)
+    col_idx = col_key.indices(index_role).to(dev)
     row_scale, col_scale = row_scale.to(dev), col_scale.to(dev)
     if row_key.batch_shape:
         t = torch.gather(src, -2, row_idx.unsqueeze(-1).expand(*batch, rows, cols))
@@ -258,11 +262,14 @@ def encrypt_grad(
     """Backward with key-shift reuse (Fig. 5): ``D' = mask(Δᵀ; p, m)`` for ``Δ = dL/dC`` (m×p).
 
     This is the only encryption of the backward pass: the relay still holds ``A'`` and ``B'``.
+    ``D'`` is stored transposed, as ``D'ᵀ`` in ``Δ``'s own (…, m, p) layout, gathered straight
+    from ``Δ`` without a transpose copy; the returned (…, p, m) tensor is its transposed view.
+    `out`, when given, is the contiguous (…, m, p) buffer to hold ``D'ᵀ``.
     """
     m, _, p = sk.shape
     if tuple(grad_c.shape[-2:]) != (m, p):
         raise ValueError(f"dL/dC has shape {tuple(grad_c.shape)}; key expects (..., {m}, {p})")
-    return mask(grad_c.mT, sk.p, sk.m, out=out, backend=backend)
+    return _keyed_gather(grad_c, sk.m, sk.p, "mask-t", out, backend).mT
 
 
 def decrypt_grads(
@@ -272,16 +279,18 @@ def decrypt_grads(
     *,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """From ``T1' = B' @ D'`` and ``T2' = D' @ A'`` recover ``(dL/dA, dL/dB)``.
+    """From ``T1' = B' @ D'`` and ``T2' = D' @ A'`` recover ``(dL/dA, dL/dB)``, contiguous.
 
-    ``unmask(T1'; n, m) = B Δᵀ = (dL/dA)ᵀ`` and ``unmask(T2'; p, n) = Δᵀ A = (dL/dB)ᵀ``; the
-    gradients are returned as transposed views of those (call ``.contiguous()`` if needed).
+    ``unmask(T1'; n, m) = B Δᵀ = (dL/dA)ᵀ`` and ``unmask(T2'; p, n) = Δᵀ A = (dL/dB)ᵀ``. The
+    gradients are gathered from ``T1'ᵀ`` and ``T2'ᵀ``: when the results arrive transposed (as
+    relays send them: ``D'ᵀ B'ᵀ`` and ``A'ᵀ D'ᵀ``, given here as transposed views) no
+    transpose copy is made at all.
     """
     m, n, p = sk.shape
     if tuple(t1_masked.shape[-2:]) != (n, m):
         raise ValueError(f"T1' has shape {tuple(t1_masked.shape)}; expected (..., {n}, {m})")
     if tuple(t2_masked.shape[-2:]) != (p, n):
         raise ValueError(f"T2' has shape {tuple(t2_masked.shape)}; expected (..., {p}, {n})")
-    t1 = unmask(t1_masked, sk.n, sk.m, backend=backend)
-    t2 = unmask(t2_masked, sk.p, sk.n, backend=backend)
-    return t1.mT, t2.mT
+    da = _keyed_gather(t1_masked.mT, sk.m, sk.n, "unmask-t", None, backend)
+    db = _keyed_gather(t2_masked.mT, sk.n, sk.p, "unmask-t", None, backend)
+    return da, db

@@ -70,8 +70,11 @@ class InProcessEngine:
         d_enc = encrypt_grad(sk, grad_c)
         self.counters.backward_encryptions += 1
         self.counters.backward_products += 1
-        t1_shape, t2_shape = grad_shapes(tuple(a_enc.shape), tuple(b_enc.shape), tuple(d_enc.shape))
-        da, db = decrypt_grads(sk, (b_enc @ d_enc).sum_to_size(t1_shape), (d_enc @ a_enc).sum_to_size(t2_shape))
+        e = d_enc.mT  # D'ᵀ, as a relay receives it
+        t1_shape, t2_shape = grad_shapes(tuple(a_enc.shape), tuple(b_enc.shape), tuple(e.shape))
+        t1t = (e @ b_enc.mT).sum_to_size(t1_shape)  # what a relay returns: T1'ᵀ, T2'ᵀ
+        t2t = (a_enc.mT @ e).sum_to_size(t2_shape)
+        da, db = decrypt_grads(sk, t1t.mT, t2t.mT)
         freivalds_check(grad_c, b.mT, da, self.rounds, summed=True).raise_if_failed()
         freivalds_check(a.mT, grad_c, db, self.rounds, summed=True).raise_if_failed()
         return da, db
@@ -99,6 +102,7 @@ class ClientEngine:
         self.parts = parts
         self.pipeline = pipeline
         self.offload_s = 0.0  # wall time inside forward/backward (the enclave's offload path)
+        self.gather_s = 0.0  # of which: cutting products into parts and joining the results
         self._plans: dict[Binding, partition.Plan] = {}
         self._shapes: dict[Binding, tuple] = {}
         self._trace: dict[int, tuple] = {}  # layer -> (weight, A shape, B shape), from the last pass
@@ -120,6 +124,7 @@ class ClientEngine:
         t0 = time.perf_counter()
         plan = partition.plan(a.shape, b.shape, self.parts)
         pieces = partition.split(a, b, plan)
+        self.gather_s += time.perf_counter() - t0
         client = self.client
         pres = self._take_prefetched(bind.layer, a, b, weight)
         if weight is not None:
@@ -134,8 +139,11 @@ class ClientEngine:
             cs = [client.forward(ai, bi, self._part_bind(bind, i)) for i, (ai, bi) in enumerate(pieces)]
         self._plans[bind] = plan
         self._shapes[bind] = (tuple(a.shape), tuple(b.shape))
+        t1 = time.perf_counter()
         c = partition.gather_c(cs, plan)
-        self.offload_s += time.perf_counter() - t0
+        t2 = time.perf_counter()
+        self.gather_s += t2 - t1
+        self.offload_s += t2 - t0
         return c
 
     # -- the look-ahead: weights of layer l+1 masked while layer l is computed --
@@ -190,8 +198,11 @@ class ClientEngine:
         else:
             out = [client.backward(g, self._part_bind(bind, i)) for i, g in enumerate(grads)]
         a_shape, b_shape = self._shapes.pop(bind)
+        t1 = time.perf_counter()
         da, db = partition.gather_grads(out, plan, a_shape, b_shape)
-        self.offload_s += time.perf_counter() - t0
+        t2 = time.perf_counter()
+        self.gather_s += t2 - t1
+        self.offload_s += t2 - t0
         return da, db
 
     def release(self, bind: Binding) -> None:

@@ -87,11 +87,8 @@ def _expected_outputs(kind: str, inputs: list[Descriptor], operands: list[Descri
         return [chain(inputs[0].shape, inputs[1].shape, "forward")]
     if kind == "backward":
         if len(inputs) != 1 or len(operands) != 2:
-            raise ProtocolError("a backward submit has inputs [D'] and operands [A', B']")
-        a, b, d = operands[0].shape, operands[1].shape, inputs[0].shape
-        chain(b, d, "B' @ D'")
-        chain(d, a, "D' @ A'")
-        return list(grad_shapes(a, b, d))
+            raise ProtocolError("a backward submit has inputs [D'ᵀ] and operands [A', B']")
+        return list(grad_shapes(operands[0].shape, operands[1].shape, inputs[0].shape))
     raise ProtocolError(f"unknown submit kind {kind!r}")
 
 

@@ -36,7 +36,7 @@ from typing import Any
 import msgpack
 import torch
 
-PROTOCOL_VERSION = (1, 0)
+PROTOCOL_VERSION = (2, 0)  # 2: backward sends D'ᵀ and returns T1'ᵀ, T2'ᵀ summed (grad_shapes)
 
 # dtype names on the wire -> torch dtypes. Nothing else is ever built from a frame.
 DTYPES: dict[str, torch.dtype] = {
@@ -289,8 +289,15 @@ def error_frames(reason: str, request_id: str | None = None, bind: list | None =
     return encode("error", **fields)
 
 
-def grad_shapes(a: tuple, b: tuple, d: tuple) -> tuple[tuple, tuple]:
-    """Shapes of a backward's results ``T1' = B' D'`` and ``T2' = D' A'`` for ``A'`` (…×m×n),
-    ``B'`` (…×n×p), ``D'`` (…×p×m): each summed down to its operand's own batch shape, so a
-    weight broadcast over a batch gets one gradient, not one per slice."""
-    return (*a[:-2], b[-2], d[-1]), (*b[:-2], d[-2], a[-1])
+def grad_shapes(a: tuple, b: tuple, e: tuple) -> tuple[tuple, tuple]:
+    """Shapes of a backward's results for ``A'`` (…×m×n), ``B'`` (…×n×p) and ``E = D'ᵀ``
+    (…×m×p, the masked ``Δᵀ`` sent in ``Δ``'s own layout): ``T1'ᵀ = E B'ᵀ`` and ``T2'ᵀ = A'ᵀ E``,
+    each summed down to its operand's shape, so a weight broadcast over a batch gets one
+    gradient, not one per slice. Raises `ProtocolError` when the shapes do not fit."""
+    if len(a) < 2 or len(b) < 2 or len(e) < 2 or e[-1] != b[-1] or a[-2] != e[-2] or a[-1] != b[-2]:
+        raise ProtocolError(f"backward: A' {a}, B' {b} and D'ᵀ {e} do not fit together")
+    try:
+        torch.broadcast_shapes(torch.Size(a[:-2]), torch.Size(b[:-2]), torch.Size(e[:-2]))
+    except RuntimeError:
+        raise ProtocolError("backward: batch shapes do not broadcast") from None
+    return tuple(a), tuple(b)

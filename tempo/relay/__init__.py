@@ -193,19 +193,22 @@ class Relay:
         self.cache.put(msg.binding, a_d, b_d)
         return [self._to_host(c)]
 
-    def _backward_from(self, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor):
-        self._check_chain(b, d, "backward B' @ D'")
-        self._check_chain(d, a, "backward D' @ A'")
-        # each gradient summed over the batch slices its operand was broadcast across (a shared
-        # weight): one matrix back instead of one per slice (protocol.grad_shapes)
-        t1_shape, t2_shape = grad_shapes(tuple(a.shape), tuple(b.shape), tuple(d.shape))
-        t1 = torch.matmul(b, d).sum_to_size(t1_shape)
-        t2 = torch.matmul(d, a).sum_to_size(t2_shape)
+    def _backward_from(self, a: torch.Tensor, b: torch.Tensor, e: torch.Tensor):
+        """``T1'ᵀ = E B'ᵀ`` and ``T2'ᵀ = A'ᵀ E`` for ``E = D'ᵀ``: the paper's ``B' D'`` and
+        ``D' A'``, transposed (free in a GEMM) so the enclave unmasks them without a transpose.
+        Each is summed over the batch slices its operand was broadcast across (a shared weight):
+        one matrix back instead of one per slice (protocol.grad_shapes)."""
+        try:
+            t1_shape, t2_shape = grad_shapes(tuple(a.shape), tuple(b.shape), tuple(e.shape))
+        except ProtocolError as exc:
+            raise ProtocolError(str(exc)) from None
+        t1 = torch.matmul(e, b.mT).sum_to_size(t1_shape)
+        t2 = torch.matmul(a.mT, e).sum_to_size(t2_shape)
         return [self._to_host(t1), self._to_host(t2)]
 
     def _backward(self, msg: Message):
         if len(msg.tensors) != 1:
-            raise ProtocolError("backward takes one tensor, D'")
+            raise ProtocolError("backward takes one tensor, D'ᵀ")
         entry = self.cache.pop(msg.binding)
         if entry is None:
             raise LookupError("no cached operands for this binding")
@@ -213,7 +216,7 @@ class Relay:
 
     def _backward_full(self, msg: Message):
         if len(msg.tensors) != 3:
-            raise ProtocolError("backward_full takes A', B' and D'")
+            raise ProtocolError("backward_full takes A', B' and D'ᵀ")
         a, b, d = (self._to_device(t) for t in msg.tensors)
         self.cache.pop(msg.binding)
         return self._backward_from(a, b, d)
