@@ -242,13 +242,15 @@ MODEL_CHOICES = click.Choice(["mlp", "cnn", "resnet18", "resnet50", "vit"])
 @click.option("--relays", default=1, show_default=True, type=click.IntRange(1, 16), help="Local relays for tempo; products split across them.")
 @click.option("--device", default="cpu", show_default=True, help="The relays' device (and plain-cuda's): cpu, cuda, cuda:i.")
 @click.option("--pipeline/--no-pipeline", default=True, show_default=True, help="Overlap the parts of each product.")
+@click.option("--split-min-mb", default=4.0, show_default=True, type=click.FloatRange(0),
+              help="Split a product across the relays only when its operands and result reach this size.")
 @click.option("--image-shape", default="3x32x32", show_default=True, help="C×H×W of the synthetic batch (CIFAR's by default).")
 @click.option("--arena-mb", default=4096, show_default=True, type=click.IntRange(16), help="Shared-memory arena for masked operands.")
 @click.option("--json", "json_path", default=None, help="Write the figures as JSON to this file ('-': stdout, last line).")
 @click.option("--plot", "plot_path", default=None, help="Draw the breakdown as a PNG (needs matplotlib).")
 @click.pass_context
-def bench_train(ctx: click.Context, model, width, batch_size, steps, modes, relays, device, pipeline, image_shape,
-                arena_mb, json_path, plot_path) -> None:
+def bench_train(ctx: click.Context, model, width, batch_size, steps, modes, relays, device, pipeline, split_min_mb,
+                image_shape, arena_mb, json_path, plot_path) -> None:
     """Training steps side by side: tempo, pure TEE (plain-cpu), non-private GPU (plain-cuda)."""
     from tempo.bench import train as bench
 
@@ -264,7 +266,7 @@ def bench_train(ctx: click.Context, model, width, batch_size, steps, modes, rela
              device=device, pipeline=pipeline)
     try:
         figures = bench.run(model, batch_size, steps, chosen, relays, device, pipeline, width, shape,
-                            arena_mb=arena_mb, progress=lambda m: log.info("bench.progress", msg=m), log=log)
+                            arena_mb=arena_mb, split_min_mb=split_min_mb, progress=lambda m: log.info("bench.progress", msg=m), log=log)
     except (ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(bench.table(figures))
@@ -299,6 +301,8 @@ DATASET_CHOICES = click.Choice(["digits", "cifar10", "synthetic"])
 @click.option("--relays", default=2, show_default=True, type=click.IntRange(1, 16), help="Local relays to start; each product is split across them.")
 @click.option("--pipeline/--no-pipeline", default=True, show_default=True,
               help="Mask, compute and unmask a product's parts overlapped (off: one part after another).")
+@click.option("--split-min-mb", default=4.0, show_default=True, type=click.FloatRange(0),
+              help="Split a product across the relays only when its operands and result reach this size.")
 @click.option("--device", default="cpu", show_default=True, help="Relays' device (tempo) or the training device (plain): cpu, cuda, cuda:i.")
 @click.option("--mode", type=click.Choice(["tempo", "plain"]), default="tempo", show_default=True,
               help="tempo: offload every product masked; plain: no offload (pure-TEE baseline on cpu, non-private on cuda).")

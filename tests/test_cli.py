@@ -71,7 +71,7 @@ def test_bench_train_puts_the_modes_side_by_side(tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     result = CliRunner().invoke(main, [
         "--log-level", "warning", "bench", "train", "--model", "mlp", "--width", "32", "--batch-size", "16",
-        "--steps", "2", "--relays", "2", "--image-shape", "1x8x8", "--json", str(out), "--plot", str(png)])
+        "--steps", "2", "--relays", "2", "--split-min-mb", "0", "--image-shape", "1x8x8", "--json", str(out), "--plot", str(png)])
     assert result.exit_code == 0, result.output
     figures = json.loads(out.read_text())
     tempo, plain = figures["modes"]["tempo"], figures["modes"]["plain-cpu"]

@@ -88,7 +88,7 @@ def engine():
     with LocalCluster(relays=2) as cluster:
         client = OffloadClient(cluster.enclave_endpoint, default_job_id(), arena_bytes=64 << 20)
         client.wait_for_relays(2)
-        yield ClientEngine(client, parts=2, pipeline=True)
+        yield ClientEngine(client, parts=2, pipeline=True, split_min_mb=0.0)
         client.close()
 
 

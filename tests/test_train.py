@@ -122,7 +122,7 @@ def test_the_issue_command_reaches_95_percent_within_a_point_of_plain(tmp_path):
 
 
 def test_products_are_split_across_the_relays_pipelined_or_not(tmp_path):
-    common = dict(model="mlp", epochs=1, batch_size=512, relays=3, mode="tempo")
+    common = dict(model="mlp", epochs=1, batch_size=512, relays=3, mode="tempo", split_min_mb=0.0)
     on = run(TrainConfig(out=str(tmp_path / "on"), **common))
     off = run(TrainConfig(out=str(tmp_path / "off"), pipeline=False, **common))
     plain = run(TrainConfig(out=str(tmp_path / "plain"), **{**common, "mode": "plain"}))

@@ -103,7 +103,7 @@ _CLIENT_FIELDS = ("encrypt_s", "decrypt_s", "verify_s", "wait_s", "send_s", "rel
 
 
 def _tempo(model_name, shape, classes, width, batch, steps, warmup, relays, device, pipeline, arena_mb, say,
-           log) -> ModeResult:
+           log, split_min_mb) -> ModeResult:
     from tempo.cluster import LocalCluster
     from tempo.enclave.client import OffloadClient, default_job_id
     from tempo.enclave.private import ClientEngine, PrivateContext, to_private
@@ -119,7 +119,7 @@ def _tempo(model_name, shape, classes, width, batch, steps, warmup, relays, devi
         client = OffloadClient(cluster.enclave_endpoint, job, arena_bytes=arena_mb << 20, log=log,
                                max_attempts=relays + 1, timeout_s=600.0)
         client.wait_for_relays(relays)
-        engine = ClientEngine(client, parts=relays, pipeline=pipeline)
+        engine = ClientEngine(client, parts=relays, pipeline=pipeline, split_min_mb=split_min_mb)
         pctx = PrivateContext(engine, job=job)
         net = to_private(model, pctx)
         rows: list[dict] = []
@@ -175,7 +175,7 @@ def _tempo(model_name, shape, classes, width, batch, steps, warmup, relays, devi
 def run(model: str = "resnet18", batch_size: int = 32, steps: int = 3, modes=MODES, relays: int = 1,
         device: str = "cpu", pipeline: bool = True, width: int | None = None,
         shape: tuple[int, ...] = (3, 32, 32), classes: int = 10, warmup: int = 1, arena_mb: int = 4096,
-        progress: Callable[[str], None] | None = None, log=None) -> dict:
+        split_min_mb: float = 4.0, progress: Callable[[str], None] | None = None, log=None) -> dict:
     """Every requested mode on the same model and batch; returns the JSON-ready figures."""
     say = progress or (lambda _m: None)
     unknown = [m for m in modes if m not in MODES]
@@ -192,7 +192,7 @@ def run(model: str = "resnet18", batch_size: int = 32, steps: int = 3, modes=MOD
             continue
         if mode == "tempo":
             results[mode] = _tempo(model, shape, classes, width, batch_size, steps, warmup, relays, device,
-                                   pipeline, arena_mb, say, log)
+                                   pipeline, arena_mb, say, log, split_min_mb)
         else:
             results[mode] = _plain(model, shape, classes, width, batch_size, steps, warmup,
                                    "cpu" if mode == "plain-cpu" else ("cuda" if device == "cpu" else device), say)
@@ -206,6 +206,7 @@ def run(model: str = "resnet18", batch_size: int = 32, steps: int = 3, modes=MOD
     return {
         "model": model, "width": width, "batch_size": batch_size, "steps": steps, "warmup": warmup,
         "shape": list(shape), "relays": relays, "device": device, "pipeline": pipeline,
+        "split_min_mb": split_min_mb,
         "torch_threads": torch.get_num_threads(),
         "modes": {m: r.as_dict() for m, r in results.items()},
         "tempo_over_plain_cpu": ratio("tempo", "plain-cpu"),

@@ -15,6 +15,7 @@ single-process runs. Both mask, unmask and verify the same way.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -91,15 +92,17 @@ class ClientEngine:
 
     Each product is cut into up to `parts` parts (`tempo.enclave.partition`: convolutions and
     attention by batch, fully connected layers by output features), each under its own key.
-    With `pipeline` on, every part of a product is masked and sent before the first is awaited,
+    Products smaller than `split_min_mb` (operands and result) stay whole. With `pipeline` on,
+    every part of a product is masked and sent before the first is awaited,
     so the relays compute part i while the enclave masks part i+1, and part i is unmasked and
     verified while part i+1 is still in flight (forward and backward alike). With it off, each
     part makes the whole round trip before the next is masked: the comparison point.
     """
 
-    def __init__(self, client, parts: int = 1, pipeline: bool = True) -> None:
+    def __init__(self, client, parts: int = 1, pipeline: bool = True, split_min_mb: float = 4.0) -> None:
         self.client = client
         self.parts = parts
+        self.split_min_bytes = split_min_mb * (1 << 20)
         self.pipeline = pipeline
         self.offload_s = 0.0  # wall time inside forward/backward (the enclave's offload path)
         self.gather_s = 0.0  # of which: cutting products into parts and joining the results
@@ -116,13 +119,22 @@ class ClientEngine:
         c = self.client.counters
         return EngineCounters(c.forward, c.backward, c.forward_encryptions, c.backward_encryptions)
 
+    def _plan(self, a_shape, b_shape, itemsize: int) -> partition.Plan:
+        """Split only products whose operands and result add up to `split_min_mb`: below that a
+        part's fixed costs (a round trip, a key, a verification) outweigh what it saves."""
+        batch = torch.broadcast_shapes(a_shape[:-2], b_shape[:-2])
+        m, n, p = a_shape[-2], a_shape[-1], b_shape[-1]
+        rows = math.prod(batch)
+        nbytes = itemsize * (math.prod(a_shape) + math.prod(b_shape) + rows * m * p)
+        return partition.plan(a_shape, b_shape, self.parts if nbytes >= self.split_min_bytes else 1)
+
     @staticmethod
     def _part_bind(bind: Binding, i: int) -> Binding:
         return Binding(bind.job, bind.step, bind.layer, i)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, bind: Binding, weight: Weight | None = None) -> torch.Tensor:
         t0 = time.perf_counter()
-        plan = partition.plan(a.shape, b.shape, self.parts)
+        plan = self._plan(a.shape, b.shape, a.element_size())
         pieces = partition.split(a, b, plan)
         self.gather_s += time.perf_counter() - t0
         client = self.client
@@ -155,7 +167,7 @@ class ClientEngine:
         (side, operand), a_shape, b_shape = traced
         w = operand()
         meta_a, meta_b = torch.empty(a_shape, device="meta"), torch.empty(b_shape, device="meta")
-        plan = partition.plan(a_shape, b_shape, self.parts)
+        plan = self._plan(a_shape, b_shape, w.element_size())
         shapes = partition.split(meta_a, meta_b, plan)
         weights = partition.split(w if side == "a" else meta_a, w if side == "b" else meta_b, plan)
         pres = []

@@ -38,6 +38,7 @@ class TrainConfig:
     seed: int = 7
     relays: int = 2
     pipeline: bool = True  # overlap masking, relay compute and unmasking across a product's parts
+    split_min_mb: float = 4.0  # products smaller than this (operands + result) are not split
     device: str = "cpu"
     mode: str = "tempo"
     key_refresh: str = "step"
@@ -56,7 +57,7 @@ class TrainConfig:
 
 # What a job file may set (`tempo enclave --config`): the job, not the test hooks.
 JOB_KEYS = ("model", "width", "dataset", "data_dir", "epochs", "batch_size", "lr", "optimizer", "schedule",
-            "momentum", "weight_decay", "seed", "relays", "pipeline", "device", "key_refresh", "integrity_t",
+            "momentum", "weight_decay", "seed", "relays", "pipeline", "split_min_mb", "device", "key_refresh", "integrity_t",
             "out", "resume", "checkpoint_every", "arena_mb", "part_timeout_s")
 
 
@@ -225,7 +226,7 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
             if log:
                 log.info("train.waiting_for_relays", offloader=endpoint, relays=cfg.relays)
             client.wait_for_relays(cfg.relays, timeout_s=cfg.relay_wait_s if cfg.offloader else 30.0)
-            engine = ClientEngine(client, parts=cfg.relays, pipeline=cfg.pipeline)
+            engine = ClientEngine(client, parts=cfg.relays, pipeline=cfg.pipeline, split_min_mb=cfg.split_min_mb)
             pctx = PrivateContext(engine, job=job)
             net = to_private(model, pctx)
         opt = _optimizer(cfg, model.parameters())
