@@ -117,14 +117,24 @@ def rounding_bound(
     return slack * (g_prod * a_b + g_c * c_row + tiny)
 
 
+def _matmul(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``a @ x``; a matrix `a` against a batch `x` (…×n×k) runs as one GEMM over the batch's
+    columns instead of one small product per slice (15× faster for a conv weight's checks)."""
+    if a.dim() != 2 or x.dim() <= 2:
+        return a @ x
+    batch, (n, k) = x.shape[:-2], x.shape[-2:]
+    cols = x.movedim(-2, 0).reshape(n, -1)  # (n, batch·k): a copy of the small x
+    return (a @ cols).reshape(a.shape[0], *batch, k).movedim(0, -2)
+
+
 def _abs_matvec(a: torch.Tensor, v: torch.Tensor, chunk_bytes: int = 1 << 22) -> torch.Tensor:
     """``|A| @ v`` without materialising ``|A|``: row chunks of about `chunk_bytes` stay in cache."""
     rows = a.shape[-2]
     per_row = max(a.shape[-1] * a.element_size(), 1)
     step = max(1, chunk_bytes // per_row)
     if step >= rows:
-        return a.abs() @ v
-    parts = [a[..., i : i + step, :].abs() @ v for i in range(0, rows, step)]
+        return _matmul(a.abs(), v)
+    parts = [_matmul(a[..., i : i + step, :].abs(), v) for i in range(0, rows, step)]
     return torch.cat(parts, dim=-2)
 
 
@@ -159,8 +169,8 @@ def freivalds_check(
     random_bytes: RandomBytes = os.urandom,
     summed: bool = False,
 ) -> Verdict:
-    """Check ``C == A @ B`` with `rounds` random 0/1 vectors (each slice of batched operands
-    gets its own). Returns a `Verdict`; never raises on a bad `C`.
+    """Check ``C == A @ B`` with `rounds` random 0/1 vectors (shared by the slices of batched
+    operands). Returns a `Verdict`; never raises on a bad `C`.
 
     With `summed`, ``C`` is ``A @ B`` summed over the batch dimensions it lacks (or has as 1):
     the gradient of an operand that was broadcast over the batch, which relays return reduced.
@@ -210,9 +220,11 @@ def freivalds_check(
     if not bool(torch.isfinite(bound).all()):
         return Verdict(False, "operands contain NaN or infinity (or overflow): nothing can be verified")
 
-    r_batch = batch if summed_to is None else summed_to  # one r per slice of C, shared by its terms
-    r = torch.from_numpy(random_bits((*r_batch, p, rounds), random_bytes)).to(a.dtype)
-    abr = a @ (b @ r)  # B r first (Algorithm 3 line 5)
+    # One set of vectors for every slice: still sound, since a wrong slice on its own is caught
+    # with probability >= 1/2 per round whatever the other slices hold, and B r becomes one GEMM
+    # over the whole batch instead of a product per slice.
+    r = torch.from_numpy(random_bits((p, rounds), random_bytes)).to(a.dtype)
+    abr = _matmul(a, b @ r)  # B r first (Algorithm 3 line 5)
     if summed_to is not None:
         abr = abr.sum_to_size((*summed_to, m, rounds))
     residual = abr - c @ r  # (*batch, m, rounds)
