@@ -68,3 +68,21 @@ def test_cli_names_the_quarantined_relay_and_exits_non_zero_when_none_is_left(tm
     stopped = runner.invoke(main, ["train", "--model", "mlp", "--epochs", "1", "--relays", "1", "--inject-fault",
                                    "nan:1.0", "--part-timeout", "2", "--out", str(tmp_path / "b")])
     assert stopped.exit_code != 0 and "failed verification" in stopped.output and "--resume" in stopped.output
+
+
+@pytest.mark.parametrize("mode", ["corrupt", "crash"])
+def test_a_faulty_relay_among_three_with_every_product_split(mode, honest, tmp_path):
+    """Partitioned products: a bad part is quarantined and recomputed; the others stand."""
+    cfg = dict(FAST, relays=3, split_min_mb=0.0)
+    summary = run(TrainConfig(out=str(tmp_path), inject_fault=mode, **cfg))
+    honest_summary, honest_weights = honest
+    weights = torch.load(tmp_path / "model.pt")
+    for k in honest_weights:
+        assert torch.allclose(weights[k], honest_weights[k], rtol=1e-4, atol=1e-4), (mode, k)
+    assert summary.steps == honest_summary.steps
+    named = summary.quarantined_relays + summary.lost_relays
+    assert named and all(e["relay"].startswith("relay0-") for e in named), named
+    # every product went out in 3 parts, and the two honest relays answered
+    by_relay = summary.offload["parts_by_relay"]
+    assert sum(v for k, v in by_relay.items() if not k.startswith("relay0-")) > 0
+    assert summary.offload["forward_products"] >= 3 * 3 * summary.steps
