@@ -245,7 +245,7 @@ def plot(figures: dict, path: str) -> None:
         raise RuntimeError("--plot needs matplotlib: pip install 'tempo-train[plot]'") from None
     modes = [(m, r) for m, r in figures["modes"].items() if r["step_s"] is not None]
     categories = [*TEMPO_CATEGORIES, *[c for c in PLAIN_CATEGORIES if c not in TEMPO_CATEGORIES]]
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.8 * len(modes)))
+    fig, ax = plt.subplots(figsize=(10, 1.4 + 0.8 * len(modes)))
     colors = plt.get_cmap("tab10").colors
     for row, (mode, r) in enumerate(modes):
         left = 0.0
@@ -263,7 +263,7 @@ def plot(figures: dict, path: str) -> None:
     seen = {}
     for h, lab in zip(handles, labels):
         seen.setdefault(lab, h)
-    ax.legend(seen.values(), seen.keys(), loc="lower right", fontsize=8)
+    ax.legend(seen.values(), seen.keys(), loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
