@@ -119,3 +119,53 @@ def test_weights_masked_ahead_are_used_only_while_they_are_current(engine):
         x3 = torch.randn(3, 12)
         torch.testing.assert_close(private(x3), net(x3), rtol=1e-4, atol=1e-4)
         pctx.end_step()
+
+
+def test_weights_masked_ahead_are_shipped_to_their_relay_ahead(engine):
+    """With the pipeline on, the next layer's masked weights travel before their forward, which
+    then carries the activations only; results stay exact."""
+    from tempo.enclave.private import PrivateContext, to_private
+
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 6))
+    pctx = PrivateContext(engine, job=engine.client.job)
+    private = to_private(net, pctx)
+    x = torch.randn(10, 12)
+    before = engine.client.counters.staged_forwards
+    for _ in range(3):
+        y = private(x)
+        loss = y.square().sum()
+        loss.backward()  # backward of a staged forward: the relay cached both operands
+        pctx.end_step()
+    assert engine.client.counters.staged_forwards >= before + 2 * 2  # layer 1, 2 parts, steps 2 and 3
+    with torch.no_grad():
+        torch.testing.assert_close(private(x), net(x), rtol=1e-4, atol=1e-4)
+        pctx.end_step()
+
+
+def test_a_relay_refuses_a_staged_forward_it_holds_nothing_for(relay_driven_by_test):
+    import zmq
+
+    from tempo.protocol import RELAY_OPS, decode, encode
+
+    ctx = zmq.Context()
+    with relay_driven_by_test(ctx) as (router, identity, _):
+
+        def ask(frames):
+            router.send_multipart([identity, *frames])
+            while True:
+                _, *reply = router.recv_multipart()
+                msg = decode(reply, RELAY_OPS)
+                if msg.op != "heartbeat":
+                    return msg
+
+        a, b = torch.randn(3, 4), torch.randn(4, 2)
+        missing = ask(encode("forward", [b], id="f1", bind=["j", 0, 1, 0], staged="a"))
+        assert missing.op == "error" and "no staged operand" in missing.header["reason"]
+        router.send_multipart([identity, *encode("stage", [a], bind=["j", 0, 1, 0], slot="a")])
+        done = ask(encode("forward", [b], id="f2", bind=["j", 0, 1, 0], staged="a"))
+        assert done.op == "result"
+        torch.testing.assert_close(done.tensors[0], a @ b)
+        again = ask(encode("forward", [b], id="f3", bind=["j", 0, 1, 0], staged="a"))  # given up with f2
+        assert again.op == "error"
+    ctx.term()

@@ -85,6 +85,7 @@ class Counters:
     forward_encryptions: int = 0  # matrices masked, counted where it happens (2 per forward)
     backward_encryptions: int = 0  # 1 per backward: dL/dC^T only, never a weight again
     premasks_dropped: int = 0  # weights masked ahead (pipeline) whose product came with other shapes
+    staged_forwards: int = 0  # forwards whose weights were shipped to their relay ahead of them
     encrypt_s: float = 0.0
     decrypt_s: float = 0.0
     verify_s: float = 0.0
@@ -146,13 +147,14 @@ class OffloadClient:
         self.counters.send_s += time.perf_counter() - t0
 
     # -- forward --
-    def premask(self, layer: int, part: int, side: str, operand: torch.Tensor,
-                shape: tuple[int, int, int]) -> Premasked:
+    def premask(self, bind: Binding, side: str, operand: torch.Tensor, shape: tuple[int, int, int],
+                stage: bool = True) -> Premasked:
         """Mask one operand of a product that is still to come (the pipeline's look-ahead: the
-        next layer's weights while the relays compute this one) under that product's key."""
+        next layer's weights while the relays compute this one) under that product's key, and
+        (`stage`) have the off-loader ship it to a relay ahead of the product."""
         m, n, p = shape
         t0 = time.perf_counter()
-        sk = self.keys.key(layer, m, n, p, part)
+        sk = self.keys.key(bind.layer, m, n, p, bind.part)
         desc, buf = self._alloc(operand.shape, operand.dtype)
         if side == "a":
             mask(operand, sk.m, sk.n, out=buf)
@@ -160,6 +162,11 @@ class OffloadClient:
             mask(operand, sk.n, sk.p, out=buf)
         self.counters.forward_encryptions += 1
         self.counters.encrypt_s += time.perf_counter() - t0
+        if stage:
+            t1 = time.perf_counter()
+            self.sock.send_multipart(encode("stage", arena=self.arena.name, bind=bind.to_wire(), slot=side,
+                                            inputs=[desc.to_wire()]), copy=False)
+            self.counters.send_s += time.perf_counter() - t1
         return Premasked(sk, side, desc, tuple(operand.shape))
 
     def drop_premasked(self, pre: Premasked) -> None:
@@ -200,14 +207,17 @@ class OffloadClient:
         state = _Forward(sk, a, b, a_desc, b_desc, c_desc)
         self._forwards[bind] = state
         self.counters.forward += 1
-        return self._send_forward(state, bind)
+        return self._send_forward(state, bind, staged=pre.side if pre is not None else None)
 
-    def _send_forward(self, state: _Forward, bind: Binding) -> Pending:
+    def _send_forward(self, state: _Forward, bind: Binding, staged: str | None = None) -> Pending:
+        """Send a forward; `staged` says its weight operand was shipped ahead (first send only:
+        a relay gives a staged operand up with the forward that uses it)."""
         rid = new_request_id()
         pending = Pending(rid, "forward", bind, [state.c_enc])
         self._pending[rid] = pending
         self._send(id=rid, bind=bind.to_wire(), kind="forward",
-                   inputs=[state.a_enc.to_wire(), state.b_enc.to_wire()], outputs=[state.c_enc.to_wire()])
+                   inputs=[state.a_enc.to_wire(), state.b_enc.to_wire()], outputs=[state.c_enc.to_wire()],
+                   **({"staged": staged} if staged else {}))
         return pending
 
     def finish_forward(self, pending: Pending) -> torch.Tensor:
@@ -396,6 +406,8 @@ class OffloadClient:
                 self.log.warning("client.unmatched_reply", op=msg.op, id=str(rid)[:64])
             return
         if msg.op == "done":
+            if msg.header.get("staged") is True:
+                self.counters.staged_forwards += 1
             timing = [msg.header.get(k) for k in ("relay_s", "turnaround_s")]
             timing = [float(t) if isinstance(t, (int, float)) and 0 <= t < 1e6 else 0.0 for t in timing]
             self._replies[rid] = ("done", str(msg.header.get("relay", ""))[:255], *timing)

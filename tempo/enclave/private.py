@@ -95,12 +95,15 @@ class ClientEngine:
     Products smaller than `split_min_mb` (operands and result) stay whole. With `pipeline` on,
     every part of a product is masked and sent before the first is awaited,
     so the relays compute part i while the enclave masks part i+1, and part i is unmasked and
-    verified while part i+1 is still in flight (forward and backward alike). With it off, each
+    verified while part i+1 is still in flight (forward and backward alike), and the next
+    layer's weights are masked and shipped to a relay while this layer is computed. With it off, each
     part makes the whole round trip before the next is masked: the comparison point.
     """
 
-    def __init__(self, client, parts: int = 1, pipeline: bool = True, split_min_mb: float = 4.0) -> None:
+    def __init__(self, client, parts: int = 1, pipeline: bool = True, split_min_mb: float = 4.0,
+                 stage: bool = True) -> None:
         self.client = client
+        self.stage = stage  # ship weights masked ahead to a relay before their product
         self.parts = parts
         self.split_min_bytes = split_min_mb * (1 << 20)
         self.pipeline = pipeline
@@ -144,8 +147,8 @@ class ClientEngine:
         if self.pipeline:
             pending = [client.submit_forward(ai, bi, self._part_bind(bind, i), pre=pres[i] if pres else None)
                        for i, (ai, bi) in enumerate(pieces)]
-            # while the relays compute this product, mask the next layer's weights
-            self._prefetch(bind.layer + 1)
+            # while the relays compute this product, mask the next layer's weights and ship them
+            self._prefetch(Binding(bind.job, bind.step, bind.layer + 1, 0))
             cs = [client.finish_forward(p) for p in pending]
         else:
             cs = [client.forward(ai, bi, self._part_bind(bind, i)) for i, (ai, bi) in enumerate(pieces)]
@@ -159,8 +162,10 @@ class ClientEngine:
         return c
 
     # -- the look-ahead: weights of layer l+1 masked while layer l is computed --
-    def _prefetch(self, layer: int) -> None:
-        """Mask `layer`'s weight operand now, if the last step showed which it is and its shapes."""
+    def _prefetch(self, bind: Binding) -> None:
+        """Mask the weight operand of `bind`'s layer now (and have it shipped), if the last pass
+        showed which operand it is and its shapes."""
+        layer = bind.layer
         traced = self._trace.get(layer)
         if traced is None or layer in self._prefetched:
             return
@@ -172,8 +177,8 @@ class ClientEngine:
         weights = partition.split(w if side == "a" else meta_a, w if side == "b" else meta_b, plan)
         pres = []
         for i, ((ma, mb), (wa, wb)) in enumerate(zip(shapes, weights)):
-            pres.append(self.client.premask(layer, i, side, wa if side == "a" else wb,
-                                            (ma.shape[-2], ma.shape[-1], mb.shape[-1])))
+            pres.append(self.client.premask(self._part_bind(bind, i), side, wa if side == "a" else wb,
+                                            (ma.shape[-2], ma.shape[-1], mb.shape[-1]), stage=self.stage))
         self._prefetched[layer] = (a_shape, b_shape, side, w._version, pres)
 
     def _take_prefetched(self, layer: int, a: torch.Tensor, b: torch.Tensor, weight: Weight | None):

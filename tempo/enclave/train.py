@@ -330,6 +330,7 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
             offload.update(failed_verifications=client.counters.failed_verifications,
                            part_timeouts=client.counters.timeouts, pipeline=cfg.pipeline,
                            weights_masked_ahead=engine.prefetch_used, premasks_dropped=client.counters.premasks_dropped,
+                           weights_shipped_ahead=client.counters.staged_forwards,
                            parts_by_relay=dict(sorted(client.counters.parts_by_relay.items())))
         summary = Summary(cfg.mode, cfg.model, cfg.dataset, cfg.epochs, steps, cfg.batch_size,
                           cfg.relays if cfg.mode == "tempo" else 0, cfg.device, loss_value, accuracy,

@@ -67,6 +67,8 @@ class Part:
     attempts: int = 0
     digest: str = ""
     sent_at: float = 0.0  # when the part last left for a relay (turnaround = transfer + compute)
+    staged: str | None = None  # a forward whose weight operand (slot a or b) was staged ahead
+    used_staged: bool = False
 
 
 def _expected_outputs(kind: str, inputs: list[Descriptor], operands: list[Descriptor]) -> list[tuple]:
@@ -121,8 +123,10 @@ class Offloader:
         self.affinity: dict[Binding, bytes] = {}  # who holds a forward's cached operands
         self.arenas: dict[str, Arena] = {}
         self.quarantined: dict[bytes, str] = {}  # relay -> why; never used again
-        self.stats = {"dispatched": 0, "redispatched": 0, "dropped_replies": 0, "bad_messages": 0, "quarantined": 0}
-        self.enclave_handlers = {"submit": self._submit, "release": self._release, "ping": self._ping,
+        self.stats = {"dispatched": 0, "redispatched": 0, "dropped_replies": 0, "bad_messages": 0, "quarantined": 0,
+                      "staged": 0, "staged_used": 0}
+        self.staged: dict[Binding, tuple[bytes, str, Descriptor]] = {}  # shipped ahead: relay, slot, region
+        self.enclave_handlers = {"submit": self._submit, "release": self._release, "ping": self._ping, "stage": self._stage,
                                  "quarantine": self._quarantine}
         self.relay_handlers = {
             "ready": self._relay_ready,
@@ -170,8 +174,31 @@ class Offloader:
         dtypes = {d.dtype for d in inputs + operands + outputs}
         if len(dtypes) != 1:
             raise ProtocolError("all tensors of a submit must share one dtype")
-        part = Part(client, rid, kind, bind, arena, inputs, operands, outputs)
+        staged = header.get("staged")
+        if staged not in (None, "a", "b") or (staged is not None and kind != "forward"):
+            raise ProtocolError("staged must be a or b, on a forward")
+        part = Part(client, rid, kind, bind, arena, inputs, operands, outputs, staged=staged)
         self._dispatch(part)
+
+    def _stage(self, client: bytes, header: dict) -> None:
+        """Ship a forward's weight operand to a relay before the forward itself (the pipeline:
+        while the relays compute one layer, the next layer's masked weights travel)."""
+        bind = Binding.from_wire(header.get("bind"))
+        arena = self._arena(header.get("arena"))
+        slot, inputs = header.get("slot"), header.get("inputs")
+        if slot not in ("a", "b") or not isinstance(inputs, list) or len(inputs) != 1:
+            raise ProtocolError("stage takes one descriptor and a slot, a or b")
+        desc = Descriptor.from_wire(inputs[0], arena.size)
+        free = [r for r in self.relays.values() if len(r.inflight) < self.max_inflight]
+        if not free:
+            return  # the forward will carry the operand itself
+        relay = min(free, key=lambda r: (len(r.inflight), r.given))
+        relay.given += 1  # spread a product's parts over the relays
+        extra = {"digest": inputs_digest([arena.buffer(desc)])} if self.input_digest else {}
+        frames = encode("stage", [arena.tensor(desc)], bind=bind.to_wire(), slot=slot, **extra)
+        self.relay_sock.send_multipart([relay.identity, *frames], copy=False)
+        self.staged[bind] = (relay.identity, slot, desc)
+        self.stats["staged"] += 1
 
     def _release(self, client: bytes, header: dict) -> None:
         job = header.get("job")
@@ -181,11 +208,14 @@ class Offloader:
                 self.relay_sock.send_multipart([identity, *frames], copy=False)
             for key in [k for k in self.affinity if k.job == job]:
                 del self.affinity[key]
+            for key in [k for k in self.staged if k.job == job]:
+                del self.staged[key]
             name = header.get("arena")
             if isinstance(name, str) and name in self.arenas:
                 self.arenas.pop(name).close()
         else:
             bind = Binding.from_wire(header.get("bind"))
+            self.staged.pop(bind, None)
             relay = self.affinity.pop(bind, None)
             if relay in self.relays:
                 self.relay_sock.send_multipart([relay, *encode("release", bind=bind.to_wire())], copy=False)
@@ -224,6 +254,8 @@ class Offloader:
                        evidence=quarantine_reason, relays=len(self.relays))
         for key in [k for k, v in self.affinity.items() if v == identity]:
             del self.affinity[key]
+        for key in [k for k, v in self.staged.items() if v[0] == identity]:
+            del self.staged[key]
         rids = relay.inflight if relay else {r for r, p in self.parts.items() if p.relay == identity}
         orphans = [self.parts.pop(rid) for rid in list(rids) if rid in self.parts]
         if quarantine_reason is None:
@@ -243,7 +275,20 @@ class Offloader:
                              reason=reason[:500])], copy=False)
 
     # -- dispatch --
+    def _staged_for(self, part: Part) -> tuple[bytes, str, Descriptor] | None:
+        """The staged operand this forward can use: same binding, slot and arena region."""
+        if part.kind != "forward" or part.staged is None or part.full:
+            return None
+        held = self.staged.get(part.bind)
+        want = part.inputs[0 if part.staged == "a" else 1]
+        if held is None or held[1] != part.staged or held[2] != want or held[0] not in self.relays:
+            return None
+        return held
+
     def _pick_relay(self, part: Part) -> bytes | None:
+        held = self._staged_for(part)
+        if held is not None:  # the relay that holds the weight, when it has room
+            return held[0] if len(self.relays[held[0]].inflight) < self.max_inflight else None
         if part.kind == "backward" and not part.full:
             holder = self.affinity.get(part.bind)
             if holder in self.relays:
@@ -266,14 +311,22 @@ class Offloader:
         part.relay = relay
         part.relay_rid = new_request_id()
         arena = part.arena
+        extra = {}
+        held = self._staged_for(part)
         if part.kind == "forward":
+            self.staged.pop(part.bind, None)  # a relay keeps a staged operand until this forward
+        part.used_staged = held is not None
+        if part.used_staged:  # only the activation travels now
+            op, descs = "forward", [part.inputs[1 if part.staged == "a" else 0]]
+            extra["staged"] = part.staged
+            self.stats["staged_used"] += 1
+        elif part.kind == "forward":
             op, descs = "forward", part.inputs
         elif part.full:
             op, descs = "backward_full", [*part.operands, *part.inputs]
         else:
             op, descs = "backward", part.inputs
         tensors = [arena.tensor(d) for d in descs]
-        extra = {}
         if self.input_digest:
             part.digest = inputs_digest(arena.buffer(d) for d in descs)
             extra["digest"] = part.digest
@@ -343,7 +396,8 @@ class Offloader:
         self.enclave_sock.send_multipart(
             [part.client, *encode("done", id=part.client_id, bind=part.bind.to_wire(),
                                   relay=identity.decode("utf-8", "replace"),
-                                  relay_s=round(compute, 6), turnaround_s=round(turnaround, 6))], copy=False
+                                  relay_s=round(compute, 6), turnaround_s=round(turnaround, 6),
+                                  staged=part.used_staged)], copy=False
         )
 
     def _relay_error(self, identity: bytes, msg) -> None:
@@ -355,6 +409,10 @@ class Offloader:
             return
         reason = str(msg.header.get("reason", ""))[:300]
         if part.kind == "backward" and not part.full and "no cached operands" in reason:
+            part.full = True
+            self._dispatch(part)
+            return
+        if part.used_staged and "no staged operand" in reason:  # evicted or restarted: send both
             part.full = True
             self._dispatch(part)
             return

@@ -52,9 +52,9 @@ MAX_TENSORS = 8
 MAX_DIMS = 6
 DEFAULT_MAX_FRAME_BYTES = 2 << 30  # 2 GiB per tensor frame
 
-ENCLAVE_OPS = frozenset({"submit", "release", "ping", "quarantine"})
+ENCLAVE_OPS = frozenset({"submit", "release", "ping", "quarantine", "stage"})
 OFFLOADER_TO_ENCLAVE_OPS = frozenset({"done", "error", "pong", "relay_event"})
-OFFLOADER_TO_RELAY_OPS = frozenset({"forward", "backward", "backward_full", "release", "ping"})
+OFFLOADER_TO_RELAY_OPS = frozenset({"forward", "backward", "backward_full", "release", "ping", "stage"})
 RELAY_OPS = frozenset({"ready", "heartbeat", "result", "error", "pong"})
 
 

@@ -155,8 +155,12 @@ class Relay:
             "backward_full": self._backward_full,
             "release": self._release,
             "ping": self._ping,
+            "stage": self._stage,
         }
         assert set(self.handlers) == OFFLOADER_TO_RELAY_OPS
+        # operands shipped ahead of their forward (the pipeline), by binding: (slot, tensor)
+        self.staged: OrderedDict[Binding, tuple[str, torch.Tensor]] = OrderedDict()
+        self.max_staged = 256
 
     # -- device transfers --
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -183,7 +187,31 @@ class Relay:
             raise ProtocolError(f"{what}: batch shapes do not broadcast") from None
 
     # -- handlers: each returns (tensors, extra header fields) --
+    def _stage(self, msg: Message):
+        """Keep a weight operand shipped ahead of its forward (no reply)."""
+        slot = msg.header.get("slot")
+        if slot not in ("a", "b") or len(msg.tensors) != 1:
+            raise ProtocolError("stage takes one tensor and a slot, a or b")
+        self.staged.pop(msg.binding, None)
+        self.staged[msg.binding] = (slot, self._to_device(msg.tensors[0]))
+        while len(self.staged) > self.max_staged:
+            self.staged.popitem(last=False)
+        return None
+
     def _forward(self, msg: Message):
+        held = self.staged.pop(msg.binding, None)
+        slot = msg.header.get("staged")
+        if slot is not None:  # one operand came ahead (stage); the other comes now
+            if slot not in ("a", "b") or len(msg.tensors) != 1:
+                raise ProtocolError("a staged forward takes one tensor and staged = a or b")
+            if held is None or held[0] != slot:
+                raise LookupError("no staged operand for this binding")
+            now = self._to_device(msg.tensors[0])
+            a_d, b_d = (held[1], now) if slot == "a" else (now, held[1])
+            self._check_chain(a_d, b_d, "forward")
+            c = torch.matmul(a_d, b_d)
+            self.cache.put(msg.binding, a_d, b_d)
+            return [self._to_host(c)]
         if len(msg.tensors) != 2:
             raise ProtocolError("forward takes two tensors, A' and B'")
         a, b = msg.tensors
@@ -225,8 +253,11 @@ class Relay:
         job = msg.header.get("job")
         if isinstance(job, str):
             self.cache.release_job(job)
+            for key in [k for k in self.staged if k.job == job]:
+                del self.staged[key]
         else:
             self.cache.pop(msg.binding)
+            self.staged.pop(msg.binding, None)
         return None
 
     def _ping(self, msg: Message):
@@ -247,12 +278,12 @@ class Relay:
         rid = msg.request_id
         bind = msg.header.get("bind")
         try:
-            if msg.op not in ("ping", "release") and rid is None:
+            if msg.op not in ("ping", "release", "stage") and rid is None:
                 raise ProtocolError("request lacks an id")
             if msg.op != "release" or "job" not in msg.header:
                 msg.binding  # validates bind  # noqa: B018
             digest = msg.header.get("digest")
-            if msg.op in ("forward", "backward", "backward_full") and digest is not None:
+            if msg.op in ("forward", "backward", "backward_full", "stage") and digest is not None:
                 if digest != inputs_digest(frames[1:]):
                     raise ProtocolError("inputs do not match the request's digest")
             t0 = time.perf_counter()
