@@ -57,3 +57,16 @@ def relay_driven_by_test():
             router.close(linger=0)
 
     return start
+
+
+def ask_relay(router, identity, frames):
+    """Send `frames` to the relay behind `router` and return its first reply that is not a
+    heartbeat (decoded)."""
+    from tempo.protocol import RELAY_OPS, decode
+
+    router.send_multipart([identity, *frames])
+    while True:
+        _, *reply = router.recv_multipart()
+        msg = decode(reply, RELAY_OPS)
+        if msg.op != "heartbeat":
+            return msg

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import ask_relay
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -146,18 +147,13 @@ def test_weights_masked_ahead_are_shipped_to_their_relay_ahead(engine):
 def test_a_relay_refuses_a_staged_forward_it_holds_nothing_for(relay_driven_by_test):
     import zmq
 
-    from tempo.protocol import RELAY_OPS, decode, encode
+    from tempo.protocol import encode
 
     ctx = zmq.Context()
     with relay_driven_by_test(ctx) as (router, identity, _):
 
         def ask(frames):
-            router.send_multipart([identity, *frames])
-            while True:
-                _, *reply = router.recv_multipart()
-                msg = decode(reply, RELAY_OPS)
-                if msg.op != "heartbeat":
-                    return msg
+            return ask_relay(router, identity, frames)
 
         a, b = torch.randn(3, 4), torch.randn(4, 2)
         missing = ask(encode("forward", [b], id="f1", bind=["j", 0, 1, 0], staged="a"))

@@ -9,6 +9,7 @@ import msgpack
 import pytest
 import torch
 import zmq
+from conftest import ask_relay
 
 from tempo import arena as arena_mod
 from tempo.cluster import LocalCluster
@@ -207,12 +208,7 @@ def test_hostile_input_to_a_relay_and_replayed_results(relay_driven_by_test):
     with relay_driven_by_test(ctx) as (router, identity, fake):
 
             def ask(frames):
-                router.send_multipart([identity, *frames])
-                while True:
-                    _, *reply = router.recv_multipart()
-                    msg = decode(reply, RELAY_OPS)
-                    if msg.op != "heartbeat":
-                        return msg
+                return ask_relay(router, identity, frames)
 
             hostile = {**HOSTILE, "unknown op": [good_header("result")]}
             for name, frames in hostile.items():
