@@ -230,10 +230,17 @@ def bench_transport(ctx: click.Context, relays: int, mb: float, rounds: int, inp
 
 
 MODEL_CHOICES = click.Choice(["mlp", "cnn", "resnet18", "resnet50", "vit"])
+# options `train` and `bench train` share
+PIPELINE = click.option("--pipeline/--no-pipeline", default=True, show_default=True,
+                        help="Overlap masking, relay compute and unmasking across a product's parts, and ship the "
+                             "next layer's masked weights ahead (off: one part after another).")
+SPLIT_MIN_MB = click.option("--split-min-mb", default=4.0, show_default=True, type=click.FloatRange(0),
+                            help="Split a product across the relays only when its operands and result reach this "
+                                 "size (0 over slow links: every product split).")
 
 
 @bench.command("train")
-@click.option("--model", type=click.Choice(["mlp", "cnn", "resnet18", "resnet50", "vit"]), default="resnet18", show_default=True)
+@click.option("--model", type=MODEL_CHOICES, default="resnet18", show_default=True)
 @click.option("--width", default=None, type=click.IntRange(1), help="Model width (as for train).")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--steps", default=3, show_default=True, type=click.IntRange(1), help="Timed steps per mode (after one warm-up).")
@@ -241,9 +248,8 @@ MODEL_CHOICES = click.Choice(["mlp", "cnn", "resnet18", "resnet50", "vit"])
               help="Comma-separated: tempo, plain-cpu (pure TEE), plain-cuda (non-private GPU).")
 @click.option("--relays", default=1, show_default=True, type=click.IntRange(1, 16), help="Local relays for tempo; products split across them.")
 @click.option("--device", default="cpu", show_default=True, help="The relays' device (and plain-cuda's): cpu, cuda, cuda:i.")
-@click.option("--pipeline/--no-pipeline", default=True, show_default=True, help="Overlap the parts of each product.")
-@click.option("--split-min-mb", default=4.0, show_default=True, type=click.FloatRange(0),
-              help="Split a product across the relays only when its operands and result reach this size.")
+@PIPELINE
+@SPLIT_MIN_MB
 @click.option("--image-shape", default="3x32x32", show_default=True, help="C×H×W of the synthetic batch (CIFAR's by default).")
 @click.option("--arena-mb", default=4096, show_default=True, type=click.IntRange(16), help="Shared-memory arena for masked operands.")
 @click.option("--json", "json_path", default=None, help="Write the figures as JSON to this file ('-': stdout, last line).")
@@ -299,10 +305,8 @@ DATASET_CHOICES = click.Choice(["digits", "cifar10", "synthetic"])
 @click.option("--schedule", type=click.Choice(["none", "cosine", "step"]), default="none", show_default=True, help="Learning-rate schedule.")
 @click.option("--seed", default=7, show_default=True, type=int)
 @click.option("--relays", default=2, show_default=True, type=click.IntRange(1, 16), help="Local relays to start; each product is split across them.")
-@click.option("--pipeline/--no-pipeline", default=True, show_default=True,
-              help="Mask, compute and unmask a product's parts overlapped (off: one part after another).")
-@click.option("--split-min-mb", default=4.0, show_default=True, type=click.FloatRange(0),
-              help="Split a product across the relays only when its operands and result reach this size.")
+@PIPELINE
+@SPLIT_MIN_MB
 @click.option("--device", default="cpu", show_default=True, help="Relays' device (tempo) or the training device (plain): cpu, cuda, cuda:i.")
 @click.option("--mode", type=click.Choice(["tempo", "plain"]), default="tempo", show_default=True,
               help="tempo: offload every product masked; plain: no offload (pure-TEE baseline on cpu, non-private on cuda).")

@@ -99,6 +99,14 @@ class Counters:
     parts_by_relay: dict = field(default_factory=dict)  # answers used, per relay name
 
 
+def _mask_operand(sk: MatmulKey, side: str, t: torch.Tensor, out: torch.Tensor) -> None:
+    """One half of `encrypt`: ``A' = mask(A; m, n)`` (side "a") or ``B' = mask(B; n, p)``."""
+    if side == "a":
+        mask(t, sk.m, sk.n, out=out)
+    else:
+        mask(t, sk.n, sk.p, out=out)
+
+
 class OffloadClient:
     def __init__(
         self,
@@ -156,10 +164,7 @@ class OffloadClient:
         t0 = time.perf_counter()
         sk = self.keys.key(bind.layer, m, n, p, bind.part)
         desc, buf = self._alloc(operand.shape, operand.dtype)
-        if side == "a":
-            mask(operand, sk.m, sk.n, out=buf)
-        else:
-            mask(operand, sk.n, sk.p, out=buf)
+        _mask_operand(sk, side, operand, buf)
         self.counters.forward_encryptions += 1
         self.counters.encrypt_s += time.perf_counter() - t0
         if stage:
@@ -188,12 +193,11 @@ class OffloadClient:
                 raise ValueError(f"a pre-masked operand of shape {pre.shape} under a {pre.key.shape} key does "
                                  f"not fit A {tuple(a.shape)} @ B {tuple(b.shape)}")
             sk = pre.key
-            if pre.side == "a":
-                a_desc, (b_desc, b_buf) = pre.desc, self._alloc(b.shape, b.dtype)
-                mask(b, sk.n, sk.p, out=b_buf)
-            else:
-                (a_desc, a_buf), b_desc = self._alloc(a.shape, a.dtype), pre.desc
-                mask(a, sk.m, sk.n, out=a_buf)
+            other = "b" if pre.side == "a" else "a"
+            t = b if other == "b" else a
+            desc, buf = self._alloc(t.shape, t.dtype)
+            _mask_operand(sk, other, t, buf)
+            a_desc, b_desc = (pre.desc, desc) if other == "b" else (desc, pre.desc)
             self.counters.forward_encryptions += 1
         else:
             sk = self.keys.key(bind.layer, m, n, p, bind.part)

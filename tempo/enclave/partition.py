@@ -59,16 +59,17 @@ def plan(a_shape: torch.Size | tuple, b_shape: torch.Size | tuple, parts: int) -
     return Plan("none", ((0, 0),), len(batch))
 
 
-def _has_lead(t: torch.Tensor, plan: Plan) -> bool:
-    """Whether `t` carries the split batch dimension itself (not broadcast into it)."""
-    return t.dim() - 2 == plan.batch_dims and t.shape[0] != 1
+def _has_lead(shape: tuple, plan: Plan) -> bool:
+    """Whether an operand of `shape` carries the split batch dimension itself (not broadcast
+    into it): such an operand is cut into slices, any other goes whole to every part."""
+    return len(shape) - 2 == plan.batch_dims and shape[0] != 1
 
 
 def split(a: torch.Tensor, b: torch.Tensor, plan: Plan) -> list[tuple[torch.Tensor, torch.Tensor]]:
     if plan.axis == "none":
         return [(a, b)]
     if plan.axis == "batch":
-        a_lead, b_lead = _has_lead(a, plan), _has_lead(b, plan)
+        a_lead, b_lead = _has_lead(a.shape, plan), _has_lead(b.shape, plan)
         return [(a[lo:hi] if a_lead else a, b[lo:hi] if b_lead else b) for lo, hi in plan.bounds]
     return [(a, b[..., lo:hi]) for lo, hi in plan.bounds]
 
@@ -98,9 +99,8 @@ def gather_grads(
         return parts[0]
     das, dbs = zip(*parts)
     if plan.axis == "batch":
-        a_split = len(a_shape) - 2 == plan.batch_dims and a_shape[0] != 1
-        b_split = len(b_shape) - 2 == plan.batch_dims and b_shape[0] != 1
-        return (torch.cat(das, dim=0) if a_split else _sum(das)), (torch.cat(dbs, dim=0) if b_split else _sum(dbs))
+        da = torch.cat(das, dim=0) if _has_lead(a_shape, plan) else _sum(das)
+        return da, torch.cat(dbs, dim=0) if _has_lead(b_shape, plan) else _sum(dbs)
     return _sum(das), torch.cat(dbs, dim=-1)
 
 

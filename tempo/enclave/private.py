@@ -109,12 +109,10 @@ class ClientEngine:
         self.pipeline = pipeline
         self.offload_s = 0.0  # wall time inside forward/backward (the enclave's offload path)
         self.gather_s = 0.0  # of which: cutting products into parts and joining the results
-        self._plans: dict[Binding, partition.Plan] = {}
-        self._shapes: dict[Binding, tuple] = {}
+        self._plans: dict[Binding, tuple] = {}  # bind -> (plan, A shape, B shape) until backward
         self._trace: dict[int, tuple] = {}  # layer -> (weight, A shape, B shape), from the last pass
         self._prefetched: dict[int, tuple] = {}  # layer -> weights masked ahead, per part
         self.prefetch_used = 0  # products whose weights were masked while the previous one ran
-        self.prefetch_dropped = 0  # look-aheads thrown away (shapes or weights changed)
 
     @property
     def counters(self) -> EngineCounters:
@@ -152,8 +150,7 @@ class ClientEngine:
             cs = [client.finish_forward(p) for p in pending]
         else:
             cs = [client.forward(ai, bi, self._part_bind(bind, i)) for i, (ai, bi) in enumerate(pieces)]
-        self._plans[bind] = plan
-        self._shapes[bind] = (tuple(a.shape), tuple(b.shape))
+        self._plans[bind] = (plan, tuple(a.shape), tuple(b.shape))
         t1 = time.perf_counter()
         c = partition.gather_c(cs, plan)
         t2 = time.perf_counter()
@@ -196,8 +193,7 @@ class ClientEngine:
 
     def _drop(self, pres) -> None:
         for pre in pres:
-            self.client.drop_premasked(pre)
-        self.prefetch_dropped += 1
+            self.client.drop_premasked(pre)  # counted there
 
     def end_step(self) -> None:
         for *_, pres in self._prefetched.values():
@@ -206,7 +202,7 @@ class ClientEngine:
 
     def backward(self, grad_c: torch.Tensor, bind: Binding) -> tuple[torch.Tensor, torch.Tensor]:
         t0 = time.perf_counter()
-        plan = self._plans.pop(bind)
+        plan, a_shape, b_shape = self._plans.pop(bind)
         grads = partition.split_grad(grad_c, plan)
         client = self.client
         if self.pipeline:
@@ -214,7 +210,6 @@ class ClientEngine:
             out = [client.finish_backward(p) for p in pending]
         else:
             out = [client.backward(g, self._part_bind(bind, i)) for i, g in enumerate(grads)]
-        a_shape, b_shape = self._shapes.pop(bind)
         t1 = time.perf_counter()
         da, db = partition.gather_grads(out, plan, a_shape, b_shape)
         t2 = time.perf_counter()
@@ -223,9 +218,8 @@ class ClientEngine:
         return da, db
 
     def release(self, bind: Binding) -> None:
-        plan = self._plans.pop(bind, None)
-        self._shapes.pop(bind, None)
-        for i in range(plan.parts if plan else 1):
+        entry = self._plans.pop(bind, None)
+        for i in range(entry[0].parts if entry else 1):
             self.client.release(self._part_bind(bind, i))
 
     def close(self) -> None:
@@ -258,16 +252,6 @@ class PrivateContext:
         self._layer = 0
 
 
-def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Sum a broadcast gradient back to an operand's shape (shared weights over a batch)."""
-    while grad.dim() > len(shape):
-        grad = grad.sum(0)
-    for i, (g, s) in enumerate(zip(grad.shape, shape)):
-        if s == 1 and g != 1:
-            grad = grad.sum(i, keepdim=True)
-    return grad
-
-
 class OffloadedMatmul(torch.autograd.Function):
     """``A @ B`` computed by the engine, forward and backward (one encryption of ``Δᵀ`` back)."""
 
@@ -278,7 +262,6 @@ class OffloadedMatmul(torch.autograd.Function):
         a_, b_ = a.detach(), b.detach()  # views are fine: masking reads strided rows
         c = pctx.engine.forward(a_, b_, bind, weight=weight)
         ctx.bind, ctx.pctx = bind, pctx
-        ctx.shapes = (a.shape, b.shape)
         if track:  # a backward can come: keep the operands (here and on the relay) until then
             pctx._open.add(bind)
         else:
@@ -288,9 +271,9 @@ class OffloadedMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_c: torch.Tensor):
         ctx.pctx._open.discard(ctx.bind)
+        # engines return each gradient in its operand's shape (relays sum broadcast slices)
         da, db = ctx.pctx.engine.backward(grad_c.contiguous(), ctx.bind)
-        a_shape, b_shape = ctx.shapes
-        return _reduce_to(da, a_shape), _reduce_to(db, b_shape), None, None, None
+        return da, db, None, None, None
 
 
 def private_matmul(a: torch.Tensor, b: torch.Tensor, pctx: PrivateContext, weight: Weight | None = None) -> torch.Tensor:

@@ -189,10 +189,9 @@ class Offloader:
         if slot not in ("a", "b") or not isinstance(inputs, list) or len(inputs) != 1:
             raise ProtocolError("stage takes one descriptor and a slot, a or b")
         desc = Descriptor.from_wire(inputs[0], arena.size)
-        free = [r for r in self.relays.values() if len(r.inflight) < self.max_inflight]
-        if not free:
+        relay = self._least_loaded()
+        if relay is None:
             return  # the forward will carry the operand itself
-        relay = min(free, key=lambda r: (len(r.inflight), r.given))
         relay.given += 1  # spread a product's parts over the relays
         extra = {"digest": inputs_digest([arena.buffer(desc)])} if self.input_digest else {}
         frames = encode("stage", [arena.tensor(desc)], bind=bind.to_wire(), slot=slot, **extra)
@@ -294,10 +293,13 @@ class Offloader:
             if holder in self.relays:
                 return holder if len(self.relays[holder].inflight) < self.max_inflight else None
             part.full = True  # the cache is gone: send the operands along
+        relay = self._least_loaded()
+        return relay.identity if relay is not None else None
+
+    def _least_loaded(self) -> RelayState | None:
+        """The relay with room and the fewest parts in flight (ties: the least used so far)."""
         free = [r for r in self.relays.values() if len(r.inflight) < self.max_inflight]
-        if not free:
-            return None
-        return min(free, key=lambda r: (len(r.inflight), r.given)).identity
+        return min(free, key=lambda r: (len(r.inflight), r.given)) if free else None
 
     def _dispatch(self, part: Part) -> None:
         relay = self._pick_relay(part)

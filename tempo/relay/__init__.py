@@ -206,17 +206,16 @@ class Relay:
                 raise ProtocolError("a staged forward takes one tensor and staged = a or b")
             if held is None or held[0] != slot:
                 raise LookupError("no staged operand for this binding")
-            now = self._to_device(msg.tensors[0])
+            now = msg.tensors[0]
+            self._check_chain(*((held[1], now) if slot == "a" else (now, held[1])), "forward")
+            now = self._to_device(now)  # the staged one is on the device already
             a_d, b_d = (held[1], now) if slot == "a" else (now, held[1])
-            self._check_chain(a_d, b_d, "forward")
-            c = torch.matmul(a_d, b_d)
-            self.cache.put(msg.binding, a_d, b_d)
-            return [self._to_host(c)]
-        if len(msg.tensors) != 2:
-            raise ProtocolError("forward takes two tensors, A' and B'")
-        a, b = msg.tensors
-        self._check_chain(a, b, "forward")
-        a_d, b_d = self._to_device(a), self._to_device(b)
+        else:
+            if len(msg.tensors) != 2:
+                raise ProtocolError("forward takes two tensors, A' and B'")
+            a, b = msg.tensors
+            self._check_chain(a, b, "forward")
+            a_d, b_d = self._to_device(a), self._to_device(b)
         c = torch.matmul(a_d, b_d)
         self.cache.put(msg.binding, a_d, b_d)
         return [self._to_host(c)]
@@ -226,10 +225,7 @@ class Relay:
         ``D' A'``, transposed (free in a GEMM) so the enclave unmasks them without a transpose.
         Each is summed over the batch slices its operand was broadcast across (a shared weight):
         one matrix back instead of one per slice (protocol.grad_shapes)."""
-        try:
-            t1_shape, t2_shape = grad_shapes(tuple(a.shape), tuple(b.shape), tuple(e.shape))
-        except ProtocolError as exc:
-            raise ProtocolError(str(exc)) from None
+        t1_shape, t2_shape = grad_shapes(tuple(a.shape), tuple(b.shape), tuple(e.shape))
         t1 = torch.matmul(e, b.mT).sum_to_size(t1_shape)
         t2 = torch.matmul(a.mT, e).sum_to_size(t2_shape)
         return [self._to_host(t1), self._to_host(t2)]
