@@ -90,6 +90,63 @@ def test_unmask_inverts_mask_and_backends_are_bit_identical(rows, cols, dtype, s
         assert torch.allclose(back, x, rtol=8 * torch.finfo(dtype).eps, atol=0)
 
 
+KERNEL = pytest.mark.skipif(not ob.kernel_available(), reason="the C kernel is not built")
+ROLES = ["mask", "unmask", "mask-t", "unmask-t"]
+
+
+def _kernel_paths_agree(x, row_key, col_key):
+    """Every role, through each kernel path (transposed tiles on and off), equals the fallback."""
+    want = {role: ob._keyed_gather(x, row_key, col_key, role, None, "torch") for role in ROLES}
+    before = ob._kernel.use_tiles(True)
+    try:
+        for tiles in (True, False):
+            ob._kernel.use_tiles(tiles)
+            for role in ROLES:
+                got = ob._keyed_gather(x, row_key, col_key, role, None, "c")
+                assert torch.equal(got, want[role]), (role, tiles)
+    finally:
+        ob._kernel.use_tiles(before)
+
+
+@KERNEL
+@given(
+    rows=st.one_of(st.integers(1, 40), st.sampled_from([63, 64, 65])),
+    cols=st.one_of(st.integers(1, 40), st.sampled_from([255, 256, 257])),
+    batch=st.sampled_from([(), (1,), (3,), (2, 2)]),
+    per_slice=st.booleans(),
+    row_step=st.sampled_from([1, 2]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_kernel_paths_are_bit_identical_to_the_fallback(rows, cols, batch, per_slice, row_step, dtype):
+    # The float32 tile path takes groups of 8 rows of one slice: shapes here cut groups at
+    # slice ends and leave column tails (cols % 8); row_step 2 gives rows that are not adjacent.
+    x = torch.randn(*batch, rows * row_step, cols, dtype=dtype)[..., ::row_step, :]
+    keys = batch if per_slice else ()
+    _kernel_paths_agree(x, axis_keygen(rows, keys), axis_keygen(cols, keys))
+
+
+@KERNEL
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(4096, 24), (3, 181, 133), (70, 1030), (40, 2050)])
+def test_kernel_thread_shares_cover_every_row(threads, shape):
+    # Above 2**16 elements the rows are shared among threads (shares start on multiples of 8).
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        batch = shape[:-2]
+        x = torch.randn(*shape)
+        _kernel_paths_agree(x, axis_keygen(shape[-2], batch), axis_keygen(shape[-1]))
+    finally:
+        torch.set_num_threads(before)
+
+
+@KERNEL
+def test_kernel_reports_its_tile_path():
+    assert isinstance(ob._kernel.has_tiles(), bool)
+    before = ob._kernel.use_tiles(False)
+    assert ob._kernel.use_tiles(before) is False
+
+
 def test_mask_matches_the_definition_elementwise():
     x = torch.randn(6, 5, dtype=torch.float64)
     r, s = axis_keygen(6), axis_keygen(5)

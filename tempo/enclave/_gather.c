@@ -23,8 +23,11 @@
  *  - SSE2 lanes assembled from scalar loads, then one vector multiply per 4 floats (2 doubles):
  *    on Zen 3 this beat both plain scalar code and AVX2's vgatherdps. SSE2 is part of every
  *    x86-64 CPU; other architectures get a plain C loop.
- *  - One row at a time: blocking several output rows over one pass of the column key put
- *    power-of-two-strided output streams into the same L1 sets and was slower.
+ *  - One row at a time for wide rows: blocking several output rows over one pass of the column
+ *    key put power-of-two-strided output streams into the same L1 sets and was slower.
+ *  - Outputs that stay in cache (decrypted results): float32 goes by transposed 8x8 tiles
+ *    (AVX, chosen at run time), where the column gather moves whole vectors, not elements;
+ *    float64 and CPUs without AVX by 4-row SSE2 blocks. See the comments at each.
  * The two multiplies are never fused, so results are bit-identical to the pure-torch fallback,
  * which computes (r * c) * x as well.
  *
@@ -36,6 +39,7 @@
 #include <Python.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -61,6 +65,7 @@ typedef struct {
     int64_t col_key_stride;
     int64_t begin, end; /* flattened (slice, row) range for one thread */
     int stream;         /* use non-temporal stores */
+    float *tile;        /* scratch of TILE_ROWS * cols floats for the transposed-tile path, or NULL */
 } job_t;
 
 /* Source row of flattened output row t. */
@@ -69,6 +74,114 @@ static inline const char *source_row(const job_t *jb, int64_t t, size_t esize) {
     const int64_t off = b * jb->s_slice + (int64_t)jb->row_idx[b * jb->row_key_stride + i] * jb->s_row;
     return jb->src + (size_t)off * esize;
 }
+
+/* Transposed tiles (float32, AVX): the fastest in-cache path, taken for outputs that are not
+ * streamed, by groups of 8 rows of one slice. A column permutation moves single elements, which
+ * SIMD cannot do from a row; in a transposed layout it moves whole 8-float vectors. So:
+ *   pass 1: the group's 8 source rows (picked by row_idx), 8x8 blocks transposed in registers,
+ *           into a scratch of `cols` vectors: X[j] = column j of those rows (stays in L1/L2);
+ *   pass 2: for 8 output columns, the 8 vectors X[col_idx[j..j+7]] are loaded whole, transposed
+ *           back, scaled ((r * c) * x, as everywhere) and stored as 8 output row pieces.
+ * Two transposes cost 48 shuffles per 64 elements, against one scalar load and lane insert per
+ * element for the row-wise gather. Measured on Zen 3 at 4096x256, one thread: 0.22-0.23 ns per
+ * element against 0.335 for the 4-row SSE2 blocks below and 0.12-0.15 for memcpy. AVX (not
+ * AVX2) suffices; the CPU is asked at run time, and without AVX the SSE2 path runs.
+ * Each group prefetches the next group's source rows and output lines in step. Where earlier
+ * work has pushed the operands out to memory (the benchmark times decrypt right after 136 MiB
+ * of encryption), that took decrypt from 0.46-0.48 to 0.53-0.54 of a plain copy; in a quiet
+ * loop over cached operands it costs about 10%. */
+#define TILE_ROWS 8
+#define TILE_MAX_COLS 2048 /* wider: rows 16 KiB apart alias in L1 and tiles lost ~10% */
+#if HAVE_SSE2 && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define TILE_OK 1
+#define AVX_FN __attribute__((target("avx")))
+AVX_FN static inline void transpose8(__m256 *r) {
+    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+    r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+    r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+    r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+    r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+    r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+    r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+    r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+/* Output rows t..t+7 (rows i..i+7 of slice b). X: TILE_ROWS * cols floats, 32-byte aligned. */
+AVX_FN static void tile8_f32(const job_t *jb, int64_t t, int64_t b, int64_t i, float *X) {
+    const int64_t cols = jb->cols, cols8 = cols & ~(int64_t)7;
+    const int32_t *ci = jb->col_idx + b * jb->col_key_stride;
+    const float *cs = (const float *)jb->col_scale + b * jb->col_key_stride;
+    const float *rs = (const float *)jb->row_scale + b * jb->row_key_stride + i;
+    const float *s[TILE_ROWS], *nx[TILE_ROWS];
+    /* the next group's source rows are prefetched in step, one cache line per row per 16
+     * columns, so that rows coming from memory (cold operands) are in cache when their turn
+     * comes: the row permutation defeats the hardware prefetcher across rows. */
+    const float *base = (const float *)jb->src + b * jb->s_slice;
+    const int32_t *ri = jb->row_idx + b * jb->row_key_stride + i;
+    /* (no division here: at 2048 elements a group, a few 64-bit divisions are a visible cost) */
+    const int ahead = i + 2 * TILE_ROWS <= jb->rows && t + 2 * TILE_ROWS <= jb->end;
+    for (int k = 0; k < TILE_ROWS; ++k) {
+        s[k] = base + (int64_t)ri[k] * jb->s_row;
+        nx[k] = ahead ? base + (int64_t)ri[TILE_ROWS + k] * jb->s_row : s[k];
+    }
+    __m256 v[TILE_ROWS];
+    for (int64_t j = 0; j < cols8; j += 8) {
+        if (ahead && (j & 15) == 0)
+            for (int k = 0; k < TILE_ROWS; ++k) __builtin_prefetch(nx[k] + j, 0, 2);
+        for (int k = 0; k < TILE_ROWS; ++k) v[k] = _mm256_loadu_ps(s[k] + j);
+        transpose8(v);
+        for (int k = 0; k < TILE_ROWS; ++k) _mm256_store_ps(X + (j + k) * TILE_ROWS, v[k]);
+    }
+    for (int64_t j = cols8; j < cols; ++j)
+        for (int k = 0; k < TILE_ROWS; ++k) X[j * TILE_ROWS + k] = s[k][j];
+    float *o = (float *)jb->out + t * cols;
+    /* the next group's output (the next 8 * cols floats) is prefetched for writing in step: 4
+     * cache lines per 8 columns covers it; the 8 interleaved row streams written here are a
+     * pattern the hardware prefetcher follows poorly when they come from memory */
+    const float *on = o + TILE_ROWS * cols;
+    const int oahead = t + 2 * TILE_ROWS <= jb->end;
+    __m256 rv[TILE_ROWS];
+    for (int k = 0; k < TILE_ROWS; ++k) rv[k] = _mm256_set1_ps(rs[k]);
+    for (int64_t j = 0; j < cols8; j += 8) {
+        if (oahead)
+            for (int u = 0; u < 4; ++u) __builtin_prefetch(on + ((j >> 3) * 4 + u) * 16, 1, 2);
+        for (int k = 0; k < TILE_ROWS; ++k) v[k] = _mm256_load_ps(X + (int64_t)ci[j + k] * TILE_ROWS);
+        transpose8(v);
+        const __m256 cv = _mm256_loadu_ps(cs + j);
+        for (int k = 0; k < TILE_ROWS; ++k)
+            _mm256_storeu_ps(o + k * cols + j, _mm256_mul_ps(_mm256_mul_ps(rv[k], cv), v[k]));
+    }
+    for (int64_t j = cols8; j < cols; ++j)
+        for (int k = 0; k < TILE_ROWS; ++k)
+            o[k * cols + j] = (rs[k] * cs[j]) * X[(int64_t)ci[j] * TILE_ROWS + k];
+}
+
+static int cpu_has_avx(void) {
+    static int known = -1; /* benign race: every thread computes the same answer */
+    if (known < 0) {
+        __builtin_cpu_init();
+        known = __builtin_cpu_supports("avx") ? 1 : 0;
+    }
+    return known;
+}
+#else
+#define TILE_OK 0
+static void tile8_f32(const job_t *jb, int64_t t, int64_t b, int64_t i, float *X) {
+    (void)jb, (void)t, (void)b, (void)i, (void)X;
+}
+static int cpu_has_avx(void) { return 0; }
+#endif
+#define TILE_F32(jb, t, b, i) tile8_f32(jb, t, b, i, (jb)->tile)
+#define TILE_NONE(jb, t, b, i) ((void)0)
 
 /* Narrow outputs that stay in cache (no streaming, at most BLOCK_MAX_COLS columns) go 4 rows per
  * pass over the column key: each index and scale is loaded once for 4 rows. Measured on Zen 3
@@ -127,15 +240,21 @@ static void block4_f64(double *o, const double *const *s, const int32_t *ci, con
 
 /* Generic row loop: PER_LINE elements fill one cache line; LINE(o, j) does one line of output
  * (the x86 build assembles 4 or 2 lanes per SSE2 register, the portable one is scalar). */
-#define DEFINE_GATHER(NAME, T, PER_LINE, LINE_STORE, LINE_STREAM, BLOCK4)                            \
+#define DEFINE_GATHER(NAME, T, PER_LINE, LINE_STORE, LINE_STREAM, BLOCK4, TILE)                      \
     static void NAME(const job_t *jb) {                                                      \
         const int64_t cols = jb->cols;                                                       \
         const T *rs = (const T *)jb->row_scale;                                              \
         const T *cs_all = (const T *)jb->col_scale;                                          \
-        const T *next = jb->begin < jb->end ? (const T *)source_row(jb, jb->begin, sizeof(T)) : NULL; \
+        const T *next = NULL; /* row t's source when known ahead (prefetched in step) */     \
         for (int64_t t = jb->begin; t < jb->end; ++t) {                                      \
             const int64_t b = t / jb->rows, i = t - b * jb->rows;                            \
-            const T *srow = next;                                                            \
+            if (jb->tile && i + TILE_ROWS <= jb->rows && t + TILE_ROWS <= jb->end) {             \
+                TILE(jb, t, b, i); /* prefetches its own next group */                       \
+                t += TILE_ROWS - 1;                                                          \
+                next = NULL;                                                                 \
+                continue;                                                                    \
+            }                                                                                \
+            const T *srow = next ? next : (const T *)source_row(jb, t, sizeof(T));           \
             next = t + 1 < jb->end ? (const T *)source_row(jb, t + 1, sizeof(T)) : NULL;     \
             const int32_t *ci = jb->col_idx + b * jb->col_key_stride;                        \
             const T *cs = cs_all + b * jb->col_key_stride;                                   \
@@ -211,22 +330,32 @@ static void block4_f64(double *o, const double *const *s, const int32_t *ci, con
 #define F64_STREAM F64_STORE
 #endif
 
-DEFINE_GATHER(gather_f32, float, 16, F32_STORE, F32_STREAM, block4_f32)
-DEFINE_GATHER(gather_f64, double, 8, F64_STORE, F64_STREAM, block4_f64)
+DEFINE_GATHER(gather_f32, float, 16, F32_STORE, F32_STREAM, block4_f32, TILE_F32)
+DEFINE_GATHER(gather_f64, double, 8, F64_STORE, F64_STREAM, block4_f64, TILE_NONE)
 
 typedef struct {
     job_t job;
     int dtype;
 } task_t;
 
+static int tiles_enabled = 1; /* switched by use_tiles(), for tests and measurements */
+
 static void *run_task(void *arg) {
     const task_t *tk = (const task_t *)arg;
-    if (tk->dtype == 0)
-        gather_f32(&tk->job);
-    else
-        gather_f64(&tk->job);
+    job_t jb = tk->job;
+    jb.tile = NULL;
+    if (tk->dtype == 0) {
+        /* If the scratch cannot be had, the row-wise paths do the work: same result. */
+        if (TILE_OK && tiles_enabled && !jb.stream && jb.rows >= TILE_ROWS && jb.cols >= 8
+            && jb.cols <= TILE_MAX_COLS && jb.end - jb.begin >= TILE_ROWS && cpu_has_avx())
+            jb.tile = aligned_alloc(32, (size_t)jb.cols * TILE_ROWS * sizeof(float));
+        gather_f32(&jb);
+        free(jb.tile);
+    } else {
+        gather_f64(&jb);
+    }
 #if HAVE_SSE2
-    if (tk->job.stream) _mm_sfence(); /* streaming stores are weakly ordered */
+    if (jb.stream) _mm_sfence(); /* streaming stores are weakly ordered */
 #endif
     return NULL;
 }
@@ -278,8 +407,9 @@ static PyObject *scaled_gather(PyObject *Py_UNUSED(self), PyObject *args) {
         jb->col_idx = (const int32_t *)(uintptr_t)col_idx;
         jb->col_scale = (const char *)(uintptr_t)col_scale;
         jb->col_key_stride = cks;
-        jb->begin = total * k / nthreads;
-        jb->end = total * (k + 1) / nthreads;
+        /* shares start on multiples of TILE_ROWS rows, so tiles are rarely cut */
+        jb->begin = k == 0 ? 0 : (total * k / nthreads) & ~(int64_t)(TILE_ROWS - 1);
+        jb->end = k == nthreads - 1 ? total : (total * (k + 1) / nthreads) & ~(int64_t)(TILE_ROWS - 1);
         jb->stream = stream;
         tasks[k].dtype = dtype;
     }
@@ -315,6 +445,18 @@ static PyObject *scaled_gather(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *use_tiles(PyObject *Py_UNUSED(self), PyObject *args) {
+    int on;
+    if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
+    const int before = tiles_enabled;
+    tiles_enabled = on;
+    return PyBool_FromLong(before);
+}
+
+static PyObject *has_tiles(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(unused)) {
+    return PyBool_FromLong(TILE_OK && cpu_has_avx());
+}
+
 static PyObject *uses_openmp(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(unused)) {
 #ifdef _OPENMP
     Py_RETURN_TRUE;
@@ -330,6 +472,11 @@ static PyMethodDef methods[] = {
      "out[b,i,j] = (row_scale[i] * col_scale[j]) * src[b, row_idx[i], col_idx[j]] (raw "
      "pointers, int32 indices; the caller validates everything)."},
     {"uses_openmp", uses_openmp, METH_NOARGS, "Whether threads come from OpenMP (else pthreads)."},
+    {"use_tiles", use_tiles, METH_VARARGS,
+     "use_tiles(on) -> bool: switch the transposed-tile float32 path (default on); returns the "
+     "previous setting. For tests and measurements; results are identical either way."},
+    {"has_tiles", has_tiles, METH_NOARGS,
+     "Whether this build and CPU can take the transposed-tile path (AVX)."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_gather",

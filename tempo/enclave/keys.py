@@ -146,11 +146,12 @@ class AxisKey:
         ):
             raise ValueError("key permutation is not a permutation")
 
-    @property
+    # cached: read on every mask and unmask (the key's tensors are never replaced)
+    @cached_property
     def size(self) -> int:
         return self.coef.shape[-1]
 
-    @property
+    @cached_property
     def batch_shape(self) -> torch.Size:
         return self.coef.shape[:-1]
 

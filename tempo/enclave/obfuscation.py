@@ -51,33 +51,35 @@ def default_backend() -> str:
     ``torch`` is the pure-torch fallback.
     """
     wanted = os.environ.get("TEMPO_OBFUSCATION_BACKEND", "auto")
-    if wanted not in ("auto", *BACKENDS):
+    if wanted == "auto":  # the common case first: this runs on every mask and unmask
+        return "c" if _kernel is not None else "torch"
+    if wanted not in BACKENDS:
         raise ValueError(
             f"TEMPO_OBFUSCATION_BACKEND must be one of auto, {', '.join(BACKENDS)}; not {wanted!r}"
         )
     if wanted == "c" and _kernel is None:
         raise RuntimeError(f"TEMPO_OBFUSCATION_BACKEND={wanted} but the C kernel is not built")
-    if wanted == "auto":
-        return "c" if _kernel is not None else "torch"
     return wanted
 
 
 def _check_key_batch(key: AxisKey, batch_shape: torch.Size, what: str) -> None:
-    if key.batch_shape != torch.Size([]) and key.batch_shape != batch_shape:
+    key_batch = key.batch_shape
+    if key_batch and key_batch != batch_shape:
         raise ValueError(
-            f"{what} key has batch shape {tuple(key.batch_shape)}, operand has {tuple(batch_shape)}"
+            f"{what} key has batch shape {tuple(key_batch)}, operand has {tuple(batch_shape)}"
         )
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
     """Byte range addressed by a non-empty tensor view (torch strides are never negative)."""
+    if t.is_contiguous():
+        return t.data_ptr(), t.data_ptr() + t.nbytes
     last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
     return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
-        return False
+    """Whether two non-empty tensors on the same device share any byte."""
     a0, a1 = _span(a)
     b0, b1 = _span(b)
     return a0 < b1 and b0 < a1
@@ -93,9 +95,38 @@ def _output_buffer(src: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         )
     if not out.is_contiguous():
         raise ValueError("output buffer must be contiguous")
-    if _overlaps(out, src):
+    if out.numel() and _overlaps(out, src):
         raise ValueError("output buffer must not overlap the input (a gather cannot run in place)")
     return out
+
+
+# role -> (index role, row scale role, column scale role). "mask-t"/"unmask-t" are the transpose
+# of mask/unmask of the transposed source: the same gather with the reciprocal scale on each
+# axis (keys.AxisKey.scales); no transpose copies.
+_ROLES = {
+    "mask": ("mask", "mask-row", "mask-col"),
+    "unmask": ("unmask", "unmask-row", "unmask-col"),
+    "mask-t": ("mask", "mask-col", "mask-row"),
+    "unmask-t": ("unmask", "unmask-col", "unmask-row"),
+}
+
+
+def _kernel_vectors(key: AxisKey, index_role: str, scale_role: str, dtype: torch.dtype) -> tuple:
+    """``(indices pointer, scales pointer, key stride)`` for the kernel, cached on the key.
+
+    The pointers are into the int32 indices and scales the key caches itself, which live as long
+    as the key. The stride is 0 for a key shared by all slices, else the axis size.
+    """
+    cache_key = ("kernel", index_role, scale_role, dtype)
+    hit = key._cache.get(cache_key)
+    if hit is None:
+        hit = (
+            key.indices(index_role, torch.int32).data_ptr(),
+            key.scales(scale_role, dtype).data_ptr(),
+            key.size if key.batch_shape else 0,
+        )
+        key._cache[cache_key] = hit
+    return hit
 
 
 def _keyed_gather(
@@ -110,61 +141,63 @@ def _keyed_gather(
 
     The one implementation of both `mask` and `unmask`. Index vectors come from an `AxisKey`,
     which checked at construction that they are permutations; sizes are checked here, so the C
-    kernel never reads out of bounds.
+    kernel never reads out of bounds. This runs on every offloaded product, twice, so its checks
+    are kept to a few microseconds: at a few MiB they are a visible share of the whole.
     """
-    if src.dim() < 2:
-        raise ValueError(f"obfuscation acts on matrices; got a tensor of shape {tuple(src.shape)}")
-    rows, cols = src.shape[-2], src.shape[-1]
-    batch = src.shape[:-2]
+    shape = src.shape
+    if len(shape) < 2:
+        raise ValueError(f"obfuscation acts on matrices; got a tensor of shape {tuple(shape)}")
+    rows, cols = shape[-2], shape[-1]
     if row_key.size != rows or col_key.size != cols:
         raise ValueError(
             f"key sizes ({row_key.size}, {col_key.size}) do not fit a {rows}×{cols} matrix"
         )
+    batch = shape[:-2]
     _check_key_batch(row_key, batch, "row")
     _check_key_batch(col_key, batch, "column")
-    if not (src.is_floating_point() or src.is_complex()):
-        raise TypeError(f"obfuscation needs a floating-point tensor, got {src.dtype}")
+    dtype = src.dtype
+    if not (dtype.is_floating_point or dtype.is_complex):
+        raise TypeError(f"obfuscation needs a floating-point tensor, got {dtype}")
     out = _output_buffer(src, out)
-    if out.numel() == 0:
+    numel = out.numel()
+    if numel == 0:
         return out
     backend = backend or default_backend()
     if backend not in BACKENDS:
         raise ValueError(f"unknown obfuscation backend {backend!r}; one of {BACKENDS}")
     if backend == "c" and _kernel is None:
         raise RuntimeError("backend 'c' needs the C kernel, which is not built")
-    # "mask-t"/"unmask-t": the transpose of mask/unmask of the transposed source, i.e. the same
-    # gather with the reciprocal scale on each axis (keys.AxisKey.scales); no transpose copies.
-    index_role = "unmask" if role.startswith("unmask") else "mask"
-    row_role, col_role = (("col", "row") if role.endswith("-t") else ("row", "col"))
-    row_scale = row_key.scales(f"{index_role}-{row_role}", src.dtype)
-    col_scale = col_key.scales(f"{index_role}-{col_role}", src.dtype)
+    index_role, row_role, col_role = _ROLES[role]
 
-    if backend == "c" and src.dtype in _KERNEL_DTYPES and src.device.type == "cpu":
-        s3 = src.reshape(-1, rows, cols)  # a view for every layout we are given in practice
-        if s3.stride(-1) != 1 and cols > 1:
+    if backend == "c" and dtype in _KERNEL_DTYPES and src.is_cpu:
+        s3 = src if len(shape) == 3 else src.reshape(-1, rows, cols)  # a view in practice
+        strides = s3.stride()
+        if strides[2] != 1 and cols > 1:
             # Column-strided (e.g. a transpose): one cache-blocked copy, then the fast gather.
             s3 = s3.contiguous()
-        nthreads = torch.get_num_threads() if out.numel() >= _PARALLEL_MIN_ELEMENTS else 1
+            strides = s3.stride()
+        row_idx, row_scale, row_stride = _kernel_vectors(row_key, index_role, row_role, dtype)
+        col_idx, col_scale, col_stride = _kernel_vectors(col_key, index_role, col_role, dtype)
         _kernel.scaled_gather(
-            _KERNEL_DTYPES[src.dtype],
+            _KERNEL_DTYPES[dtype],
             out.data_ptr(),
             s3.data_ptr(),
             s3.shape[0],
             rows,
             cols,
-            s3.stride(0),
-            s3.stride(1),
+            strides[0],
+            strides[1],
             1,  # unit column stride (with one column, torch may report any stride)
-            row_key.indices(index_role, torch.int32).data_ptr(),
-            row_scale.data_ptr(),
-            rows if row_key.batch_shape else 0,
-            col_key.indices(index_role, torch.int32).data_ptr(),
-            col_scale.data_ptr(),
-            cols if col_key.batch_shape else 0,
-            nthreads,
+            row_idx,
+            row_scale,
+            row_stride,
+            col_idx,
+            col_scale,
+            col_stride,
+            torch.get_num_threads() if numel >= _PARALLEL_MIN_ELEMENTS else 1,
             # An encrypted operand leaves for the relays and is not read back here: stream it
             # past the cache when it is large. A decrypted result is read next: keep it cached.
-            index_role == "mask" and out.nbytes >= _STREAM_MIN_BYTES,
+            index_role == "mask" and numel * dtype.itemsize >= _STREAM_MIN_BYTES,
         )
         return out
 
@@ -172,7 +205,8 @@ def _keyed_gather(
     dev = src.device
     row_idx = row_key.indices(index_role).to(dev)
     col_idx = col_key.indices(index_role).to(dev)
-    row_scale, col_scale = row_scale.to(dev), col_scale.to(dev)
+    row_scale = row_key.scales(row_role, dtype).to(dev)
+    col_scale = col_key.scales(col_role, dtype).to(dev)
     if row_key.batch_shape:
         t = torch.gather(src, -2, row_idx.unsqueeze(-1).expand(*batch, rows, cols))
     else:
