@@ -339,6 +339,17 @@ class Relay:
         if self.log is not None:
             self.log.warning(event, **kw)
 
+    def _warm_up(self) -> None:
+        """One small product before ``ready``.
+
+        The first product on a device pays one-time costs (the thread pool, BLAS set-up; on a
+        GPU the CUDA context and cuBLAS handle, which take up to seconds). Paid here, they do
+        not land on a real part's deadline, where the off-loader would count them as a relay
+        that does not answer.
+        """
+        x = torch.ones(2, 64, 64, device=self.device)
+        (x @ x).sum().item()  # .item() waits for the device
+
     def run(self, stop: callable = lambda: False, context: zmq.Context | None = None) -> None:
         """Serve until `stop()` returns true (checked at least every heartbeat)."""
         ctx = context or zmq.Context.instance()
@@ -352,6 +363,7 @@ class Relay:
             curve.connect_as(sock, self.curve_secret, self.curve_server_key)
         sock.connect(self.endpoint)
         try:
+            self._warm_up()
             sock.send_multipart(self._ready_frames(), copy=False)
             if self.log:
                 self.log.info("relay.ready", endpoint=self.endpoint, device=str(self.device), name=self.name,
