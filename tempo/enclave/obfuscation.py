@@ -112,17 +112,16 @@ _ROLES = {
 
 
 def _kernel_vectors(key: AxisKey, index_role: str, scale_role: str, dtype: torch.dtype) -> tuple:
-    """``(indices pointer, scales pointer, key stride)`` for the kernel, cached on the key.
+    """``(int32 indices, scales, key stride)`` for the kernel, looked up once per key and role.
 
-    The pointers are into the int32 indices and scales the key caches itself, which live as long
-    as the key. The stride is 0 for a key shared by all slices, else the axis size.
+    The stride is 0 for a key shared by all slices, else the axis size.
     """
     cache_key = ("kernel", index_role, scale_role, dtype)
     hit = key._cache.get(cache_key)
     if hit is None:
         hit = (
-            key.indices(index_role, torch.int32).data_ptr(),
-            key.scales(scale_role, dtype).data_ptr(),
+            key.indices(index_role, torch.int32),
+            key.scales(scale_role, dtype),
             key.size if key.batch_shape else 0,
         )
         key._cache[cache_key] = hit
@@ -188,11 +187,11 @@ def _keyed_gather(
             strides[0],
             strides[1],
             1,  # unit column stride (with one column, torch may report any stride)
-            row_idx,
-            row_scale,
+            row_idx.data_ptr(),
+            row_scale.data_ptr(),
             row_stride,
-            col_idx,
-            col_scale,
+            col_idx.data_ptr(),
+            col_scale.data_ptr(),
             col_stride,
             torch.get_num_threads() if numel >= _PARALLEL_MIN_ELEMENTS else 1,
             # An encrypted operand leaves for the relays and is not read back here: stream it
