@@ -166,12 +166,8 @@ AVX_FN static void tile8_f32(const job_t *jb, int64_t t, int64_t b, int64_t i, f
 }
 
 static int cpu_has_avx(void) {
-    static int known = -1; /* benign race: every thread computes the same answer */
-    if (known < 0) {
-        __builtin_cpu_init();
-        known = __builtin_cpu_supports("avx") ? 1 : 0;
-    }
-    return known;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx") ? 1 : 0;
 }
 #else
 #define TILE_OK 0
@@ -339,6 +335,7 @@ typedef struct {
 } task_t;
 
 static int tiles_enabled = 1; /* switched by use_tiles(), for tests and measurements */
+static int have_avx = 0;      /* asked of the CPU once, when the module loads */
 
 static void *run_task(void *arg) {
     const task_t *tk = (const task_t *)arg;
@@ -347,7 +344,7 @@ static void *run_task(void *arg) {
     if (tk->dtype == 0) {
         /* If the scratch cannot be had, the row-wise paths do the work: same result. */
         if (TILE_OK && tiles_enabled && !jb.stream && jb.rows >= TILE_ROWS && jb.cols >= 8
-            && jb.cols <= TILE_MAX_COLS && jb.end - jb.begin >= TILE_ROWS && cpu_has_avx())
+            && jb.cols <= TILE_MAX_COLS && jb.end - jb.begin >= TILE_ROWS && have_avx)
             jb.tile = aligned_alloc(32, (size_t)jb.cols * TILE_ROWS * sizeof(float));
         gather_f32(&jb);
         free(jb.tile);
@@ -454,7 +451,7 @@ static PyObject *use_tiles(PyObject *Py_UNUSED(self), PyObject *args) {
 }
 
 static PyObject *has_tiles(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(unused)) {
-    return PyBool_FromLong(TILE_OK && cpu_has_avx());
+    return PyBool_FromLong(TILE_OK && have_avx);
 }
 
 static PyObject *uses_openmp(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(unused)) {
@@ -483,4 +480,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_gather",
                                     "Scaled double-gather kernel for MM-obfuscation.", -1,
                                     methods};
 
-PyMODINIT_FUNC PyInit__gather(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__gather(void) {
+    have_avx = cpu_has_avx();
+    return PyModule_Create(&module);
+}
