@@ -177,7 +177,6 @@ def offloader(ctx: click.Context, relay_bind: str, enclave_bind: str, heartbeat_
 def relay(ctx: click.Context, connect: str, device: str, cache_mb: int, heartbeat: float, max_frame_mb: int,
           name: str | None, fault: str | None, curve_secret: str | None, curve_server_key: str | None) -> None:
     """Run a relay: multiply masked operands on DEVICE for the off-loader at CONNECT."""
-    endpoint = connect
     import os
 
     from tempo.relay import Fault, Relay
@@ -187,7 +186,7 @@ def relay(ctx: click.Context, connect: str, device: str, cache_mb: int, heartbea
     state = _install_signal_handlers()
     try:
         injected = Fault.parse(fault) if fault else None
-        worker = Relay(endpoint, device, cache_mb << 20, heartbeat, max_frame_mb << 20, log=log, name=name,
+        worker = Relay(connect, device, cache_mb << 20, heartbeat, max_frame_mb << 20, log=log, name=name,
                        fault=injected, curve_secret=curve_secret, curve_server_key=curve_server_key)
     except (RuntimeError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None

@@ -28,7 +28,8 @@ from tempo.enclave.keys import KeySchedule, MatmulKey
 from tempo.enclave.obfuscation import decrypt, decrypt_grads, encrypt, encrypt_grad
 from tempo.enclave.verify import freivalds_check
 from tempo.layers import AddTokens, Matmul
-from tempo.protocol import Binding, grad_shapes
+from tempo.protocol import Binding
+from tempo.relay import backward_products
 
 
 # Which operand of a product is a layer's weight, and how to read it now: ("a" | "b", callable).
@@ -71,10 +72,7 @@ class InProcessEngine:
         d_enc = encrypt_grad(sk, grad_c)
         self.counters.backward_encryptions += 1
         self.counters.backward_products += 1
-        e = d_enc.mT  # D'ᵀ, as a relay receives it
-        t1_shape, t2_shape = grad_shapes(tuple(a_enc.shape), tuple(b_enc.shape), tuple(e.shape))
-        t1t = (e @ b_enc.mT).sum_to_size(t1_shape)  # what a relay returns: T1'ᵀ, T2'ᵀ
-        t2t = (a_enc.mT @ e).sum_to_size(t2_shape)
+        t1t, t2t = backward_products(a_enc, b_enc, d_enc.mT)  # as a relay computes them, from D'ᵀ
         da, db = decrypt_grads(sk, t1t.mT, t2t.mT)
         freivalds_check(grad_c, b.mT, da, self.rounds, summed=True).raise_if_failed()
         freivalds_check(a.mT, grad_c, db, self.rounds, summed=True).raise_if_failed()
@@ -82,6 +80,9 @@ class InProcessEngine:
 
     def release(self, bind: Binding) -> None:
         self._cache.pop(bind, None)
+
+    def end_step(self) -> None:
+        """Nothing is masked ahead here."""
 
     def close(self) -> None:
         self._cache.clear()
@@ -246,8 +247,7 @@ class PrivateContext:
         for bind in list(self._open):
             self.engine.release(bind)
         self._open.clear()
-        if hasattr(self.engine, "end_step"):
-            self.engine.end_step()
+        self.engine.end_step()
         self.step += 1
         self._layer = 0
 

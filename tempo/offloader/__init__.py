@@ -284,8 +284,7 @@ class Offloader:
             return None
         return held
 
-    def _pick_relay(self, part: Part) -> bytes | None:
-        held = self._staged_for(part)
+    def _pick_relay(self, part: Part, held: tuple[bytes, str, Descriptor] | None) -> bytes | None:
         if held is not None:  # the relay that holds the weight, when it has room
             return held[0] if len(self.relays[held[0]].inflight) < self.max_inflight else None
         if part.kind == "backward" and not part.full:
@@ -302,7 +301,8 @@ class Offloader:
         return min(free, key=lambda r: (len(r.inflight), r.given)) if free else None
 
     def _dispatch(self, part: Part) -> None:
-        relay = self._pick_relay(part)
+        held = self._staged_for(part)
+        relay = self._pick_relay(part, held)
         if relay is None:
             self.waiting.append(part)
             return
@@ -314,7 +314,6 @@ class Offloader:
         part.relay_rid = new_request_id()
         arena = part.arena
         extra = {}
-        held = self._staged_for(part)
         if part.kind == "forward":
             self.staged.pop(part.bind, None)  # a relay keeps a staged operand until this forward
         part.used_staged = held is not None

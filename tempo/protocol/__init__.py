@@ -27,6 +27,7 @@ Ops (``op``), by direction:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import secrets
 from collections.abc import Sequence
@@ -144,8 +145,6 @@ def inputs_digest(buffers) -> str:
 
     SHA-256 because CPUs with SHA extensions hash it at about twice BLAKE2b's speed (1.6 vs
     0.8 GB/s measured here), and this runs on every byte a relay receives."""
-    import hashlib
-
     h = hashlib.sha256()
     for buf in buffers:
         h.update(len(buf).to_bytes(8, "little"))

@@ -35,6 +35,17 @@ from tempo.protocol import (
 FAULT_MODES = ("corrupt", "nan", "lazy", "slow", "drop", "crash")
 
 
+
+def backward_products(a: torch.Tensor, b: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A relay's backward: ``T1'ᵀ = E B'ᵀ`` and ``T2'ᵀ = A'ᵀ E`` for ``E = D'ᵀ``.
+
+    These are the paper's ``B' D'`` and ``D' A'``, transposed (free in a GEMM) so the enclave
+    unmasks them without a transpose. Each is summed over the batch slices its operand was
+    broadcast across (a shared weight): one matrix back instead of one per slice
+    (protocol.grad_shapes)."""
+    t1_shape, t2_shape = grad_shapes(tuple(a.shape), tuple(b.shape), tuple(e.shape))
+    return torch.matmul(e, b.mT).sum_to_size(t1_shape), torch.matmul(a.mT, e).sum_to_size(t2_shape)
+
 @dataclass(frozen=True)
 class Fault:
     """A misbehaviour to inject, for tests and demos: ``MODE[:RATE]`` (RATE per request, default 1).
@@ -221,14 +232,7 @@ class Relay:
         return [self._to_host(c)]
 
     def _backward_from(self, a: torch.Tensor, b: torch.Tensor, e: torch.Tensor):
-        """``T1'ᵀ = E B'ᵀ`` and ``T2'ᵀ = A'ᵀ E`` for ``E = D'ᵀ``: the paper's ``B' D'`` and
-        ``D' A'``, transposed (free in a GEMM) so the enclave unmasks them without a transpose.
-        Each is summed over the batch slices its operand was broadcast across (a shared weight):
-        one matrix back instead of one per slice (protocol.grad_shapes)."""
-        t1_shape, t2_shape = grad_shapes(tuple(a.shape), tuple(b.shape), tuple(e.shape))
-        t1 = torch.matmul(e, b.mT).sum_to_size(t1_shape)
-        t2 = torch.matmul(a.mT, e).sum_to_size(t2_shape)
-        return [self._to_host(t1), self._to_host(t2)]
+        return [self._to_host(t) for t in backward_products(a, b, e)]
 
     def _backward(self, msg: Message):
         if len(msg.tensors) != 1:
