@@ -196,15 +196,31 @@ def test_every_service_runs_a_tempo_subcommand_whose_options_parse(where, name, 
     assert help_run.exit_code == 0, help_run.output
 
 
-@pytest.mark.skipif(shutil.which("docker-compose") is None and shutil.which("docker") is None,
-                    reason="needs docker-compose (or docker compose) to validate against the compose specification")
+def compose_command() -> tuple[list[str] | None, str]:
+    """A compose implementation that works here, found by asking it for its version
+    (`docker compose version`, then `docker-compose version`), never by parsing the error of a
+    real command; ``(None, why)`` when there is none."""
+    tried = []
+    for cmd in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(cmd[0]) is None:
+            tried.append(f"{' '.join(cmd)}: {cmd[0]} not found")
+            continue
+        try:
+            probe = subprocess.run([*cmd, "version"], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            tried.append(f"{' '.join(cmd)} version: {exc}")
+            continue
+        if probe.returncode == 0:
+            return cmd, ""
+        tried.append(f"{' '.join(cmd)} version exited {probe.returncode}")
+    return None, "no usable compose implementation (" + "; ".join(tried) + ")"
+
+
 @pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
 def test_compose_files_validate_against_the_compose_specification(path):
-    if shutil.which("docker-compose"):
-        cmd = ["docker-compose", "-f", str(path), "config", "-q"]
-    else:
-        cmd = ["docker", "compose", "-f", str(path), "config", "-q"]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=path.parent, timeout=120)
-    if "unknown command" in result.stderr:
-        pytest.skip("docker has no compose plugin here")
+    cmd, why = compose_command()
+    if cmd is None:
+        pytest.skip(why)
+    result = subprocess.run([*cmd, "-f", str(path), "config", "-q"], capture_output=True, text=True,
+                            cwd=path.parent, timeout=120)
     assert result.returncode == 0, result.stderr
