@@ -13,6 +13,7 @@ from tempo.enclave.private import (
     InProcessEngine,
     PrivateContext,
     UnsupportedLayerError,
+    conv_padding,
     private_matmul,
     to_private,
 )
@@ -60,27 +61,28 @@ def test_every_private_layer_has_autograd_gradients(layer, shape):
 
 
 CONVS = {  # name -> ((in, out, kernel), other Conv2d arguments, input shape)
-    "same, odd kernel": ((3, 4, 3), dict(padding="same"), (2, 3, 7, 6)),
-    "same, even kernel": ((3, 4, 4), dict(padding="same"), (2, 3, 7, 6)),
-    "same, mixed kernel": ((2, 3, (2, 3)), dict(padding="same"), (2, 2, 6, 5)),
-    "same, dilation": ((2, 3, 3), dict(dilation=2, padding="same"), (2, 2, 8, 7)),
-    "same, even kernel, dilation": ((2, 3, (2, 4)), dict(dilation=(3, 1), padding="same"), (2, 2, 8, 7)),
-    "valid": ((3, 4, 3), dict(padding="valid"), (2, 3, 7, 6)),
-    "zeros": ((3, 4, 3), dict(padding=(1, 2), padding_mode="zeros"), (2, 3, 6, 6)),
-    "reflect": ((3, 4, 3), dict(padding=(1, 2), padding_mode="reflect"), (2, 3, 6, 6)),
-    "replicate": ((3, 4, 3), dict(padding=2, padding_mode="replicate"), (2, 3, 6, 6)),
-    "circular": ((3, 4, 3), dict(padding=(2, 1), padding_mode="circular"), (2, 3, 6, 6)),
-    "reflect, same, even kernel": ((2, 3, 4), dict(padding="same", padding_mode="reflect"), (2, 2, 7, 6)),
-    "circular, stride": ((2, 3, 3), dict(padding=1, stride=2, padding_mode="circular"), (2, 2, 7, 6)),
-    "groups 2": ((4, 6, 3), dict(padding=1, groups=2), (2, 4, 6, 6)),
-    "groups 4": ((8, 8, 3), dict(padding=1, groups=4, bias=False), (2, 8, 6, 5)),
-    "depthwise": ((4, 4, 3), dict(padding=1, groups=4), (3, 4, 6, 6)),
-    "depthwise, multiplier 2": ((4, 8, 3), dict(padding=1, groups=4), (3, 4, 6, 6)),
-    "grouped, stride, dilation, bias": ((6, 9, (3, 2)), dict(stride=(2, 1), dilation=(1, 2), padding=(1, 0),
-                                                             groups=3, bias=True), (2, 6, 9, 8)),
-    "depthwise, same, even kernel, reflect": ((4, 4, 4), dict(padding="same", padding_mode="reflect", groups=4),
-                                              (2, 4, 6, 7)),
-    "grouped, valid, replicate": ((4, 4, 2), dict(padding="valid", padding_mode="replicate", groups=2),
+    "same, odd kernel": ((3, 4, 3), {"padding": "same"}, (2, 3, 7, 6)),
+    "same, even kernel": ((3, 4, 4), {"padding": "same"}, (2, 3, 7, 6)),
+    "same, mixed kernel": ((2, 3, (2, 3)), {"padding": "same"}, (2, 2, 6, 5)),
+    "same, dilation": ((2, 3, 3), {"dilation": 2, "padding": "same"}, (2, 2, 8, 7)),
+    "same, even kernel, dilation": ((2, 3, (2, 4)), {"dilation": (3, 1), "padding": "same"}, (2, 2, 8, 7)),
+    "valid": ((3, 4, 3), {"padding": "valid"}, (2, 3, 7, 6)),
+    "zeros": ((3, 4, 3), {"padding": (1, 2), "padding_mode": "zeros"}, (2, 3, 6, 6)),
+    "reflect": ((3, 4, 3), {"padding": (1, 2), "padding_mode": "reflect"}, (2, 3, 6, 6)),
+    "replicate": ((3, 4, 3), {"padding": 2, "padding_mode": "replicate"}, (2, 3, 6, 6)),
+    "circular": ((3, 4, 3), {"padding": (2, 1), "padding_mode": "circular"}, (2, 3, 6, 6)),
+    "reflect, same, even kernel": ((2, 3, 4), {"padding": "same", "padding_mode": "reflect"}, (2, 2, 7, 6)),
+    "circular, stride": ((2, 3, 3), {"padding": 1, "stride": 2, "padding_mode": "circular"}, (2, 2, 7, 6)),
+    "groups 2": ((4, 6, 3), {"padding": 1, "groups": 2}, (2, 4, 6, 6)),
+    "groups 4": ((8, 8, 3), {"padding": 1, "groups": 4, "bias": False}, (2, 8, 6, 5)),
+    "depthwise": ((4, 4, 3), {"padding": 1, "groups": 4}, (3, 4, 6, 6)),
+    "depthwise, multiplier 2": ((4, 8, 3), {"padding": 1, "groups": 4}, (3, 4, 6, 6)),
+    "grouped, stride, dilation, bias": ((6, 9, (3, 2)), {"stride": (2, 1), "dilation": (1, 2),
+                                                         "padding": (1, 0), "groups": 3, "bias": True},
+                                        (2, 6, 9, 8)),
+    "depthwise, same, even kernel, reflect": ((4, 4, 4), {"padding": "same", "padding_mode": "reflect",
+                                                          "groups": 4}, (2, 4, 6, 7)),
+    "grouped, valid, replicate": ((4, 4, 2), {"padding": "valid", "padding_mode": "replicate", "groups": 2},
                                   (2, 4, 5, 5)),
 }
 
@@ -111,11 +113,12 @@ def conv_configs(draw):
     elif padding == "pair":
         padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
     mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
-    kwargs = dict(in_channels=cin, out_channels=cout, kernel_size=kernel, stride=stride, padding=padding,
-                  dilation=dilation, groups=groups, bias=draw(st.booleans()), padding_mode=mode)
-    # big enough for the kernel, and for reflect (pad < size) and circular padding
-    h = draw(st.integers(dilation[0] * (kernel[0] - 1) + 1, 7))
-    w = draw(st.integers(dilation[1] * (kernel[1] - 1) + 1, 7))
+    kwargs = {"in_channels": cin, "out_channels": cout, "kernel_size": kernel, "stride": stride,
+              "padding": padding, "dilation": dilation, "groups": groups, "bias": draw(st.booleans()),
+              "padding_mode": mode}
+    # big enough for the kernel, and for reflect and circular padding (each side < the size)
+    h, w = (draw(st.integers(max(d * (k - 1) + 1 - before - after, max(before, after) + 1, 1), 8))
+            for k, d, (before, after) in zip(kernel, dilation, conv_padding(padding, kernel, dilation)))
     return kwargs, (draw(st.integers(1, 3)), cin, h, w)
 
 
@@ -146,8 +149,6 @@ def test_random_conv2d_configurations_match_torch_in_fp64(config):
     (2, (3, 3), (1, 1)), ((0, 3), (2, 2), (2, 1)),
 ])
 def test_padding_is_placed_where_torch_places_it(padding, kernel, dilation):
-    from tempo.enclave.private import conv_padding
-
     conv = nn.Conv2d(1, 1, kernel, padding=padding, dilation=dilation, padding_mode="reflect")
     (top, bottom), (left, right) = conv_padding(conv.padding, conv.kernel_size, conv.dilation)
     assert [left, right, top, bottom] == list(conv._reversed_padding_repeated_twice)

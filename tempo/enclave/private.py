@@ -321,6 +321,8 @@ def conv_padding(padding, kernel_size: tuple, dilation: tuple) -> tuple[tuple[in
         return tuple(out)
     if isinstance(padding, str):
         raise UnsupportedLayerError(f"padding={padding!r} (supported: a number, a pair, 'same', 'valid')")
+    if isinstance(padding, int):
+        padding = (padding,) * len(kernel_size)
     return tuple((int(q), int(q)) for q in padding)
 
 
@@ -334,7 +336,8 @@ class PrivateConv2d(nn.Module):
     ``groups = g > 1`` (grouped, depthwise) is one batched product:
     ``W (g × out/g × in/g·kh·kw) @ patches (batch × g × in/g·kh·kw × positions)``, the weight
     broadcast over the batch (partitioned by data like any convolution; relays sum its gradient
-    over the batch).
+    over the batch). Its key is shared by all slices, groups included, as attention's heads share
+    theirs: a relay sees the ratio of two groups' weights at the same (masked) position.
     """
 
     def __init__(self, conv: nn.Conv2d, pctx: PrivateContext) -> None:
@@ -348,8 +351,9 @@ class PrivateConv2d(nn.Module):
         self.weight, self.bias = conv.weight, conv.bias
         self.stride, self.dilation, self.groups = tuple(conv.stride), tuple(conv.dilation), conv.groups
         self.padding_mode = conv.padding_mode
-        if conv.padding_mode == "zeros" and top == bottom and left == right:
-            self.unfold_padding, self.pad = (top, left), None  # unfold pads with zeros itself
+        symmetric_zeros = conv.padding_mode == "zeros" and top == bottom and left == right
+        if symmetric_zeros or top == bottom == left == right == 0:
+            self.unfold_padding, self.pad = (top, left), None  # unfold pads with zeros itself (or none)
         else:
             self.unfold_padding, self.pad = (0, 0), (left, right, top, bottom)  # F.pad's order
         self.pctx = pctx
