@@ -11,14 +11,19 @@ from tempo.enclave import partition
 
 @st.composite
 def products(draw):
-    """Linear (2-D × 2-D), conv (W 2-D × batched patches), attention (4-D × 4-D), broadcast."""
+    """Linear (2-D × 2-D), conv (W 2-D × batched patches), grouped conv (W g×m×n × patches
+    batch×g×n×p: two batch dimensions, the weight broadcast along the first), attention
+    (4-D × 4-D), broadcast."""
     m, n, p = (draw(st.integers(1, 7)) for _ in range(3))
-    kind = draw(st.sampled_from(["linear", "conv", "attention", "broadcast"]))
+    kind = draw(st.sampled_from(["linear", "conv", "grouped", "attention", "broadcast"]))
     if kind == "linear":
         return (m, n), (n, p)
     bsz = draw(st.integers(1, 6))
     if kind == "conv":
         return (m, n), (bsz, n, p)
+    if kind == "grouped":
+        groups = draw(st.integers(1, 4))
+        return (groups, m, n), (bsz, groups, n, p)
     if kind == "attention":
         heads = draw(st.integers(1, 3))
         return (bsz, heads, m, n), (bsz, heads, n, p)
@@ -62,6 +67,40 @@ def test_the_split_follows_the_layer_kind():
     assert partition.plan((64, 512), (512, 10), 1).axis == "none"
     assert partition.plan((5, 3), (3, 1), 4).axis == "none"  # nothing to split
     assert partition.plan((2, 5, 3), (2, 3, 4), 8).parts == 2  # no more parts than slices
+
+
+def test_a_grouped_convolution_is_split_by_data_with_its_weight_whole_in_every_part():
+    """``W (g × out/g × K) @ patches (batch × g × K × L)``: cut along the batch (not the groups),
+    the weight sent whole to each part, its gradient the sum of the parts' (each already summed
+    over its part's batch by the relay, as `relay.backward_products` does)."""
+    from tempo.relay import backward_products
+
+    torch.manual_seed(0)
+    g, o, k, n, L = 4, 3, 18, 5, 7
+    w = torch.randn(g, o, k, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(n, g, k, L, dtype=torch.float64, requires_grad=True)
+    plan = partition.plan(w.shape, x.shape, 2)
+    assert plan.axis == "batch" and plan.batch_dims == 2 and plan.bounds == ((0, 3), (3, 5))
+    pieces = partition.split(w.detach(), x.detach(), plan)
+    assert all(wi.shape == w.shape for wi, _ in pieces)
+    assert [xi.shape[0] for _, xi in pieces] == [3, 2]
+    # the shapes-only split that the pipeline's look-ahead does (meta operands) cuts the same way
+    meta = partition.split(torch.empty(w.shape, device="meta"), torch.empty(x.shape, device="meta"), plan)
+    assert [(wi.shape, xi.shape) for wi, xi in meta] == [(wi.shape, xi.shape) for wi, xi in pieces]
+    c = partition.gather_c([wi @ xi for wi, xi in pieces], plan)
+    full = w @ x
+    torch.testing.assert_close(c, full.detach())
+    grad = torch.randn(full.shape, dtype=torch.float64)
+    full.backward(grad)
+    parts = []
+    for (wi, xi), gi in zip(pieces, partition.split_grad(grad, plan)):
+        t1t, t2t = backward_products(wi, xi, gi)  # unmasked stand-ins: the same shapes and sums
+        assert t1t.shape == w.shape and t2t.shape == xi.shape
+        parts.append((t1t, t2t))
+    dw, dx = partition.gather_grads(parts, plan, tuple(w.shape), tuple(x.shape))
+    assert dw.shape == (g, o, k)
+    torch.testing.assert_close(dw, w.grad)
+    torch.testing.assert_close(dx, x.grad)
 
 
 def test_split_returns_views_not_copies():

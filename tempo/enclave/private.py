@@ -4,8 +4,10 @@
 has them multiplied elsewhere, then decrypts and verifies ``C``. Backward: only ``Δᵀ`` is
 masked, since the relay kept ``A'`` and ``B'`` (paper Fig. 5), and both gradients come back
 decrypted and verified. `PrivateLinear` and `PrivateConv2d` (im2col: weights ``out × (in·kh·kw)``
-times patches ``(in·kh·kw) × positions``) use it. `to_private` turns a user's module into its
-private twin, sharing its parameters, so the trained weights load back into the original.
+times patches ``(in·kh·kw) × positions``; with groups, one product batched over the groups; any
+padding and padding mode, applied in the enclave) use it. `to_private` turns a user's module
+into its private twin, sharing its parameters, so the trained weights load back into the
+original; what it cannot convert it refuses by the layer's path in the model.
 
 Engines: `ClientEngine` sends the work to the off-loader and relays (real processes);
 `InProcessEngine` performs the relay's multiplication in this process, for tests and
@@ -302,33 +304,89 @@ class PrivateLinear(nn.Module):
         return y.reshape(*lead, -1)
 
 
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def conv_padding(padding, kernel_size: tuple, dilation: tuple) -> tuple[tuple[int, int], ...]:
+    """``((before, after), …)`` per spatial axis, as torch's convolutions pad: numeric padding on
+    both sides, ``"valid"`` none, ``"same"`` ``dilation·(k−1)`` in all, the odd one after (right,
+    bottom), as ``nn.Conv2d`` (``_reversed_padding_repeated_twice``) and ``F.conv2d`` place it."""
+    if padding == "valid":
+        return tuple((0, 0) for _ in kernel_size)
+    if padding == "same":
+        out = []
+        for k, d in zip(kernel_size, dilation):
+            total = d * (k - 1)
+            out.append((total // 2, total - total // 2))
+        return tuple(out)
+    if isinstance(padding, str):
+        raise UnsupportedLayerError(f"padding={padding!r} (supported: a number, a pair, 'same', 'valid')")
+    if isinstance(padding, int):
+        padding = (padding,) * len(kernel_size)
+    return tuple((int(q), int(q)) for q in padding)
+
+
 class PrivateConv2d(nn.Module):
     """Conv2d as ``W (out × in·kh·kw) @ patches (batch × in·kh·kw × positions)`` (im2col).
 
-    Unfolding and folding back (col2im, in autograd's backward of unfold) happen in the enclave.
+    Padding, unfolding and folding back (col2im, in autograd's backward of unfold) happen in the
+    enclave. Symmetric zero padding is unfold's own; any other (``padding="same"`` with an even
+    extent, ``reflect``, ``replicate``, ``circular``) is ``F.pad`` first, as ``nn.Conv2d`` does it.
+
+    ``groups = g > 1`` (grouped, depthwise) is one batched product:
+    ``W (g × out/g × in/g·kh·kw) @ patches (batch × g × in/g·kh·kw × positions)``, the weight
+    broadcast over the batch (partitioned by data like any convolution; relays sum its gradient
+    over the batch). Its key is shared by all slices, groups included, as attention's heads share
+    theirs: a relay sees the ratio of two groups' weights at the same (masked) position.
     """
 
     def __init__(self, conv: nn.Conv2d, pctx: PrivateContext) -> None:
         super().__init__()
-        if conv.groups != 1:
-            raise UnsupportedLayerError(f"Conv2d with groups={conv.groups} (only groups=1 is supported)")
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise UnsupportedLayerError("Conv2d needs numeric zero padding")
+        if conv.padding_mode not in PADDING_MODES:
+            raise UnsupportedLayerError(
+                f"padding_mode={conv.padding_mode!r} (supported: {', '.join(PADDING_MODES)})")
+        if conv.padding == "same" and tuple(conv.stride) != (1, 1):  # torch refuses it too
+            raise UnsupportedLayerError(f"padding='same' with stride {tuple(conv.stride)} (only stride 1)")
+        (top, bottom), (left, right) = conv_padding(conv.padding, conv.kernel_size, conv.dilation)
         self.weight, self.bias = conv.weight, conv.bias
-        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.stride, self.dilation, self.groups = tuple(conv.stride), tuple(conv.dilation), conv.groups
+        self.padding_mode = conv.padding_mode
+        symmetric_zeros = conv.padding_mode == "zeros" and top == bottom and left == right
+        if symmetric_zeros or top == bottom == left == right == 0:
+            self.unfold_padding, self.pad = (top, left), None  # unfold pads with zeros itself (or none)
+        else:
+            self.unfold_padding, self.pad = (0, 0), (left, right, top, bottom)  # F.pad's order
         self.pctx = pctx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        out_ch, cin_g, kh, kw = self.weight.shape
+        g = self.groups
+        if x.dim() != 4 or x.shape[1] != cin_g * g:
+            raise RuntimeError(f"Conv2d with weight {tuple(self.weight.shape)} and groups={g} expects "
+                               f"(batch,) {cin_g * g} × H × W input; got {tuple(x.shape)}")
+        if self.pad is not None:
+            x = F.pad(x, self.pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
         n, _, h, w = x.shape
-        out_ch, _, kh, kw = self.weight.shape
-        patches = F.unfold(x, (kh, kw), dilation=self.dilation, padding=self.padding, stride=self.stride)
-        y = private_matmul(self.weight.reshape(out_ch, -1), patches, self.pctx,  # (n, out, L)
-                           weight=("a", lambda: self.weight.detach().reshape(out_ch, -1)))
+        ph, pw = self.unfold_padding
+        ho = (h + 2 * ph - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        wo = (w + 2 * pw - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        patches = F.unfold(x, (kh, kw), dilation=self.dilation, padding=self.unfold_padding, stride=self.stride)
+        if g == 1:
+            y = private_matmul(self.weight.reshape(out_ch, -1), patches, self.pctx,  # (n, out, L)
+                               weight=("a", lambda: self.weight.detach().reshape(out_ch, -1)))
+        else:
+            # unfold orders rows channel-major (c, ki, kj): group j's rows are one contiguous block
+            y = private_matmul(self.weight.reshape(g, out_ch // g, -1),  # (n, g, out/g, L)
+                               patches.view(n, g, cin_g * kh * kw, -1), self.pctx,
+                               weight=("a", lambda: self.weight.detach().reshape(g, out_ch // g, -1)))
+            y = y.reshape(n, out_ch, -1)
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1)
-        ho = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        wo = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
-        return y.view(n, out_ch, ho, wo)
+        y = y.view(n, out_ch, ho, wo)
+        return y.squeeze(0) if unbatched else y
 
 
 class PrivateMatmul(nn.Module):
@@ -367,15 +425,30 @@ def to_private(module: nn.Module, pctx: PrivateContext) -> nn.Module:
     """A private twin of `module`: Linear and Conv2d offloaded, the rest unchanged, parameters
     shared with `module` (so ``module.state_dict()`` holds the trained weights).
 
-    Raises `UnsupportedLayerError` naming the first layer that cannot run privately.
+    Raises `UnsupportedLayerError` naming the first layer that cannot run privately by its path
+    in `module` (``'Net.features.3'``), its type, why, and what is supported.
     """
     return _convert(module, pctx, type(module).__name__)
+
+
+CONV_HINT = ("of the convolutions only nn.Conv2d itself is offloaded (any padding, padding_mode, stride, "
+             "dilation, groups, bias)")
+
+
+def _refusal(path: str, child: nn.Module, reason: str) -> UnsupportedLayerError:
+    hint = f"; {CONV_HINT}" if isinstance(child, nn.modules.conv._ConvNd) else ""
+    return UnsupportedLayerError(
+        f"layer {path!r} ({type(child).__name__}) {reason}{hint}; supported: {', '.join(supported_layers())}"
+    )
 
 
 def _convert(child: nn.Module, pctx: PrivateContext, path: str) -> nn.Module:
     kind = type(child)
     if kind in OFFLOADED:
-        return OFFLOADED[kind](child, pctx)
+        try:
+            return OFFLOADED[kind](child, pctx)
+        except UnsupportedLayerError as exc:  # the layer's own reason, with where it is
+            raise _refusal(path, child, f"is not supported with {exc}") from None
     if isinstance(child, ENCLAVE_LAYERS):
         return child
     own_params = list(child.parameters(recurse=False))
@@ -387,11 +460,6 @@ def _convert(child: nn.Module, pctx: PrivateContext, path: str) -> nn.Module:
         twin = copy.copy(child)
         twin._modules = {name: _convert(c, pctx, f"{path}.{name}") for name, c in child._modules.items()}
         if own_params and not isinstance(child, CONTAINERS):
-            raise UnsupportedLayerError(
-                f"layer {path!r} ({kind.__name__}) holds parameters of its own outside Linear/Conv2d; "
-                f"supported: {', '.join(supported_layers())}"
-            )
+            raise _refusal(path, child, "holds parameters of its own outside Linear/Conv2d")
         return twin
-    raise UnsupportedLayerError(
-        f"layer {path!r} ({kind.__name__}) has no private version; supported: {', '.join(supported_layers())}"
-    )
+    raise _refusal(path, child, "has no private version")
