@@ -78,7 +78,7 @@ def test_honest_large_product_passes():
 
 
 def _bump_beyond_tolerance(a, b, c, index, factor=3.0):
-    bound = rounding_bound(a, b, c)
+    bound = rounding_bound(a, b)
     bad = c.clone()
     bad[index] += factor * float(bound[index[:-1]])
     return bad
@@ -97,7 +97,7 @@ def test_rejects_one_entry_changed_beyond_the_tolerance():
 def test_rejects_rank_one_change():
     a, b, c = honest(64, 48, 32)
     u, v = torch.randn(64, 1), torch.randn(1, 32)
-    scale = 10 * float(rounding_bound(a, b, c).max())
+    scale = 10 * float(rounding_bound(a, b).max())
     assert not freivalds_check(a, b, c + scale * (u @ v), rounds=40).ok
 
 
@@ -141,7 +141,7 @@ def test_broadcast_batches_pass_honest_and_reject_tampered(a_batch, b_batch):
     c = a @ b
     assert freivalds_check(a, b, c, rounds=8).ok
     bad = c.clone()
-    bad.view(-1)[7] += 10 * float(rounding_bound(a, b, c).max()) + 1.0
+    bad.view(-1)[7] += 10 * float(rounding_bound(a, b).max()) + 1.0
     assert not freivalds_check(a, b, bad, rounds=40).ok
 
 
@@ -193,3 +193,69 @@ def test_summed_products_are_accepted_when_honest_and_rejected_when_wrong(batch,
     assert not freivalds_check(a, b, c, 40).ok or batch == 1  # unsummed shape expected without it
     wrong = torch.zeros(m + 1, p, dtype=dtype)
     assert not freivalds_check(a, b, wrong, 40, summed=True).ok
+
+
+def _balanced_noise(shape, scale, dtype=torch.float32):
+    """+s, -s, +s, ... along each row: inflates |C| 1 by about p s while C r moves by about √p s."""
+    signs = torch.ones(shape[-1], dtype=dtype)
+    signs[1::2] = -1
+    return scale * signs.expand(*shape)
+
+
+@pytest.mark.parametrize("p", [65_536, 131_072])
+@pytest.mark.parametrize("times", [10.0, 1e3, 1e6])
+def test_balanced_noise_on_wide_products_is_caught(p, times):
+    """A relay cannot widen the tolerance with its own result: the bound comes from A and B."""
+    a, b = torch.randn(4, 16), torch.randn(16, p)
+    c = a @ b
+    bad = c + _balanced_noise(c.shape, times * float(c.abs().max()))
+    k = 31
+    verdict = freivalds_check(a, b, bad, rounds=k)
+    assert not verdict.ok and verdict.worst_ratio > 1.0
+    assert freivalds_check(a, b, c, rounds=k).ok
+    # The old tolerance, which added γ(p)·|C|·1 from the relay's own C, let exactly this through:
+    # the residual stays under it in every row (the reason the bound changed).
+    u = torch.finfo(torch.float32).eps / 2
+
+    def gamma(j):
+        return j * u / (1 - j * u)
+
+    n = b.shape[0]
+    ab = a.abs() @ b.abs().sum(dim=1)
+    old = 2 * ((gamma(n + 9) + gamma(n + p) + u) * ab + (gamma(p) + u) * bad.abs().sum(dim=1))
+    r = torch.from_numpy(random_bits((p, k))).float()
+    residual = (a @ (b @ r) - bad @ r).abs()
+    assert bool((residual < old.unsqueeze(-1)).all())
+
+
+def test_non_finite_operands_are_the_enclaves_fault_not_the_relays():
+    from tempo.enclave.verify import NonFiniteError, checked_bound
+
+    a, b, c = honest(6, 5, 4)
+    a[2, 3] = float("nan")
+    verdict = freivalds_check(a, b, c, rounds=4)
+    assert not verdict.ok and verdict.enclave_fault
+    with pytest.raises(NonFiniteError):
+        verdict.raise_if_failed()
+    with pytest.raises(NonFiniteError, match="layer 2"):
+        checked_bound(a, b, where="layer 2")
+    huge = torch.full((3, 3), 3e38)  # finite, but the product overflows
+    with pytest.raises(NonFiniteError):
+        checked_bound(huge, huge)
+    a, b, c = honest(6, 5, 4)
+    assert torch.equal(checked_bound(a, b), a.abs() @ b.abs().sum(dim=1))  # finite: no error
+    c[0, 0] = float("inf")
+    verdict = freivalds_check(a, b, c, rounds=4)
+    assert not verdict.ok and not verdict.enclave_fault  # the relay's result: its fault
+
+
+@pytest.mark.parametrize("summed", [False, True])
+def test_a_precomputed_operand_bound_gives_the_same_verdict(summed):
+    from tempo.enclave.verify import operand_bound
+
+    a, b = torch.randn(3, 7, 5), torch.randn(5, 4)
+    c = (a @ b).sum(0) if summed else a @ b
+    ab = operand_bound(a, b, summed_to=() if summed else None)
+    assert freivalds_check(a, b, c, 20, ab=ab, summed=summed).ok
+    with pytest.raises(ValueError, match="does not belong"):
+        freivalds_check(a, b, c, 20, ab=ab[..., :2], summed=summed)

@@ -22,7 +22,7 @@ import zmq
 from tempo.arena import Arena, Descriptor
 from tempo.enclave.keys import DEFAULT_KEY_SPACE, KeySchedule, KeySpace, MatmulKey
 from tempo.enclave.obfuscation import decrypt, decrypt_grads, encrypt, encrypt_grad, mask
-from tempo.enclave.verify import IntegrityError, freivalds_check
+from tempo.enclave.verify import IntegrityError, checked_bound, freivalds_check
 from tempo.protocol import (
     OFFLOADER_TO_ENCLAVE_OPS,
     Binding,
@@ -56,6 +56,7 @@ class _Forward:
     a_enc: Descriptor
     b_enc: Descriptor
     c_enc: Descriptor | None = None
+    ab: torch.Tensor | None = None  # |A| (|B| 1): the verification's scale, from the enclave's operands
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Pending:
     outputs: list[Descriptor] = field(default_factory=list)
     relay: str = ""  # which relay computed it (from the off-loader's done)
     grad_c: torch.Tensor | None = None  # a backward's dL/dC, kept here for verification
+    bounds: tuple = ()  # a backward's operand bounds for dL/dA and dL/dB (`operand_bound`)
 
 
 @dataclass
@@ -97,6 +99,10 @@ class Counters:
     failed_verifications: int = 0
     timeouts: int = 0
     parts_by_relay: dict = field(default_factory=dict)  # answers used, per relay name
+
+
+def _where(what: str, bind: Binding) -> str:
+    return f"{what} of layer {bind.layer} at step {bind.step + 1}"
 
 
 def _mask_operand(sk: MatmulKey, side: str, t: torch.Tensor, out: torch.Tensor) -> None:
@@ -188,6 +194,9 @@ class OffloadClient:
             raise ValueError(f"binding {bind} already has a forward in flight or cached")
         m, n, p = a.shape[-2], a.shape[-1], b.shape[-1]
         t0 = time.perf_counter()
+        ab = checked_bound(a, b, where=_where("forward", bind))  # before anything leaves
+        self.counters.verify_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
         if pre is not None:
             if pre.key.shape != (m, n, p) or pre.shape != tuple((a if pre.side == "a" else b).shape):
                 raise ValueError(f"a pre-masked operand of shape {pre.shape} under a {pre.key.shape} key does "
@@ -208,7 +217,7 @@ class OffloadClient:
         c_shape = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), m, p)
         c_desc, _ = self._alloc(c_shape, a.dtype)
         self.counters.encrypt_s += time.perf_counter() - t0
-        state = _Forward(sk, a, b, a_desc, b_desc, c_desc)
+        state = _Forward(sk, a, b, a_desc, b_desc, c_desc, ab)
         self._forwards[bind] = state
         self.counters.forward += 1
         return self._send_forward(state, bind, staged=pre.side if pre is not None else None)
@@ -236,7 +245,7 @@ class OffloadClient:
             t0 = time.perf_counter()
             c = decrypt(state.key, self.arena.tensor(state.c_enc))
             t1 = time.perf_counter()
-            verdict = freivalds_check(state.a, state.b, c, self.rounds)
+            verdict = freivalds_check(state.a, state.b, c, self.rounds, ab=state.ab)
             self.counters.decrypt_s += t1 - t0
             self.counters.verify_s += time.perf_counter() - t1
             if verdict.ok:
@@ -260,6 +269,12 @@ class OffloadClient:
         if tuple(grad_c.shape[-2:]) != (m, p):
             raise ValueError(f"dL/dC has shape {tuple(grad_c.shape)}; the forward of {bind} made ({m}, {p})")
         t0 = time.perf_counter()
+        # dA = Δ Bᵀ and dB = Aᵀ Δ come back summed to their operands' shapes (grad_shapes)
+        where = _where("backward", bind)
+        bounds = (checked_bound(grad_c, state.b.mT, tuple(state.a.shape[:-2]), where),
+                  checked_bound(state.a.mT, grad_c, tuple(state.b.shape[:-2]), where))
+        self.counters.verify_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
         # D' = mask(Δᵀ; p, m), held as D'ᵀ in Δ's own layout (no transpose copy)
         d_desc, d_buf = self._alloc(grad_c.shape, grad_c.dtype)
         encrypt_grad(state.key, grad_c, out=d_buf)
@@ -270,12 +285,13 @@ class OffloadClient:
         t2_desc, _ = self._alloc(t2_shape, grad_c.dtype)
         self.counters.encrypt_s += time.perf_counter() - t0
         self.counters.backward += 1
-        return self._send_backward(state, bind, grad_c, [d_desc, t1_desc, t2_desc])
+        return self._send_backward(state, bind, grad_c, [d_desc, t1_desc, t2_desc], bounds)
 
-    def _send_backward(self, state: _Forward, bind: Binding, grad_c: torch.Tensor, outputs: list) -> Pending:
+    def _send_backward(self, state: _Forward, bind: Binding, grad_c: torch.Tensor, outputs: list,
+                       bounds: tuple) -> Pending:
         d_desc, t1_desc, t2_desc = outputs
         rid = new_request_id()
-        pending = Pending(rid, "backward", bind, outputs, grad_c=grad_c)
+        pending = Pending(rid, "backward", bind, outputs, grad_c=grad_c, bounds=bounds)
         self._pending[rid] = pending
         self._send(id=rid, bind=bind.to_wire(), kind="backward", inputs=[d_desc.to_wire()],
                    operands=[state.a_enc.to_wire(), state.b_enc.to_wire()],
@@ -294,9 +310,10 @@ class OffloadClient:
             da, db = decrypt_grads(state.key, self.arena.tensor(t1_desc).mT, self.arena.tensor(t2_desc).mT)
             t1 = time.perf_counter()
             # dA = Δ Bᵀ and dB = Aᵀ Δ, checked against the plaintext kept here
-            verdict = freivalds_check(grad_c, state.b.mT, da, self.rounds, summed=True)
+            ab_da, ab_db = pending.bounds
+            verdict = freivalds_check(grad_c, state.b.mT, da, self.rounds, ab=ab_da, summed=True)
             if verdict.ok:
-                verdict = freivalds_check(state.a.mT, grad_c, db, self.rounds, summed=True)
+                verdict = freivalds_check(state.a.mT, grad_c, db, self.rounds, ab=ab_db, summed=True)
             self.counters.decrypt_s += t1 - t0
             self.counters.verify_s += time.perf_counter() - t1
             if verdict.ok:
@@ -304,7 +321,7 @@ class OffloadClient:
                 self._free(d_desc, t1_desc, t2_desc, state.a_enc, state.b_enc)
                 return da, db
             self._quarantine(pending, f"backward {pending.bind.to_wire()} failed verification: {verdict.reason}")
-            pending = self._send_backward(state, pending.bind, grad_c, [d_desc, t1_desc, t2_desc])
+            pending = self._send_backward(state, pending.bind, grad_c, [d_desc, t1_desc, t2_desc], pending.bounds)
         raise IntegrityError(f"backward {pending.bind} failed verification on {self.max_attempts} relays")
 
     # -- the policy for misbehaving relays --

@@ -28,7 +28,7 @@ from torch import nn
 from tempo.enclave import partition
 from tempo.enclave.keys import KeySchedule, MatmulKey
 from tempo.enclave.obfuscation import decrypt, decrypt_grads, encrypt, encrypt_grad
-from tempo.enclave.verify import freivalds_check
+from tempo.enclave.verify import checked_bound, freivalds_check
 from tempo.layers import AddTokens, Matmul
 from tempo.protocol import Binding
 from tempo.relay import backward_products
@@ -60,24 +60,28 @@ class InProcessEngine:
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, bind: Binding, weight: Weight | None = None) -> torch.Tensor:
         m, n, p = a.shape[-2], a.shape[-1], b.shape[-1]
+        ab = checked_bound(a, b, where=f"forward of layer {bind.layer} at step {bind.step + 1}")
         sk = self.keys.key(bind.layer, m, n, p)
         a_enc, b_enc = encrypt(sk, a, b)
         self.counters.forward_encryptions += 2
         self.counters.forward_products += 1
         c = decrypt(sk, a_enc @ b_enc)
-        freivalds_check(a, b, c, self.rounds).raise_if_failed()
+        freivalds_check(a, b, c, self.rounds, ab=ab).raise_if_failed()
         self._cache[bind] = (sk, a, b, a_enc, b_enc)
         return c
 
     def backward(self, grad_c: torch.Tensor, bind: Binding) -> tuple[torch.Tensor, torch.Tensor]:
         sk, a, b, a_enc, b_enc = self._cache.pop(bind)
+        where = f"backward of layer {bind.layer} at step {bind.step + 1}"
+        ab_da = checked_bound(grad_c, b.mT, tuple(a.shape[:-2]), where)
+        ab_db = checked_bound(a.mT, grad_c, tuple(b.shape[:-2]), where)
         d_enc = encrypt_grad(sk, grad_c)
         self.counters.backward_encryptions += 1
         self.counters.backward_products += 1
         t1t, t2t = backward_products(a_enc, b_enc, d_enc.mT)  # as a relay computes them, from D'ᵀ
         da, db = decrypt_grads(sk, t1t.mT, t2t.mT)
-        freivalds_check(grad_c, b.mT, da, self.rounds, summed=True).raise_if_failed()
-        freivalds_check(a.mT, grad_c, db, self.rounds, summed=True).raise_if_failed()
+        freivalds_check(grad_c, b.mT, da, self.rounds, ab=ab_da, summed=True).raise_if_failed()
+        freivalds_check(a.mT, grad_c, db, self.rounds, ab=ab_db, summed=True).raise_if_failed()
         return da, db
 
     def release(self, bind: Binding) -> None:

@@ -66,12 +66,28 @@ def unit_roundoff(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2.0
 
 
+class NonFiniteError(ValueError):
+    """The enclave's own operands hold NaN or infinity, or their product overflows: the model
+    diverged (or its inputs are bad). Nothing is sent, and no relay is to blame."""
+
+
+def operand_bound(a: torch.Tensor, b: torch.Tensor, summed_to: tuple | None = None) -> torch.Tensor:
+    """``|A| (|B| 1)``, shape ``(*batch, m)`` (or ``(*summed_to, m)``, summed like the product):
+    the scale of every rounding error an honest ``C = A @ B`` can carry, from the enclave's own
+    operands only. Non-finite exactly when ``A`` or ``B`` holds NaN or infinity, or the product
+    can overflow; computed before the operands leave (`OffloadClient`), kept for the check."""
+    b_row = b.abs().sum(dim=-1, keepdim=True)  # |B| 1, shape (*, n, 1)
+    a_b = _abs_matvec(a, b_row).squeeze(-1)  # |A| (|B| 1), shape (*, m)
+    if summed_to is not None:
+        a_b = a_b.sum_to_size((*summed_to, a_b.shape[-1]))
+    return a_b
+
+
 def rounding_bound(
     a: torch.Tensor,
     b: torch.Tensor,
-    c: torch.Tensor | None = None,
     *,
-    c_row: torch.Tensor | None = None,
+    ab: torch.Tensor | None = None,
     relay_unit_roundoff: float | None = None,
     slack: float = 2.0,
     summed_to: tuple | None = None,
@@ -82,14 +98,16 @@ def rounding_bound(
     roundoff `relay_unit_roundoff` (default: that of the operands' dtype), and the enclave masked
     and unmasked with 3 roundings each. Since the masking scales cancel in ``|A'| |B'|``::
 
-        |C − AB| ≤ γ(n + 9) |A| |B|            (relay sum + mask/unmask roundings)
+        |C − AB| ≤ γ(n + 9) |A| |B|  =: g |A| |B|    (relay sum + mask/unmask roundings)
         |fl(A fl(B r)) − A B r| ≤ γ(n + p) |A| |B| r
-        |fl(C r) − C r| ≤ γ(p) |C| r
+        |fl(C r) − C r| ≤ γ(p) |C| r ≤ γ(p) (1 + g) |A| |B| r
 
-    and ``r ≤ 1`` entrywise, so the bound uses ``|A| (|B| 1)`` and ``|C| 1``: one extra pass over
-    each operand, shared by all k vectors. `slack` (≥ 1) covers the rounding of the bound itself
-    and of the final subtraction. Give ``C`` (``(*batch, m, p)``) or its row sums ``|C| 1`` as
-    `c_row` (``(*batch, m)``). Returns a tensor of shape ``(*batch, m)``.
+    and ``r ≤ 1`` entrywise, so everything is a multiple of ``|A| (|B| 1)`` (`operand_bound`,
+    or `ab` when it was computed already). The bound comes from the enclave's operands alone,
+    never from the relay's ``C``: a tolerance that grew with ``|C|`` would let a relay inflate
+    it, e.g. with noise of alternating sign along a wide row, which adds about ``p·L`` to
+    ``|C| 1`` but only ``√p·L`` to the residual. `slack` (≥ 1) covers the rounding of the bound
+    itself and of the final subtraction. Returns a tensor of shape ``(*batch, m)``.
 
     With `summed_to` (a batch shape the product's batch broadcasts from), ``C`` is the product
     summed over the broadcast slices (a shared weight's gradient): the k summed terms add
@@ -103,18 +121,13 @@ def rounding_bound(
     if summed_to is not None:
         full = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         k = math.prod(full) // max(1, math.prod(summed_to))
-    g_prod = _gamma(n + 9 + k, u_relay) + _gamma(n + p + k, u) + u
-    g_c = _gamma(max(p, 1), u) + u
-    b_row = b.abs().sum(dim=-1, keepdim=True)  # |B| 1, shape (*, n, 1)
-    a_b = _abs_matvec(a, b_row).squeeze(-1)  # |A| (|B| 1), shape (*, m)
-    if summed_to is not None:
-        a_b = a_b.sum_to_size((*summed_to, a_b.shape[-1]))
-    if c_row is None:
-        if c is None:
-            raise ValueError("rounding_bound needs C or its row sums")
-        c_row = c.abs().sum(dim=-1)  # |C| 1
+    g_c = _gamma(n + 9 + k, u_relay)  # honest C: |C − AB| ≤ g_c |A||B|, so |C| ≤ (1 + g_c) |A||B|
+    g_abr = _gamma(n + p + k, u) + u
+    g_cr = (_gamma(max(p, 1), u) + u) * (1.0 + g_c)
+    if ab is None:
+        ab = operand_bound(a, b, summed_to)
     tiny = torch.finfo(a.dtype).tiny * (n + p + 16 + k)  # underflow: absolute error per operation
-    return slack * (g_prod * a_b + g_c * c_row + tiny)
+    return slack * ((g_c + g_abr + g_cr) * ab + tiny)
 
 
 def _matmul(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -152,10 +165,26 @@ class Verdict:
     ok: bool
     reason: str = ""
     worst_ratio: float = 0.0  # max |A(Br) − Cr| / bound over all checks (< 1 passes)
+    enclave_fault: bool = False  # the enclave's own operands were not finite: no relay is to blame
 
     def raise_if_failed(self) -> None:
+        if self.enclave_fault:
+            raise NonFiniteError(self.reason)
         if not self.ok:
             raise IntegrityError(f"offloaded result failed verification: {self.reason}")
+
+
+NON_FINITE_OPERANDS = "the enclave's operands hold NaN or infinity, or their product overflows"
+
+
+def checked_bound(a: torch.Tensor, b: torch.Tensor, summed_to: tuple | None = None, where: str = "") -> torch.Tensor:
+    """`operand_bound` of a product about to be offloaded; raises `NonFiniteError` (naming
+    `where`) when it is not finite: what the enclave sends must be finite numbers whose product
+    cannot overflow. Such values never leave, and no relay is blamed for them."""
+    ab = operand_bound(a, b, summed_to)
+    if not bool(torch.isfinite(ab).all()):
+        raise NonFiniteError(f"{where}: {NON_FINITE_OPERANDS}" if where else NON_FINITE_OPERANDS)
+    return ab
 
 
 def freivalds_check(
@@ -164,6 +193,7 @@ def freivalds_check(
     c: torch.Tensor,
     rounds: int,
     *,
+    ab: torch.Tensor | None = None,
     relay_unit_roundoff: float | None = None,
     slack: float = 2.0,
     random_bytes: RandomBytes = os.urandom,
@@ -174,6 +204,8 @@ def freivalds_check(
 
     With `summed`, ``C`` is ``A @ B`` summed over the batch dimensions it lacks (or has as 1):
     the gradient of an operand that was broadcast over the batch, which relays return reduced.
+    `ab` is `operand_bound` of the same operands (and summing) when the caller computed it
+    already, before the operands left.
     """
     if rounds < 1:
         raise ValueError("at least one Freivalds round is needed")
@@ -206,19 +238,21 @@ def freivalds_check(
         return Verdict(False, f"result dtype {c.dtype} differs from operands' {a.dtype}")
     if c.numel() == 0:
         return Verdict(True)
-    # Finiteness comes from vectors the bound needs anyway (a full isfinite pass over A costs
-    # more than the whole check): |C| 1 is non-finite exactly when C holds NaN or ±Inf (or its
-    # row sums overflow), and |A| (|B| 1) likewise for A and B. Either way: fail.
-    c_row = c.abs().sum(dim=-1)
-    if not bool(torch.isfinite(c_row).all()):
-        return Verdict(False, "result contains NaN or infinity")
+    if ab is None:
+        ab = operand_bound(a, b, summed_to)
+    elif tuple(ab.shape) != (*(summed_to if summed_to is not None else batch), m):
+        raise ValueError(f"operand bound of shape {tuple(ab.shape)} does not belong to this product")
     try:
-        bound = rounding_bound(a, b, c_row=c_row, relay_unit_roundoff=relay_unit_roundoff, slack=slack,
+        bound = rounding_bound(a, b, ab=ab, relay_unit_roundoff=relay_unit_roundoff, slack=slack,
                                summed_to=summed_to)
     except ValueError as exc:
         return Verdict(False, str(exc))
     if not bool(torch.isfinite(bound).all()):
-        return Verdict(False, "operands contain NaN or infinity (or overflow): nothing can be verified")
+        return Verdict(False, NON_FINITE_OPERANDS, enclave_fault=True)
+    # One reduction says whether C holds NaN or ±Inf (or values so large they overflow, which an
+    # honest C, bounded by the finite bound above, never has).
+    if not math.isfinite(float(c.sum())):
+        return Verdict(False, "result contains NaN or infinity")
 
     # One set of vectors for every slice: still sound, since a wrong slice on its own is caught
     # with probability >= 1/2 per round whatever the other slices hold, and B r becomes one GEMM
