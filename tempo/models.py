@@ -187,3 +187,38 @@ def build(name: str, image_shape: tuple[int, ...], classes: int, width: int | No
         patch = 4 if image_shape[-1] % 4 == 0 else 2
         return vit(image_shape, classes, dim=width or 128, patch=patch)
     raise ValueError(f"unknown model {name!r}; one of {MODELS}")
+
+
+def describe_mismatch(model: nn.Module, state: dict) -> str:
+    """What keeps `state` (a state_dict) from loading into `model`, in full: missing and
+    unexpected keys, and each shape that differs (empty when it fits)."""
+    own = model.state_dict()
+    problems = []
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} is {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model" for k in own
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
+
+    def listed(keys: list[str]) -> str:
+        return ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+
+    if missing:
+        problems.append(f"missing {listed(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {listed(unexpected)}")
+    if shapes:
+        problems.append(listed(shapes))
+    return "; ".join(problems)
+
+
+def load_weights(model: nn.Module, state: object, source: str) -> None:
+    """Load a state_dict into `model`, or raise `ValueError` saying in one line what does not fit."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{source} holds no model weights (a {type(state).__name__}, not a state_dict)")
+    mismatch = describe_mismatch(model, state)
+    if mismatch:
+        raise ValueError(f"{source} does not fit this model ({type(model).__name__}): {mismatch}")
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as exc:  # e.g. a value that is not a tensor
+        raise ValueError(f"{source} does not fit this model: {' '.join(str(exc).split())}") from None

@@ -4,27 +4,26 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from tempo import data as datasets
 from tempo import models
 
 
 def run_inference(checkpoint: str, model_name: str, width: int | None, dataset: str, data_dir: str | None,
                   batch_size: int, relays: int, device: str = "cpu", seed: int = 7, integrity_t: float = 1e-6,
-                  log=None) -> dict:
+                  log=None, partial_data: bool = False) -> dict:
+    """Classify the test images of `dataset` privately with the weights in `checkpoint` (a
+    ``model.pt`` or a training ``checkpoint.pt``); returns accuracy and throughput."""
     from tempo.cluster import LocalCluster
     from tempo.enclave.client import OffloadClient, default_job_id
     from tempo.enclave.private import ClientEngine, PrivateContext, to_private
     from tempo.enclave.train import evaluate, offloaded_products
+    from tempo.enclave.checkpoint import read_weights
     from tempo.enclave.verify import freivalds_rounds
 
-    split = datasets.load(dataset, data_dir, seed=seed)
+    weights = read_weights(checkpoint)  # a file that is not ours fails here, before any process starts
+    split = datasets.load(dataset, data_dir, seed=seed, partial=partial_data)
     model = models.build(model_name, split.image_shape, split.classes, width)
-    try:
-        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
-    except RuntimeError as exc:
-        raise ValueError(f"{checkpoint} does not fit model {model_name}: {str(exc).splitlines()[0]}") from None
+    models.load_weights(model, weights, f"{checkpoint} (model {model_name})")
     model.eval()
     rounds = freivalds_rounds(integrity_t, 1, relays, max(1, offloaded_products(model)))  # alpha = 1: inference
     if log:
