@@ -73,6 +73,20 @@ def selfcheck(ctx: click.Context, trials: int, max_dim: int, rounds: int, bench:
         click.echo(bench_obf.table(figures))
 
 
+JSON = click.option("--json", "json_path", is_flag=False, flag_value="-", default=None, metavar="[FILE]",
+                    help="Also write the figures as JSON: to FILE, or with no FILE (or '-') as the last line of stdout.")
+
+
+def _emit_json(figures: dict, json_path: str | None) -> None:
+    """The one meaning of --json on every bench command."""
+    if json_path == "-":
+        click.echo(json.dumps(figures))
+    elif json_path:
+        with open(json_path, "w") as f:
+            json.dump(figures, f, indent=2)
+        click.echo(f"figures: {json_path}")
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks that print figures measured in one run (ratios, never timed assertions)."""
@@ -82,14 +96,15 @@ def bench() -> None:
 @click.option("--m", "m", default=4096, show_default=True, type=click.IntRange(1), help="Rows of A and C.")
 @click.option("--n", "n", default=8192, show_default=True, type=click.IntRange(1), help="Columns of A, rows of B.")
 @click.option("--p", "p", default=256, show_default=True, type=click.IntRange(1), help="Columns of B and C.")
-@click.option("--dtype", type=click.Choice(sorted(_DTYPES)), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(sorted(_DTYPES)), default="float32", show_default=True, help="Element type.")
 @click.option("--repeat", default=15, show_default=True, type=click.IntRange(1), help="Repetitions (medians).")
 @click.option("--rounds", default=20, show_default=True, type=click.IntRange(1), help="Freivalds rounds.")
-@click.option("--backend", type=click.Choice(["auto", "c", "torch"]), default="auto", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on the last line.")
+@click.option("--backend", type=click.Choice(["auto", "c", "torch"]), default="auto", show_default=True,
+              help="The masking kernel: the C kernel, the pure-torch fallback, or whichever is built (auto).")
+@JSON
 @click.pass_context
 def bench_obfuscation(
-    ctx: click.Context, m: int, n: int, p: int, dtype: str, repeat: int, rounds: int, backend: str, as_json: bool
+    ctx: click.Context, m: int, n: int, p: int, dtype: str, repeat: int, rounds: int, backend: str, json_path
 ) -> None:
     """Encrypt, decrypt, verify and the plain matmul against plain copies of the same bytes."""
     import torch
@@ -105,12 +120,14 @@ def bench_obfuscation(
         progress=lambda msg: log.debug("bench.progress", msg=msg),
     )
     click.echo(bench_obf.table(figures))
-    if as_json:
-        click.echo(json.dumps(figures.as_dict()))
+    _emit_json(figures.as_dict(), json_path)
 
 
-def _install_signal_handlers() -> dict:
-    """SIGTERM/SIGINT end the process cleanly (sockets closed, arenas removed); returns a flag."""
+def _install_signal_handlers(parent_pid: int | None = None):
+    """SIGTERM, SIGINT and SIGHUP end the process cleanly (sockets closed, arenas removed).
+    Returns ``stop()``, true once a signal came or, with `parent_pid`, once that process is gone
+    (the liveness check of processes a `LocalCluster` started: they die with their job)."""
+    import os
     import signal
 
     state = {"stop": False}
@@ -120,9 +137,17 @@ def _install_signal_handlers() -> dict:
             raise SystemExit(128 + signum)
         state["stop"] = True
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    return state
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, handler)
+
+    def stop() -> bool:
+        return state["stop"] or (parent_pid is not None and os.getppid() != parent_pid)
+
+    return stop
+
+
+PARENT_PID = click.option("--parent-pid", default=None, type=int, hidden=True,
+                          help="Exit once this process (the one that started this one) is gone.")
 
 
 @main.command()
@@ -135,9 +160,12 @@ def _install_signal_handlers() -> dict:
               help="Bind each request to a SHA-256 of its inputs (relays check it); costs hashing bandwidth.")
 @click.option("--curve-secret", default=None, type=click.Path(exists=True, dir_okay=False), help="CURVE: the off-loader's secret key file.")
 @click.option("--curve-allow", default=None, type=click.Path(exists=True, file_okay=False), help="CURVE: directory of allowed relays' public keys.")
+@PARENT_PID
+@click.option("--cleanup-dir", default=None, hidden=True, help="A work directory to remove on exit (LocalCluster's).")
 @click.pass_context
 def offloader(ctx: click.Context, relay_bind: str, enclave_bind: str, heartbeat_timeout: float, max_frame_mb: int,
-              max_inflight: int, input_digest: bool, curve_secret: str | None, curve_allow: str | None) -> None:
+              max_inflight: int, input_digest: bool, curve_secret: str | None, curve_allow: str | None,
+              parent_pid: int | None, cleanup_dir: str | None) -> None:
     """Run the off-loader: between the enclave's arena and the relays."""
     from tempo.arena import cleanup_stale
     from tempo.offloader import Offloader
@@ -146,7 +174,7 @@ def offloader(ctx: click.Context, relay_bind: str, enclave_bind: str, heartbeat_
     removed = cleanup_stale()
     if removed:
         log.info("offloader.stale_segments_removed", segments=removed)
-    state = _install_signal_handlers()
+    stop = _install_signal_handlers(parent_pid)
     try:
         server = Offloader(relay_bind, enclave_bind, heartbeat_timeout, max_frame_mb << 20, log=log,
                            curve_secret=curve_secret, curve_allow=curve_allow, max_inflight=max_inflight,
@@ -159,7 +187,17 @@ def offloader(ctx: click.Context, relay_bind: str, enclave_bind: str, heartbeat_
     def ready(relays: str, enclave: str) -> None:
         click.echo(f"offloader listening: relays {relays} enclave {enclave}", err=True)
 
-    server.run(stop=lambda: state["stop"], ready=ready)
+    try:
+        server.run(stop=stop, ready=ready)
+    finally:
+        if cleanup_dir:
+            import shutil
+
+            shutil.rmtree(cleanup_dir, ignore_errors=True)
+        # a job whose enclave died without a word (SIGKILL) leaves its segment: remove it now
+        removed = cleanup_stale()
+        if removed:
+            log.info("offloader.stale_segments_removed", segments=removed)
     log.info("offloader.stopped", **server.stats)
 
 
@@ -173,9 +211,11 @@ def offloader(ctx: click.Context, relay_bind: str, enclave_bind: str, heartbeat_
 @click.option("--fault", default=None, help="Misbehave on purpose (tests, demos): corrupt|nan|lazy|slow|drop|crash[:RATE].")
 @click.option("--curve-secret", default=None, type=click.Path(exists=True, dir_okay=False), help="CURVE: this relay's secret key file.")
 @click.option("--curve-server-key", default=None, type=click.Path(exists=True, dir_okay=False), help="CURVE: the off-loader's public key file (pinned).")
+@PARENT_PID
 @click.pass_context
 def relay(ctx: click.Context, connect: str, device: str, cache_mb: int, heartbeat: float, max_frame_mb: int,
-          name: str | None, fault: str | None, curve_secret: str | None, curve_server_key: str | None) -> None:
+          name: str | None, fault: str | None, curve_secret: str | None, curve_server_key: str | None,
+          parent_pid: int | None) -> None:
     """Run a relay: multiply masked operands on DEVICE for the off-loader at CONNECT."""
     import os
 
@@ -183,14 +223,14 @@ def relay(ctx: click.Context, connect: str, device: str, cache_mb: int, heartbea
 
     name = name or f"{os.uname().nodename}:{os.getpid()}"
     log = _logger(ctx, "relay", relay=name)
-    state = _install_signal_handlers()
+    stop = _install_signal_handlers(parent_pid)
     try:
         injected = Fault.parse(fault) if fault else None
         worker = Relay(connect, device, cache_mb << 20, heartbeat, max_frame_mb << 20, log=log, name=name,
                        fault=injected, curve_secret=curve_secret, curve_server_key=curve_server_key)
     except (RuntimeError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
-    worker.run(stop=lambda: state["stop"])
+    worker.run(stop=stop)
     log.info("relay.stopped", served=worker.served, cache_evictions=worker.cache.evicted)
 
 
@@ -210,9 +250,9 @@ def cleanup(ctx: click.Context, all_segments: bool) -> None:
 @click.option("--mb", default=16.0, show_default=True, type=click.FloatRange(0.01, 4096), help="MiB of operands per relay per round.")
 @click.option("--rounds", default=20, show_default=True, type=click.IntRange(1), help="Timed rounds (median).")
 @click.option("--input-digest/--no-input-digest", default=True, show_default=True, help="As the off-loader's option.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on the last line.")
+@JSON
 @click.pass_context
-def bench_transport(ctx: click.Context, relays: int, mb: float, rounds: int, input_digest: bool, as_json: bool) -> None:
+def bench_transport(ctx: click.Context, relays: int, mb: float, rounds: int, input_digest: bool, json_path) -> None:
     """Round trips of masked operands through a real off-loader and relays vs a plain copy."""
     from tempo.bench import transport
 
@@ -224,8 +264,7 @@ def bench_transport(ctx: click.Context, relays: int, mb: float, rounds: int, inp
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(transport.table(figures))
-    if as_json:
-        click.echo(json.dumps(figures.as_dict()))
+    _emit_json(figures.as_dict(), json_path)
 
 
 MODEL_CHOICES = click.Choice(["mlp", "cnn", "resnet18", "resnet50", "vit"])
@@ -239,19 +278,19 @@ SPLIT_MIN_MB = click.option("--split-min-mb", default=4.0, show_default=True, ty
 
 
 @bench.command("train")
-@click.option("--model", type=MODEL_CHOICES, default="resnet18", show_default=True)
+@click.option("--model", type=MODEL_CHOICES, default="resnet18", show_default=True, help="The model to time.")
 @click.option("--width", default=None, type=click.IntRange(1), help="Model width (as for train).")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Images per step.")
 @click.option("--steps", default=3, show_default=True, type=click.IntRange(1), help="Timed steps per mode (after one warm-up).")
 @click.option("--modes", default="tempo,plain-cpu,plain-cuda", show_default=True,
               help="Comma-separated: tempo, plain-cpu (pure TEE), plain-cuda (non-private GPU).")
-@click.option("--relays", default=1, show_default=True, type=click.IntRange(1, 16), help="Local relays for tempo; products split across them.")
+@click.option("--relays", default=2, show_default=True, type=click.IntRange(1, 16), help="Local relays for tempo; products split across them (as for train).")
 @click.option("--device", default="cpu", show_default=True, help="The relays' device (and plain-cuda's): cpu, cuda, cuda:i.")
 @PIPELINE
 @SPLIT_MIN_MB
 @click.option("--image-shape", default="3x32x32", show_default=True, help="C×H×W of the synthetic batch (CIFAR's by default).")
 @click.option("--arena-mb", default=4096, show_default=True, type=click.IntRange(16), help="Shared-memory arena for masked operands.")
-@click.option("--json", "json_path", default=None, help="Write the figures as JSON to this file ('-': stdout, last line).")
+@JSON
 @click.option("--plot", "plot_path", default=None, help="Draw the breakdown as a PNG (needs matplotlib).")
 @click.pass_context
 def bench_train(ctx: click.Context, model, width, batch_size, steps, modes, relays, device, pipeline, split_min_mb,
@@ -267,6 +306,8 @@ def bench_train(ctx: click.Context, model, width, batch_size, steps, modes, rela
     except ValueError:
         raise click.BadParameter(f"{image_shape!r}: expected C×H×W such as 3x32x32", param_hint="--image-shape") from None
     chosen = [m.strip() for m in modes.split(",") if m.strip()]
+    if plot_path:
+        _require_matplotlib()
     log.info("bench.train.start", model=model, batch_size=batch_size, steps=steps, modes=chosen, relays=relays,
              device=device, pipeline=pipeline)
     try:
@@ -276,33 +317,44 @@ def bench_train(ctx: click.Context, model, width, batch_size, steps, modes, rela
         raise click.ClickException(str(exc)) from None
     click.echo(bench.table(figures))
     if plot_path:
-        try:
-            bench.plot(figures, plot_path)
-        except RuntimeError as exc:
-            raise click.ClickException(str(exc)) from None
+        bench.plot(figures, plot_path)
         click.echo(f"plot: {plot_path}")
-    if json_path == "-":
-        click.echo(json.dumps(figures))
-    elif json_path:
-        with open(json_path, "w") as f:
-            json.dump(figures, f, indent=2)
-        click.echo(f"figures: {json_path}")
+    _emit_json(figures, json_path)
+
+
+def _require_matplotlib() -> None:
+    """Fail in a second, before any work, when a plot is asked for and matplotlib is missing."""
+    from tempo.report import require_matplotlib
+
+    try:
+        require_matplotlib()
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 DATASET_CHOICES = click.Choice(["digits", "cifar10", "synthetic"])
+DATA_DIR = click.option("--data-dir", default=None,
+                        help="Where CIFAR-10's python batches are (cifar10 only; nothing is downloaded).")
+PARTIAL_DATA = click.option("--partial-data", is_flag=True, default=None,
+                            help="Accept a CIFAR-10 folder that lacks some of data_batch_1..5.")
 
 
 @main.command()
-@click.option("--model", type=MODEL_CHOICES, default="cnn", show_default=True)
+@click.option("--model", type=MODEL_CHOICES, default="cnn", show_default=True, help="The model to train.")
 @click.option("--width", default=None, type=click.IntRange(1), help="Model width: hidden units (mlp), channels (cnn, ResNet base), dim (vit).")
-@click.option("--dataset", type=DATASET_CHOICES, default="digits", show_default=True)
-@click.option("--data-dir", default=None, help="Where CIFAR-10's python batches are (nothing is downloaded).")
-@click.option("--epochs", default=5, show_default=True, type=click.IntRange(1))
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
-@click.option("--lr", default=0.1, show_default=True, type=click.FloatRange(0, min_open=True))
-@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
+@click.option("--dataset", type=DATASET_CHOICES, default="digits", show_default=True, help="digits ships with the package.")
+@DATA_DIR
+@PARTIAL_DATA
+@click.option("--epochs", default=5, show_default=True, type=click.IntRange(1), help="Passes over the training images.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Images per step.")
+@click.option("--lr", default=0.1, show_default=True, type=click.FloatRange(0, min_open=True), help="Learning rate.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True, help="SGD with momentum, or AdamW.")
 @click.option("--schedule", type=click.Choice(["none", "cosine", "step"]), default="none", show_default=True, help="Learning-rate schedule.")
-@click.option("--seed", default=7, show_default=True, type=int)
+@click.option("--seed", default=7, show_default=True, type=int, help="Seeds the data split, the order of batches and the initial weights.")
+@click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Share of the training images held out for validation (0: none).")
+@click.option("--val-every", default=1, show_default=True, type=click.IntRange(0),
+              help="Validate every N epochs (and after the last; 0: never).")
 @click.option("--relays", default=2, show_default=True, type=click.IntRange(1, 16), help="Local relays to start; each product is split across them.")
 @PIPELINE
 @SPLIT_MIN_MB
@@ -313,22 +365,29 @@ DATASET_CHOICES = click.Choice(["digits", "cifar10", "synthetic"])
               help="Fresh keys for every product, or one key per layer for an epoch (the paper's).")
 @click.option("--integrity-t", default=1e-6, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Target probability that any wrong result goes undetected in the run (Theorem V.2 sets the Freivalds rounds).")
-@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
+@click.option("--out", default=None,
+              help="The run directory for checkpoint.pt, model.pt, summary.json, metrics.csv (default: a new "
+                   "runs/<date-time>, linked as runs/latest).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out (default runs/latest) from its checkpoint.pt.")
+@click.option("--overwrite", is_flag=True, help="Replace a run already in --out (otherwise refused).")
 @click.option("--checkpoint-every", default=20, show_default=True, type=click.IntRange(0), help="Steps between checkpoints (0: epoch ends only).")
-@click.option("--out", default="runs/latest", show_default=True, help="Where summary.json, model.pt and checkpoint.pt go.")
 @click.option("--inject-fault", default=None, help="Start one local relay misbehaving: corrupt|nan|lazy|slow|drop|crash[:RATE].")
 @click.option("--part-timeout", "part_timeout_s", default=30.0, show_default=True, type=click.FloatRange(0.1),
               help="Seconds a relay may take for one part before it is quarantined and the part sent elsewhere.")
+@click.option("--plot", is_flag=True, help="Draw the loss and accuracy curves to OUT/curves.png at the end (needs matplotlib).")
+@click.option("--progress-every", default=10.0, show_default=True, type=click.FloatRange(0),
+              help="Off a terminal: seconds between train.progress log events.")
 @click.option("--halt-after-steps", default=None, type=click.IntRange(1), hidden=True)
 @click.pass_context
-def train(ctx: click.Context, **options) -> None:
+def train(ctx: click.Context, plot: bool, progress_every: float, **options) -> None:
     """Train privately: Linear and Conv2d products masked and offloaded to local relays."""
     from tempo.enclave.train import TrainConfig
 
     log = _logger(ctx, "enclave")
+    options["partial_data"] = bool(options["partial_data"])
     cfg = TrainConfig(**options)
     log.info("train.start", **{k: v for k, v in options.items() if v is not None})
-    _run_training(cfg, log)
+    _run_training(cfg, log, plot, progress_every, "tempo train")
 
 
 @main.command()
@@ -339,84 +398,130 @@ def train(ctx: click.Context, **options) -> None:
 @click.option("--relay-wait", default=60.0, show_default=True, type=click.FloatRange(0.1),
               help="Seconds to wait for the relays to join.")
 @click.option("--out", default=None, help="Where summary.json, model.pt and checkpoint.pt go (default: the job's).")
-@click.option("--data-dir", default=None, help="Where CIFAR-10's python batches are (default: the job's).")
+@DATA_DIR
+@PARTIAL_DATA
 @click.option("--arena-mb", default=None, type=click.IntRange(16), help="Shared-memory arena size (default: the job's).")
 @click.option("--resume/--no-resume", default=None, help="Continue from OUT/checkpoint.pt (default: the job's).")
+@click.option("--overwrite/--no-overwrite", default=None, help="Replace a run already in OUT (default: the job's).")
+@click.option("--progress-every", default=10.0, show_default=True, type=click.FloatRange(0),
+              help="Off a terminal: seconds between train.progress log events.")
 @click.pass_context
-def enclave(ctx: click.Context, config, offloader, relays, relay_wait, out, data_dir, arena_mb, resume) -> None:
+def enclave(ctx: click.Context, config, offloader, relays, relay_wait, out, data_dir, partial_data, arena_mb, resume,
+            overwrite, progress_every) -> None:
     """The enclave process as deployed: train the job in CONFIG through a separately started
     off-loader (and its relays). Runs under Gramine in ops/gramine."""
     from tempo.enclave.train import load_job
 
     log = _logger(ctx, "enclave")
     try:
-        cfg = load_job(config, relays=relays, out=out, data_dir=data_dir, arena_mb=arena_mb, resume=resume)
+        cfg = load_job(config, relays=relays, out=out, data_dir=data_dir, partial_data=partial_data,
+                       arena_mb=arena_mb, resume=resume, overwrite=overwrite)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     cfg.offloader, cfg.relay_wait_s, cfg.mode = offloader, relay_wait, "tempo"
     log.info("enclave.start", config=config, offloader=offloader, relays=cfg.relays, model=cfg.model,
              dataset=cfg.dataset, epochs=cfg.epochs)
-    _run_training(cfg, log)
+    _run_training(cfg, log, False, progress_every, "tempo enclave")
 
 
-def _run_training(cfg, log) -> None:
+def _run_training(cfg, log, plot: bool, progress_every: float, command: str) -> None:
+    """Run `cfg` with a progress display and signal handling; every failure is one line on
+    stderr and a non-zero exit (a signal: 128 + its number, after saying how to resume)."""
+    from tempo import interrupt, report
+    from tempo.cluster import ClusterDied
     from tempo.enclave.client import OffloadError
-    from tempo.enclave.train import Halted, TrainingStopped, run
+    from tempo.enclave.train import Diverged, Halted, RunInterrupted, TrainingStopped, run
+    from tempo.progress import ProgressView
 
-    tty = sys.stderr.isatty()
-
-    def progress(p: dict) -> None:
-        if tty:
-            click.echo(f"\repoch {p['epoch']}/{p['epochs']} step {p['step']} loss {p['loss']:.4f} "
-                       f"{p['images_per_s']:.0f} img/s", err=True, nl=False)
-
+    if plot:
+        _require_matplotlib()
+    view = ProgressView(log, every_s=progress_every)
     try:
-        summary = run(cfg, progress=progress, log=log)
-    except (ValueError, FileNotFoundError, TrainingStopped, OffloadError) as exc:
-        raise click.ClickException(str(exc)) from None
+        with interrupt.handle_signals():
+            summary = run(cfg, progress=view, log=log)
+    except RunInterrupted as exc:
+        view.close()
+        click.echo(f"{command}: {exc}", err=True)
+        log.warning("train.interrupted", signal=exc.signal_name, step=exc.step,
+                    checkpoint=str(exc.checkpoint) if exc.checkpoint else None)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt as exc:  # before the run had anything to keep
+        name = getattr(exc, "name", "SIGINT")
+        click.echo(f"{command}: interrupted by {name} before training started: nothing to resume", err=True)
+        sys.exit(128 + getattr(exc, "signum", 2))
+    except (ValueError, FileNotFoundError, TrainingStopped, OffloadError, Diverged, ClusterDied) as exc:
+        view.close()
+        raise click.ClickException(" ".join(str(exc).split())) from None
     except Halted as exc:
         raise click.ClickException(f"{exc}; resume with --resume") from None
-    if tty:
-        click.echo("", err=True)
+    finally:
+        view.close()
     click.echo(f"{summary.mode} training of {summary.model} on {summary.dataset}: {summary.steps} steps in "
-               f"{summary.wall_s:.1f}s, train loss {summary.train_loss:.4f}, test accuracy "
-               f"{summary.test_accuracy:.4f}; wrote {cfg.out}/summary.json and {cfg.out}/model.pt")
+               f"{summary.wall_s:.1f}s{' (resumed)' if summary.resumed else ''}, train loss {summary.train_loss:.4f}, "
+               + ("" if summary.val_accuracy is None else f"validation accuracy {summary.val_accuracy:.4f}, ")
+               + f"test accuracy {summary.test_accuracy:.4f}; wrote {summary.out}/ (summary.json, model.pt, "
+               "metrics.csv, checkpoint.pt)")
     for event in summary.quarantined_relays:
         click.echo(f"quarantined relay {event['relay']}: {event['reason']}")
     for event in summary.lost_relays:
         click.echo(f"lost relay {event['relay']}: {event['reason']}")
-    log.info("train.done", test_accuracy=summary.test_accuracy, wall_s=round(summary.wall_s, 2))
+    if plot:
+        path = report.plot_curves(report.load_summary(summary.out), f"{summary.out}/curves.png")
+        click.echo(f"curves: {path}")
+    log.info("train.done", test_accuracy=summary.test_accuracy, wall_s=round(summary.wall_s, 2), out=summary.out)
 
 
 @main.command()
-@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False), help="A model.pt (state_dict) from tempo train.")
-@click.option("--model", type=MODEL_CHOICES, required=True)
-@click.option("--width", default=None, type=click.IntRange(1))
-@click.option("--dataset", type=DATASET_CHOICES, default="digits", show_default=True)
-@click.option("--data-dir", default=None)
-@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1))
-@click.option("--relays", default=2, show_default=True, type=click.IntRange(1, 16))
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--plot", "plot_path", default=None, help="Where to draw the curves (default: RUN_DIR/curves.png).")
+@click.option("--no-plot", is_flag=True, help="Print the table only.")
+def report(run_dir: str, plot_path: str | None, no_plot: bool) -> None:
+    """A finished run's history as a table, and its loss and accuracy curves as a PNG."""
+    from tempo import report as rep
+
+    if not no_plot:
+        _require_matplotlib()
+    try:
+        summary = rep.load_summary(run_dir)
+        click.echo(rep.table(summary))
+        if not no_plot:
+            click.echo(f"curves: {rep.plot_curves(summary, plot_path or f'{run_dir}/curves.png')}")
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="A model.pt (state_dict) or checkpoint.pt from tempo train.")
+@click.option("--model", type=MODEL_CHOICES, required=True, help="The model the weights belong to.")
+@click.option("--width", default=None, type=click.IntRange(1), help="Model width, as in training.")
+@click.option("--dataset", type=DATASET_CHOICES, default="digits", show_default=True, help="Whose test images to classify.")
+@DATA_DIR
+@PARTIAL_DATA
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1), help="Images per private forward pass.")
+@click.option("--relays", default=2, show_default=True, type=click.IntRange(1, 16), help="Local relays to start.")
 @click.option("--device", default="cpu", show_default=True, help="Relays' device.")
 @click.option("--seed", default=7, show_default=True, type=int, help="The data split's seed (as in training).")
 @click.option("--integrity-t", default=1e-6, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Target probability that any wrong result goes undetected (Theorem V.2, alpha = 1).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on the last line.")
+@JSON
 @click.pass_context
-def infer(ctx: click.Context, checkpoint, model, width, dataset, data_dir, batch_size, relays, device, seed,
-          integrity_t, as_json) -> None:
+def infer(ctx: click.Context, checkpoint, model, width, dataset, data_dir, partial_data, batch_size, relays, device,
+          seed, integrity_t, json_path) -> None:
     """Private inference: forward passes only, every product masked and offloaded."""
+    from tempo.cluster import ClusterDied
+    from tempo.enclave.client import OffloadError
     from tempo.enclave.infer import run_inference
 
     log = _logger(ctx, "enclave")
     try:
         result = run_inference(checkpoint, model, width, dataset, data_dir, batch_size, relays, device, seed,
-                               integrity_t=integrity_t, log=log)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        raise click.ClickException(str(exc)) from None
+                               integrity_t=integrity_t, log=log, partial_data=bool(partial_data))
+    except (ValueError, FileNotFoundError, OffloadError, ClusterDied) as exc:
+        raise click.ClickException(" ".join(str(exc).split())) from None
     click.echo(f"private inference of {model} on {dataset}: accuracy {result['accuracy']:.4f} over "
                f"{result['images']} images, {result['images_per_s']:.1f} images/s with {relays} relay(s)")
-    if as_json:
-        click.echo(json.dumps(result))
+    _emit_json(result, json_path)
 
 
 @main.group()

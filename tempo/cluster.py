@@ -1,8 +1,14 @@
 """Start and stop a local off-loader and relays as real processes (Tempo-l on one machine).
 
-Used by `tempo bench transport`, the integration tests, and later `tempo train`. Each process is
+Used by `tempo train`, `tempo infer`, the benchmarks and the integration tests. Each process is
 ``python -m tempo …``; its stderr (JSON log lines) is collected so a failure can show it. `stop`
 sends SIGINT, waits, then SIGKILLs whatever is left, so nothing outlives the cluster.
+
+The processes belong to the one that started them: each gets ``--parent-pid`` and exits by itself
+within a second or so once that process is gone, even when it died without a word (SIGKILL, the
+OOM killer), and the off-loader then removes the cluster's work directory and the dead job's
+shared-memory segment (``--cleanup-dir``). A relay started by hand has no parent to watch and keeps
+reconnecting to its off-loader, which is its job.
 """
 
 from __future__ import annotations
@@ -17,6 +23,22 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+
+
+class ClusterDied(RuntimeError):
+    """A process of the local cluster exited while the job still needed it."""
+
+
+def exit_status(returncode: int | None) -> str:
+    """A process's exit status in words: ``exit status 3``, ``killed by SIGKILL``."""
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit status {returncode}"
 
 
 @dataclass
@@ -49,14 +71,15 @@ class LocalCluster:
         self.cache_mb = cache_mb
         self.log_format = log_format
         self.faults = faults or {}  # relay index -> --fault MODE[:RATE]
-        self.workdir = tempfile.mkdtemp(prefix="tempo-cluster-")
+        self.workdir: str | None = None  # made by `start`, so a cluster never started leaves nothing
         self.offloader: Proc | None = None
         self.relays: list[Proc] = []
         self.relay_endpoint = ""
         self.enclave_endpoint = ""
 
     def _spawn(self, name: str, args: list[str], wait_for: str | None = None, timeout_s: float = 60.0) -> tuple[Proc, re.Match | None]:
-        cmd = [sys.executable, "-m", "tempo", "--log-format", self.log_format, *args]
+        cmd = [sys.executable, "-m", "tempo", "--log-format", self.log_format, *args,
+               "--parent-pid", str(os.getpid())]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.PIPE, text=True, env=env)
@@ -76,23 +99,44 @@ class LocalCluster:
 
         threading.Thread(target=drain, name=f"drain-{name}", daemon=True).start()
         if wait_for:
-            if not seen.wait(timeout_s) or "m" not in found:
+            try:
+                started = seen.wait(timeout_s) and "m" in found
+            except BaseException:  # interrupted while it starts: it is not ours to stop yet
+                popen.kill()
+                popen.wait(5)
+                raise
+            if not started:
+                popen.kill()
+                popen.wait(5)
                 self.stop()
-                raise RuntimeError(f"{name} did not start:\n" + "\n".join(proc.lines[-20:]))
+                raise ClusterDied(f"{name} did not start:\n" + "\n".join(proc.lines[-20:]))
         return proc, found.get("m")
 
     def start(self) -> LocalCluster:
-        ipc = os.path.join(self.workdir, "offloader.ipc")
-        self.offloader, m = self._spawn(
-            "offloader",
-            ["offloader", "--relay-bind", "tcp://127.0.0.1:*", "--enclave-bind", f"ipc://{ipc}",
-             "--heartbeat-timeout", str(self.heartbeat_timeout_s), *self.offloader_args],
-            wait_for=r"offloader listening: relays (\S+) enclave (\S+)",
-        )
-        self.relay_endpoint, self.enclave_endpoint = m.group(1), m.group(2)
-        for i in range(self.n_relays):
-            self.add_relay(fault=self.faults.get(i))
+        """Start the off-loader, then the relays; on any failure or interrupt (Ctrl-C in the
+        first seconds) stop what was started and remove the work directory before re-raising."""
+        try:
+            self.workdir = tempfile.mkdtemp(prefix="tempo-cluster-")
+            ipc = os.path.join(self.workdir, "offloader.ipc")
+            self.offloader, m = self._spawn(
+                "offloader",
+                ["offloader", "--relay-bind", "tcp://127.0.0.1:*", "--enclave-bind", f"ipc://{ipc}",
+                 "--heartbeat-timeout", str(self.heartbeat_timeout_s), "--cleanup-dir", self.workdir,
+                 *self.offloader_args],
+                wait_for=r"offloader listening: relays (\S+) enclave (\S+)",
+            )
+            self.relay_endpoint, self.enclave_endpoint = m.group(1), m.group(2)
+            for i in range(self.n_relays):
+                self.add_relay(fault=self.faults.get(i))
+        except BaseException:
+            self.stop()
+            raise
         return self
+
+    def check(self) -> None:
+        """Raise `ClusterDied` if the off-loader has exited (its exit status says how)."""
+        if self.offloader is not None and not self.offloader.alive():
+            raise ClusterDied(f"the off-loader exited ({exit_status(self.offloader.popen.returncode)})")
 
     def add_relay(self, device: str | None = None, fault: str | None = None, extra_args: list[str] | None = None) -> Proc:
         name = f"relay{len(self.relays)}-{os.getpid()}"
@@ -125,7 +169,8 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 p.popen.kill()
                 p.popen.wait(5)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def logs(self) -> str:
         return "\n".join(f"[{p.name}] {line}" for p in self.processes() for line in p.lines[-40:])

@@ -27,6 +27,8 @@ def configure_logging(role: str, fmt: str = "json", level: str = "info", **ids: 
         if fmt == "console"
         else structlog.processors.JSONRenderer()
     )
+    # On a terminal a progress bar may be on screen: write log lines above it, not through it.
+    factory = _BarSafeLoggerFactory() if sys.stderr.isatty() else structlog.PrintLoggerFactory(sys.stderr)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -39,7 +41,23 @@ def configure_logging(role: str, fmt: str = "json", level: str = "info", **ids: 
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=factory,
         cache_logger_on_first_use=False,
     )
     return structlog.get_logger().bind(role=role, **ids)
+
+
+class _BarSafeLogger(structlog.PrintLogger):
+    """Prints each line with ``tqdm.write``, which clears any progress bar, prints, and redraws it."""
+
+    def msg(self, message: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=self._file)
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = failure = err = msg
+
+
+class _BarSafeLoggerFactory:
+    def __call__(self, *args: Any) -> _BarSafeLogger:
+        return _BarSafeLogger(sys.stderr)

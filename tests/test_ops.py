@@ -127,7 +127,7 @@ def test_the_shipped_job_file_is_a_valid_job():
 def test_job_files_with_mistakes_are_refused(tmp_path):
     from tempo.enclave.train import load_job
 
-    cases = {"epochs = 'five'": "must be a int", "modle = 'cnn'": "unknown key", "pipeline = 1": "true or false",
+    cases = {"epochs = 'five'": "epochs must be a whole number", "modle = 'cnn'": "unknown key", "pipeline = 1": "true or false",
              "epochs = [": "not valid TOML"}
     for text, message in cases.items():
         path = tmp_path / "job.toml"

@@ -46,6 +46,10 @@ class NoHealthyRelay(OffloadError):
     """Every relay that could take a part was quarantined or lost."""
 
 
+class OffloaderGone(OffloadError):
+    """The off-loader stopped answering (or, with a watchdog, its process exited)."""
+
+
 @dataclass
 class _Forward:
     """What the enclave keeps between a part's forward and its backward."""
@@ -102,7 +106,7 @@ class Counters:
 
 
 def _where(what: str, bind: Binding) -> str:
-    return f"{what} of layer {bind.layer} at step {bind.step + 1}"
+    return f"{what} of layer {bind.layer}"
 
 
 def _mask_operand(sk: MatmulKey, side: str, t: torch.Tensor, out: torch.Tensor) -> None:
@@ -144,7 +148,16 @@ class OffloadClient:
         self._forwards: dict[Binding, _Forward] = {}
         self._pending: dict[str, Pending] = {}
         self._replies: dict[str, object] = {}
+        self._pongs: dict[str, dict] = {}  # answers to our pings, by id, until read
+        self._pinging: set[str] = set()
         self.counters = Counters()
+        # Liveness of the off-loader while waiting: `watchdog` (e.g. `LocalCluster.check`) is
+        # called about twice a second and may raise; and an off-loader silent for a third of
+        # `offloader_silence_s` is pinged, one silent for all of it is given up on.
+        self.watchdog = None
+        self.offloader_silence_s = 15.0
+        self._last_heard = time.monotonic()
+        self._probe_at = 0.0
 
     # -- arena helpers --
     def _alloc(self, shape, dtype) -> tuple[Descriptor, torch.Tensor]:
@@ -385,9 +398,9 @@ class OffloadClient:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise PartTimeout(f"{pending.kind} {pending.bind} timed out after {timeout_s}s")
-                if not self.sock.poll(int(left * 1000) + 1):
-                    continue
-                self._receive()
+                self._check_offloader()
+                if self.sock.poll(int(min(left, 0.5) * 1000) + 1):
+                    self._receive()
             reply = self._replies.pop(pending.rid)
             self._pending.pop(pending.rid, None)
             if not (isinstance(reply, tuple) and reply[0] == "done"):
@@ -399,8 +412,22 @@ class OffloadClient:
         finally:
             self.counters.wait_s += time.perf_counter() - t0
 
+    def _check_offloader(self) -> None:
+        """Raise `OffloaderGone` if the off-loader died (watchdog) or has been silent too long;
+        ping it when it has been quiet for a while (a slow relay keeps it quiet, not dead)."""
+        if self.watchdog is not None:
+            self.watchdog()
+        now = time.monotonic()
+        silent = now - self._last_heard
+        if silent > self.offloader_silence_s:
+            raise OffloaderGone(f"the off-loader has not answered for {silent:.0f}s (is it running?)")
+        if silent > self.offloader_silence_s / 3 and now - self._probe_at > self.offloader_silence_s / 3:
+            self._probe_at = now
+            self.sock.send_multipart(encode("ping", id=new_request_id()), copy=False)
+
     def _receive(self) -> None:
         frames = self.sock.recv_multipart(copy=False)
+        self._last_heard = time.monotonic()
         try:
             msg = decode([f.buffer for f in frames], OFFLOADER_TO_ENCLAVE_OPS, max_frame_bytes=0)
         except ProtocolError as exc:
@@ -415,6 +442,10 @@ class OffloadClient:
                                  reason=event["reason"])
             return
         rid = msg.request_id
+        if msg.op == "pong":  # a liveness probe's answer, or `ping`'s (kept until it reads it)
+            if rid in self._pinging:
+                self._pongs[rid] = msg.header
+            return
         pending = self._pending.get(rid) if rid else None
         # An error about one of our control messages carries our id but no binding; an error can
         # only fail a request, never deliver data, so the id alone is enough for it.
@@ -435,21 +466,30 @@ class OffloadClient:
         else:
             self._replies[rid] = str(msg.header.get("reason", "error"))
 
-    def ping(self, timeout_s: float = 5.0) -> int:
-        """Ask the off-loader how many relays it has; raises `OffloadError` if it does not answer."""
+    def _ask(self, timeout_s: float) -> dict:
+        """Ping the off-loader and return its pong's header. Other messages that arrive meanwhile
+        (answers to parts in flight) are handled as usual, never lost."""
         rid = new_request_id()
-        self.sock.send_multipart(encode("ping", id=rid), copy=False)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.sock.poll(100):
-                frames = self.sock.recv_multipart(copy=False)
-                try:
-                    msg = decode([f.buffer for f in frames], OFFLOADER_TO_ENCLAVE_OPS, max_frame_bytes=0)
-                except ProtocolError:
-                    continue
-                if msg.op == "pong" and msg.request_id == rid:
-                    return int(msg.header.get("relays", 0))
-        raise OffloadError("the off-loader did not answer a ping")
+        self._pinging.add(rid)
+        try:
+            self.sock.send_multipart(encode("ping", id=rid), copy=False)
+            deadline = time.monotonic() + timeout_s
+            while rid not in self._pongs:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise OffloaderGone(f"the off-loader did not answer a ping within {timeout_s}s")
+                if self.watchdog is not None:
+                    self.watchdog()
+                if self.sock.poll(int(min(left, 0.5) * 1000) + 1):
+                    self._receive()
+            return self._pongs.pop(rid)
+        finally:
+            self._pinging.discard(rid)
+
+    def ping(self, timeout_s: float = 5.0) -> int:
+        """Ask the off-loader how many relays it has; raises `OffloaderGone` if it does not answer."""
+        relays = self._ask(timeout_s).get("relays", 0)
+        return relays if isinstance(relays, int) and not isinstance(relays, bool) else 0
 
     def wait_for_relays(self, count: int, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -60,7 +60,7 @@ class InProcessEngine:
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, bind: Binding, weight: Weight | None = None) -> torch.Tensor:
         m, n, p = a.shape[-2], a.shape[-1], b.shape[-1]
-        ab = checked_bound(a, b, where=f"forward of layer {bind.layer} at step {bind.step + 1}")
+        ab = checked_bound(a, b, where=f"forward of layer {bind.layer}")
         sk = self.keys.key(bind.layer, m, n, p)
         a_enc, b_enc = encrypt(sk, a, b)
         self.counters.forward_encryptions += 2
@@ -72,7 +72,7 @@ class InProcessEngine:
 
     def backward(self, grad_c: torch.Tensor, bind: Binding) -> tuple[torch.Tensor, torch.Tensor]:
         sk, a, b, a_enc, b_enc = self._cache.pop(bind)
-        where = f"backward of layer {bind.layer} at step {bind.step + 1}"
+        where = f"backward of layer {bind.layer}"
         ab_da = checked_bound(grad_c, b.mT, tuple(a.shape[:-2]), where)
         ab_db = checked_bound(a.mT, grad_c, tuple(b.shape[:-2]), where)
         d_enc = encrypt_grad(sk, grad_c)
