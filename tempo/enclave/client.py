@@ -13,6 +13,7 @@ stay here.
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -134,6 +135,9 @@ class OffloadClient:
         self._ctx = context or zmq.Context.instance()
         self.sock = self._ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        # The off-loader lets only the connection that opened a job use or release it, by this
+        # identity: set here, it is unguessable and stays the same if the connection is remade.
+        self.sock.setsockopt(zmq.IDENTITY, b"enclave-" + secrets.token_hex(16).encode())
         self.sock.connect(endpoint)
         self._forwards: dict[Binding, _Forward] = {}
         self._pending: dict[str, Pending] = {}
