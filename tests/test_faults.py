@@ -36,10 +36,13 @@ def test_training_with_a_faulty_relay_ends_with_honest_weights(mode, honest, tmp
     monkeypatch.setenv("TEMPO_FAULT_SLOW_S", "6")  # slow: well past the 2 s part timeout
     summary = run(TrainConfig(out=str(tmp_path), inject_fault=mode, **FAST))
     assert_honest_and_relay0_named(summary, tmp_path, honest, mode)
-    if mode in ("corrupt", "nan", "lazy"):
+    if mode in ("corrupt", "nan", "lazy", "noise"):
         assert "failed verification" in summary.quarantined_relays[0]["reason"]
     if mode == "drop":
         assert "no answer" in summary.quarantined_relays[0]["reason"]
+    if mode == "malformed":  # caught by the off-loader, before the enclave sees the result
+        assert "wrong shape or dtype" in summary.quarantined_relays[0]["reason"]
+        assert summary.offload["failed_verifications"] == 0
 
 
 def test_fault_specs_are_checked():

@@ -10,7 +10,10 @@ the others: a forward as it was, a backward with the cached operands taken from 
 
 A reply from a relay is accepted only for an outstanding request id, from the relay it was sent
 to, with the same binding; anything else is dropped with a log line, so a late or replayed reply
-can neither duplicate nor corrupt a result.
+can neither duplicate nor corrupt a result. A reply that does answer a part the relay holds but
+breaks the protocol (a result of the wrong shape or dtype, frames that do not decode, an error
+other than a lost cache) is evidence against that relay: it is quarantined like one that failed
+verification, and its parts go to the others.
 
 Jobs and arenas belong to the enclave connection that first submitted into them: only it may
 submit into, stage from or release them. No single message stops the loop: a handler that
@@ -45,7 +48,7 @@ from tempo.protocol import (
 )
 
 # Relay errors that say a relay lost what it was asked to keep (evicted, restarted): the part
-# goes again with all its operands.
+# goes again with all its operands, and the relay is not to blame. Any other error is.
 _NO_CACHE = "no cached operands"
 _NO_STAGE = "no staged operand"
 
@@ -286,6 +289,16 @@ class Offloader:
         self._remove_relay(identity, quarantine_reason=reason or "quarantined by the enclave")
         self._notify(client, identity, "quarantined", reason)
 
+    def _quarantine_for(self, identity: bytes, part: Part, evidence: str) -> None:
+        """Quarantine a relay on evidence found here (a reply that breaks the protocol for a
+        part it holds): its parts, this one too, go to the others, and each enclave whose parts
+        it held is told why."""
+        evidence = f"{part.kind} {part.bind.to_wire()}: {evidence}"[:500]
+        clients = {p.client for p in self.parts.values() if p.relay == identity} | {part.client}
+        self._remove_relay(identity, quarantine_reason=evidence)
+        for client in clients:
+            self._notify(client, identity, "quarantined", evidence)
+
     def _remove_relay(self, identity: bytes, quarantine_reason: str | None = None) -> None:
         """Drop a relay (lost or quarantined); send its outstanding parts to the others."""
         relay = self.relays.pop(identity, None)
@@ -430,11 +443,13 @@ class Offloader:
         part = self._answered(identity, msg)
         if part is None:
             return
-        self._take(part)
         if not _result_fits(part, msg.tensors):
-            self._warn("offloader.bad_result_shape", relay=identity.hex())
-            self._reply_error(part, "relay returned results of the wrong shape or dtype")
+            got = [(str(t.dtype).removeprefix("torch."), tuple(t.shape)) for t in msg.tensors]
+            want = [(d.dtype, d.shape) for d in part.outputs]
+            self._warn("offloader.bad_result_shape", relay=identity.hex(), got=str(got)[:200], want=str(want)[:200])
+            self._quarantine_for(identity, part, f"relay returned results of the wrong shape or dtype: {got} for {want}")
             return
+        self._take(part)
         for t, d in zip(msg.tensors, part.outputs):
             part.arena.tensor(d).copy_(t)
         # Timing for the breakdown only (a relay may lie about it; it decides nothing): the
@@ -458,12 +473,12 @@ class Offloader:
             return
         lost_cache = part.kind == "backward" and not part.full and _NO_CACHE in reason
         lost_stage = part.used_staged and _NO_STAGE in reason
-        self._take(part)
         if lost_cache or lost_stage:  # send it again with all its operands
+            self._take(part)
             part.full = True
             self._dispatch(part)
             return
-        self._reply_error(part, f"relay error: {reason}")
+        self._quarantine_for(identity, part, f"relay error: {reason}")
 
     def _relay_pong(self, identity: bytes, msg) -> None:
         if identity in self.relays:
@@ -514,7 +529,16 @@ class Offloader:
             return
         msg = None
         try:
-            msg = decode(rest, RELAY_OPS, self.max_frame_bytes)
+            try:
+                msg = decode(rest, RELAY_OPS, self.max_frame_bytes)
+            except ProtocolError as exc:
+                # from the relay holding the part it names: evidence against it; else just noise
+                part = self._held(identity, claimed_request_id(rest))
+                if part is None:
+                    raise
+                self._warn("offloader.malformed_reply", relay=identity.hex(), reason=str(exc))
+                self._quarantine_for(identity, part, f"malformed reply: {exc}")
+                return
             if msg.op not in ("ready", "heartbeat") and identity not in self.relays:
                 raise ProtocolError("unknown relay: announce yourself with ready first")
             self.relay_handlers[msg.op](identity, msg)

@@ -33,7 +33,7 @@ from tempo.protocol import (
 )
 
 
-FAULT_MODES = ("corrupt", "nan", "lazy", "slow", "drop", "crash")
+FAULT_MODES = ("corrupt", "nan", "lazy", "slow", "drop", "crash", "malformed", "noise")
 
 
 def backward_products(a: torch.Tensor, b: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,12 +52,16 @@ class Fault:
 
     corrupt: one entry or a rank-1 change; nan: a NaN entry; lazy: zeros or a stale result;
     slow: replies after `slow_s` without heartbeats; drop: never replies (keeps heartbeating);
-    crash: exits in the middle of a job.
+    crash: exits in the middle of a job; malformed: a result of the wrong dtype or shape;
+    noise: adds ``+s, −s, +s, …`` along each row, ``s = noise_x · max|C|``, to every tensor of
+    the result (balanced: a row's noise sums to 0 or ``s``, so row sums barely show it).
+    `slow_s` and `noise_x` come from ``TEMPO_FAULT_SLOW_S`` and ``TEMPO_FAULT_NOISE_X``.
     """
 
     mode: str
     rate: float = 1.0
     slow_s: float = 30.0
+    noise_x: float = 10.0
 
     @classmethod
     def parse(cls, text: str) -> Fault:
@@ -70,7 +74,8 @@ class Fault:
             raise ValueError(f"fault rate {rate!r} is not a number") from None
         if not 0.0 <= value <= 1.0:
             raise ValueError("fault rate must be in [0, 1]")
-        return cls(mode, value, float(os.environ.get("TEMPO_FAULT_SLOW_S", "30")))
+        return cls(mode, value, float(os.environ.get("TEMPO_FAULT_SLOW_S", "30")),
+                   float(os.environ.get("TEMPO_FAULT_NOISE_X", "10")))
 
 
 @dataclass
@@ -342,6 +347,19 @@ class Relay:
             return None
         elif fault.mode == "crash":
             os._exit(3)
+        elif fault.mode == "malformed":
+            i = self._rng.randrange(len(out))
+            t = out[i]
+            if self._rng.random() < 0.5:
+                out[i] = t.to(torch.float32 if t.dtype == torch.float64 else torch.float64)
+            else:  # one column too many
+                out[i] = torch.nn.functional.pad(t, (0, 1))
+        elif fault.mode == "noise":
+            for t in out:
+                if t.numel():
+                    signs = torch.ones(t.shape[-1], dtype=t.dtype)
+                    signs[1::2] = -1.0
+                    t += fault.noise_x * t.abs().max() * signs
         self._stale[key] = honest
         return out
 
