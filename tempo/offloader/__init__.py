@@ -141,7 +141,7 @@ class Offloader:
         self.relays: dict[bytes, RelayState] = {}
         self.parts: dict[str, Part] = {}  # by relay request id
         self.waiting: deque[Part] = deque()  # no relay available yet
-        self.affinity: dict[Binding, bytes] = {}  # who holds a forward's cached operands
+        self.affinity: dict[Binding, bytes] = {}  # who holds a forward's cached operands, until its backward
         self.arenas: dict[str, Arena] = {}
         # the enclave connection (ROUTER identity) that opened a job or an arena: only it may use them
         self.job_owners: dict[str, bytes] = {}
@@ -168,6 +168,13 @@ class Offloader:
     def _warn(self, event: str, **kw) -> None:
         if self.log is not None:
             self.log.warning(event, **kw)
+
+    def tables(self) -> dict[str, int]:
+        """The sizes of the state kept per job, part and relay (what must not grow with steps)."""
+        return {"parts": len(self.parts), "waiting": len(self.waiting), "affinity": len(self.affinity),
+                "staged": len(self.staged), "arenas": len(self.arenas), "jobs": len(self.job_owners),
+                "arena_owners": len(self.arena_owners), "relays": len(self.relays),
+                "quarantined": len(self.quarantined)}
 
     # -- enclave side --
     def _claim(self, client: bytes, job: str, name: str) -> Arena:
@@ -217,12 +224,20 @@ class Offloader:
         relay = self._least_loaded()
         if relay is None:
             return  # the forward will carry the operand itself
+        self._unstage(bind, keep=relay.identity)  # staged again elsewhere: the first holder drops it
         relay.given += 1  # spread a product's parts over the relays
         extra = {"digest": inputs_digest([arena.buffer(desc)])} if self.input_digest else {}
         frames = encode("stage", [arena.tensor(desc)], bind=bind.to_wire(), slot=header["slot"], **extra)
         self.relay_sock.send_multipart([relay.identity, *frames], copy=False)
         self.staged[bind] = (relay.identity, header["slot"], desc)
         self.stats["staged"] += 1
+
+    def _unstage(self, bind: Binding, keep: bytes | None = None) -> None:
+        """Forget `bind`'s staged operand, and have the relay that holds it (unless `keep`,
+        which is about to take it with the forward) drop it too."""
+        held = self.staged.pop(bind, None)
+        if held is not None and held[0] != keep and held[0] in self.relays:
+            self.relay_sock.send_multipart([held[0], *encode("release", bind=bind.to_wire())], copy=False)
 
     def _release(self, client: bytes, header: dict) -> None:
         """Drop a job (its parts, cached operands and arena) or one binding's cached and staged
@@ -234,8 +249,8 @@ class Offloader:
             bind = Binding.from_wire(header["bind"])
             if self.job_owners.get(bind.job, client) != client:
                 raise ProtocolError(f"job {bind.job!r} belongs to another enclave connection")
-            self.staged.pop(bind, None)
             holder = self.affinity.pop(bind, None)
+            self._unstage(bind, keep=holder)
             if holder in self.relays:
                 self.relay_sock.send_multipart([holder, *encode("release", bind=bind.to_wire())], copy=False)
             return
@@ -268,7 +283,7 @@ class Offloader:
     def _ping(self, client: bytes, header: dict) -> None:
         rid = {"id": header["id"]} if "id" in header else {}
         self.enclave_sock.send_multipart(
-            [client, *encode("pong", relays=len(self.relays), **rid)], copy=False
+            [client, *encode("pong", relays=len(self.relays), tables=self.tables(), **rid)], copy=False
         )
 
     def _reply_error(self, part: Part, reason: str) -> None:
@@ -371,7 +386,7 @@ class Offloader:
         arena = part.arena
         extra = {}
         if part.kind == "forward":
-            self.staged.pop(part.bind, None)  # a relay keeps a staged operand until this forward
+            self._unstage(part.bind, keep=relay)  # a relay keeps a staged operand until this forward
         part.used_staged = held is not None
         if part.used_staged:  # only the activation travels now
             op, descs = "forward", [part.inputs[1 if part.staged == "a" else 0]]
@@ -433,10 +448,13 @@ class Offloader:
         return part
 
     def _take(self, part: Part) -> None:
-        """The part is answered: it leaves the tables."""
+        """The part is answered: it leaves the tables (a backward also ends its binding's
+        affinity: the relay gave its cached operands up with it)."""
         del self.parts[part.relay_rid]
         if part.relay in self.relays:
             self.relays[part.relay].inflight.discard(part.relay_rid)
+        if part.kind == "backward":
+            self.affinity.pop(part.bind, None)
         self._drain_waiting()
 
     def _relay_result(self, identity: bytes, msg) -> None:

@@ -19,7 +19,7 @@ Ops (``op``), by direction:
   ``release`` (drop a binding's cached operands on the relays), ``ping``, ``quarantine`` (stop
   using a relay, named or by the request it holds; its parts go to the others).
 - off-loader → enclave: ``done`` (outputs written into the arena, and which relay computed
-  them), ``error``, ``pong``, ``relay_event`` (a relay that held this enclave's parts was lost
+  them), ``error``, ``pong`` (with the sizes of the off-loader's tables, since 2.1), ``relay_event`` (a relay that held this enclave's parts was lost
   or quarantined).
 - off-loader → relay: ``forward`` (A', B' → C'), ``backward`` (D' with the cached A', B' →
   T1', T2'), ``backward_full`` (A', B', D' → T1', T2', for when the relay holding the cache
@@ -40,7 +40,8 @@ from typing import Any
 import msgpack
 import torch
 
-PROTOCOL_VERSION = (2, 0)  # 2: backward sends D'ᵀ and returns T1'ᵀ, T2'ᵀ summed (grad_shapes)
+# 2: backward sends D'ᵀ and returns T1'ᵀ, T2'ᵀ summed (grad_shapes); 2.1: pong carries `tables`
+PROTOCOL_VERSION = (2, 1)
 
 # dtype names on the wire -> torch dtypes. Nothing else is ever built from a frame.
 DTYPES: dict[str, torch.dtype] = {
@@ -208,6 +209,11 @@ def tensor_specs(value: Any) -> list[TensorSpec]:
     return [TensorSpec.from_wire(s) for s in value]
 
 
+def _tables(value: Any) -> None:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and _is_int(v) and v >= 0 for k, v in value.items()):
+        raise ProtocolError("must map names to non-negative integers")
+
+
 # Every header field any op uses, by name, with the one type it has in every op; `_OP_FIELDS`
 # holds the exceptions. A nil where a field is expected is as wrong as any other type.
 FIELDS: dict[str, Check] = {
@@ -234,6 +240,7 @@ FIELDS: dict[str, Check] = {
     "compute_s": _seconds,
     "relay_s": _seconds,
     "turnaround_s": _seconds,
+    "tables": _tables,
 }
 _OP_FIELDS: dict[tuple[str, str], Check] = {
     ("done", "staged"): _flag,  # whether the forward used an operand shipped ahead
