@@ -18,47 +18,22 @@ import bisect
 import mmap
 import os
 import re
+import stat
 import threading
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tempo.protocol import DTYPES, ProtocolError, TensorSpec
+# Descriptor lives with the rest of the wire format; importable from here as before
+from tempo.protocol import DTYPES, Descriptor, ProtocolError, TensorSpec
+
+__all__ = ["Arena", "Descriptor", "cleanup_stale", "list_segments", "segment_name"]
 
 SHM_DIR = Path(os.environ.get("TEMPO_SHM_DIR", "/dev/shm"))
 PREFIX = "tempo-"
 ALIGN = 64  # cache-line aligned regions
 _NAME_RE = re.compile(r"^tempo-([A-Za-z0-9_.-]{1,64})-(\d+)$")
-
-
-@dataclass(frozen=True)
-class Descriptor:
-    """A region of the arena holding one tensor: where it is and what it is."""
-
-    offset: int
-    nbytes: int
-    dtype: str
-    shape: tuple[int, ...]
-
-    def to_wire(self) -> dict:
-        return {"offset": self.offset, "nbytes": self.nbytes, "dtype": self.dtype, "shape": list(self.shape)}
-
-    @classmethod
-    def from_wire(cls, value: object, arena_size: int) -> Descriptor:
-        """Parse a descriptor from a peer and check it lies inside the arena and fits its spec."""
-        if not isinstance(value, dict) or set(value) != {"offset", "nbytes", "dtype", "shape"}:
-            raise ProtocolError("a descriptor is a map of offset, nbytes, dtype, shape")
-        offset, nbytes = value["offset"], value["nbytes"]
-        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (offset, nbytes)):
-            raise ProtocolError("descriptor offset and nbytes must be integers")
-        spec = TensorSpec.from_wire({"dtype": value["dtype"], "shape": value["shape"]})
-        if offset < 0 or nbytes < 0 or offset + nbytes > arena_size:
-            raise ProtocolError("descriptor lies outside the arena")
-        if nbytes != spec.nbytes:
-            raise ProtocolError("descriptor length does not match its dtype and shape")
-        return cls(offset, nbytes, spec.dtype, spec.shape)
 
 
 def segment_name(job: str, pid: int | None = None) -> str:
@@ -144,16 +119,24 @@ class Arena:
 
     @classmethod
     def attach(cls, name: str) -> Arena:
-        """Attach to an existing segment by name (the off-loader's side)."""
+        """Attach to an existing segment by name (the off-loader's side).
+
+        Only a non-empty regular file is a segment: an empty one has nothing to map (and no
+        region could lie in it), and a link or a device is no one's arena."""
         if not _NAME_RE.match(name):
             raise ProtocolError(f"{name!r} is not a tempo arena name")
         path = SHM_DIR / name
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             raise ProtocolError(f"arena {name} does not exist") from None
-        size = os.fstat(fd).st_size
-        return cls(path, size, False, fd)
+        except OSError as exc:
+            raise ProtocolError(f"arena {name} cannot be opened: {exc.strerror}") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
+            os.close(fd)
+            raise ProtocolError(f"arena {name} is {'empty' if stat.S_ISREG(info.st_mode) else 'not a file'}")
+        return cls(path, info.st_size, False, fd)
 
     # -- allocation (owner) --
     def alloc(self, nbytes: int) -> int:

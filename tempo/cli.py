@@ -208,7 +208,7 @@ def offloader(ctx: click.Context, relay_bind: str, enclave_bind: str, heartbeat_
 @click.option("--heartbeat", default=0.5, show_default=True, type=click.FloatRange(0.01), help="Seconds between heartbeats.")
 @click.option("--max-frame-mb", default=1024, show_default=True, type=click.IntRange(1), help="Largest tensor frame accepted.")
 @click.option("--name", default=None, help="The relay's name in logs and quarantine reports (default host:pid).")
-@click.option("--fault", default=None, help="Misbehave on purpose (tests, demos): corrupt|nan|lazy|slow|drop|crash[:RATE].")
+@click.option("--fault", default=None, help="Misbehave on purpose (tests, demos): corrupt|nan|lazy|slow|drop|crash|malformed|noise[:RATE].")
 @click.option("--curve-secret", default=None, type=click.Path(exists=True, dir_okay=False), help="CURVE: this relay's secret key file.")
 @click.option("--curve-server-key", default=None, type=click.Path(exists=True, dir_okay=False), help="CURVE: the off-loader's public key file (pinned).")
 @PARENT_PID
@@ -371,7 +371,7 @@ PARTIAL_DATA = click.option("--partial-data", is_flag=True, default=None,
 @click.option("--resume", is_flag=True, help="Continue the run in --out (default runs/latest) from its checkpoint.pt.")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out (otherwise refused).")
 @click.option("--checkpoint-every", default=20, show_default=True, type=click.IntRange(0), help="Steps between checkpoints (0: epoch ends only).")
-@click.option("--inject-fault", default=None, help="Start one local relay misbehaving: corrupt|nan|lazy|slow|drop|crash[:RATE].")
+@click.option("--inject-fault", default=None, help="Start one local relay misbehaving: corrupt|nan|lazy|slow|drop|crash|malformed|noise[:RATE].")
 @click.option("--part-timeout", "part_timeout_s", default=30.0, show_default=True, type=click.FloatRange(0.1),
               help="Seconds a relay may take for one part before it is quarantined and the part sent elsewhere.")
 @click.option("--plot", is_flag=True, help="Draw the loss and accuracy curves to OUT/curves.png at the end (needs matplotlib).")

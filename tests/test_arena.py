@@ -102,3 +102,24 @@ def test_bad_job_ids_are_refused():
         Arena.create("ok", 0)
     assert all(p.name.startswith("tempo-") for p in list_segments())
     assert os.getpid() > 0
+
+
+def test_attach_refuses_empty_segments_and_links(tmp_path):
+    """An empty file has nothing to map, and a link or a directory is no one's arena: each is a
+    ProtocolError (an error reply from the off-loader), never a crash."""
+    empty = arena_mod.SHM_DIR / segment_name("t-empty")
+    link = arena_mod.SHM_DIR / segment_name("t-link")
+    folder = arena_mod.SHM_DIR / segment_name("t-dir")
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"\x00" * 4096)
+    try:
+        empty.write_bytes(b"")
+        link.symlink_to(target)
+        folder.mkdir()
+        for path, why in ((empty, "empty"), (link, "cannot be opened"), (folder, "cannot be opened")):
+            with pytest.raises(ProtocolError, match=why):
+                Arena.attach(path.name)
+    finally:
+        empty.unlink(missing_ok=True)
+        link.unlink(missing_ok=True)
+        folder.rmdir()

@@ -15,7 +15,15 @@ from tempo import arena as arena_mod
 from tempo.cluster import LocalCluster
 from tempo.enclave.client import NoHealthyRelay, OffloadClient, OffloadError
 from tempo.enclave.verify import rounding_bound
-from tempo.protocol import PROTOCOL_VERSION, RELAY_OPS, Binding, decode, encode, inputs_digest
+from tempo.protocol import (
+    PROTOCOL_VERSION,
+    RELAY_OPS,
+    Binding,
+    decode,
+    encode,
+    error_frames,
+    inputs_digest,
+)
 
 
 def digest_of(tensors):
@@ -121,10 +129,12 @@ def test_backward_after_the_cache_holder_died_is_recomputed_from_the_arena(clust
         assert close_enough(da, grad @ b.T, grad, b.T) and close_enough(db, a.T @ grad, a.T, grad)
 
 
-def raw(ctx, endpoint, kind=zmq.DEALER):
+def raw(ctx, endpoint, kind=zmq.DEALER, identity=None):
     s = ctx.socket(kind)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.RCVTIMEO, 5000)
+    if identity is not None:
+        s.setsockopt(zmq.IDENTITY, identity)
     s.connect(endpoint)
     return s
 
@@ -335,3 +345,58 @@ def test_parts_beyond_a_relays_inflight_limit_wait_their_turn():
     with LocalCluster(relays=1, offloader_args=["--max-inflight", "1"]) as cluster:
         with new_client(cluster, "limit") as client:
             assert run_products(client, "limit", 40, random.Random(9), window=20) == 40
+
+
+def test_a_relay_that_breaks_the_protocol_for_its_part_is_quarantined_and_the_part_recomputed():
+    """A malformed reply that answers a part its sender holds is evidence: that relay is
+    quarantined and the part goes to an honest relay. The same garbage naming a part someone
+    else holds is only refused: no peer can get another relay quarantined."""
+    a, b = torch.randn(3, 4), torch.randn(4, 2)
+
+    def wrong_dtype(req):
+        c = req.tensors[0] @ req.tensors[1]
+        return encode("result", [c.double()], id=req.request_id, bind=req.header["bind"], digest=req.header["digest"])
+
+    def wrong_shape(req):
+        return encode("result", [torch.zeros(3, 3)], id=req.request_id, bind=req.header["bind"],
+                      digest=req.header["digest"])
+
+    def relay_error(req):
+        return error_frames("CUDA out of memory", req.request_id, req.header["bind"])
+
+    def undecodable(req):
+        head = msgpack.packb({"v": list(PROTOCOL_VERSION), "op": "result", "id": req.request_id,
+                              "bind": req.header["bind"], "tensors": [{"dtype": "float32", "shape": [3, 2]}]})
+        return [head, b"\x00" * 5]
+
+    cases = {"wrong dtype": (wrong_dtype, "wrong shape or dtype"), "wrong shape": (wrong_shape, "wrong shape or dtype"),
+             "relay error": (relay_error, "CUDA out of memory"), "undecodable": (undecodable, "malformed reply")}
+    ctx = zmq.Context()
+    cluster = LocalCluster(relays=1, heartbeat_timeout_s=5.0).start()
+    try:
+        client = new_client(cluster, "evidence")
+        client.forward(a, b, Binding("evidence", 0, 0, 0))  # the honest relay has one part behind it
+        bystander = raw(ctx, cluster.relay_endpoint, identity=b"bystander")
+        for step, (case, (reply, evidence)) in enumerate(cases.items(), start=1):
+            fake = raw(ctx, cluster.relay_endpoint, identity=f"fake-{step}".encode())
+            fake.send_multipart(encode("ready", device="fake", free_memory=0))
+            client.wait_for_relays(2)
+            bind = Binding("evidence", step, 0, 0)
+            pending = client.submit_forward(a, b, bind)  # the fake relay has none behind it: it gets this one
+            req = decode(fake.recv_multipart(), frozenset({"forward"}))
+            # garbage naming this part from a peer that does not hold it: refused, nobody blamed
+            bystander.send_multipart(undecodable(req))
+            assert decode(bystander.recv_multipart(), frozenset({"error"})).op == "error"
+            fake.send_multipart(reply(req))
+            assert torch.allclose(client.finish_forward(pending), a @ b, atol=1e-5), case
+            quarantined = [e for e in client.relay_events if e["event"] == "quarantined"]
+            assert [e["relay"] for e in quarantined] == [f"fake-{i}" for i in range(1, step + 1)], case
+            assert evidence in quarantined[-1]["reason"] and str(bind.to_wire()) in quarantined[-1]["reason"], case
+            fake.close()
+        assert client.counters.failed_verifications == 0
+        client.close()
+        assert cluster.offloader.alive()
+    finally:
+        ctx.destroy(linger=0)
+        cluster.stop()
+    assert not any("bystander" in line and "relay_quarantined" in line for line in cluster.offloader.lines)

@@ -3,11 +3,16 @@ import pytest
 import torch
 
 from tempo.protocol import (
+    FIELDS,
     OFFLOADER_TO_RELAY_OPS,
     PROTOCOL_VERSION,
     Binding,
+    Descriptor,
     ProtocolError,
+    TensorSpec,
+    claimed_request_id,
     decode,
+    decode_header,
     encode,
     error_frames,
     new_request_id,
@@ -85,9 +90,71 @@ def test_oversize_frame_is_refused_before_building_a_tensor():
     "bind", [None, [], ["j", 0, 0], ["", 0, 0, 0], ["j", -1, 0, 0], ["j", 0.5, 0, 0], [1, 0, 0, 0], ["j", True, 0, 0]]
 )
 def test_bad_bindings_are_refused(bind):
-    msg = decode(to_bytes(encode("forward", id="x", bind=bind)), OFFLOADER_TO_RELAY_OPS)
+    with pytest.raises(ProtocolError, match="bind"):
+        decode(to_bytes(encode("forward", id="x", bind=bind)), OFFLOADER_TO_RELAY_OPS)
     with pytest.raises(ProtocolError):
-        msg.binding  # noqa: B018
+        Binding.from_wire(bind)
+
+
+# One value of each msgpack type (and the awkward ints and floats).
+EVERY_TYPE = [None, True, 0, -1, 2**64 - 1, 1.5, float("nan"), "fuzz", b"\x00\xff", [1, "a"], [[1], [2, [3]]],
+              {"k": 1}]
+
+
+@pytest.mark.parametrize("value", EVERY_TYPE, ids=repr)
+def test_unhashable_or_foreign_dtypes_are_a_protocol_error(value):
+    spec = {"dtype": value, "shape": [1]}
+    with pytest.raises(ProtocolError, match="dtype"):
+        TensorSpec.from_wire(spec)
+    with pytest.raises(ProtocolError, match="dtype"):
+        Descriptor.from_wire({"offset": 0, "nbytes": 4, "dtype": value, "shape": [1]}, 64)
+    with pytest.raises(ProtocolError, match="tensors"):
+        decode_header(msgpack.packb({"v": list(PROTOCOL_VERSION), "op": "ready", "tensors": [spec]}))
+
+
+# The msgpack type each field has on the wire (the values it may take are narrower still).
+WIRE_TYPES = {
+    **dict.fromkeys(("id", "digest", "arena", "kind", "staged", "slot", "job", "relay", "reason", "event", "device",
+                     "name"), str),
+    **dict.fromkeys(("free_memory", "cache_bytes", "relays"), int),
+    **dict.fromkeys(("compute_s", "relay_s", "turnaround_s"), (int, float)),
+    **dict.fromkeys(("tensors", "bind", "inputs", "operands", "outputs"), list),
+    "tables": dict,
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIELDS))
+def test_every_known_field_refuses_values_of_other_types(name):
+    """A value of any other msgpack type than the field's own (nil and booleans included) is
+    refused, with the field's name in the reason."""
+    for value in EVERY_TYPE:
+        raw = msgpack.packb({"v": list(PROTOCOL_VERSION), "op": "x", name: value})
+        try:
+            decode_header(raw)
+        except ProtocolError as exc:
+            assert name in str(exc)
+            continue
+        assert isinstance(value, WIRE_TYPES[name]) and not isinstance(value, bool), (name, value)
+
+
+def test_required_fields_and_the_done_flag():
+    with pytest.raises(ProtocolError, match="submit lacks id"):
+        decode_header(msgpack.packb({"v": list(PROTOCOL_VERSION), "op": "submit", "bind": ["j", 0, 0, 0],
+                                     "arena": "tempo-j-1", "kind": "forward"}))
+    done = encode("done", id="x", bind=["j", 0, 0, 0], staged=True)
+    assert decode(to_bytes(done), frozenset({"done"})).header["staged"] is True
+    with pytest.raises(ProtocolError, match="staged"):
+        decode(to_bytes(encode("forward", id="x", bind=["j", 0, 0, 0], staged=True)), OFFLOADER_TO_RELAY_OPS)
+    unknown = msgpack.packb({"v": [PROTOCOL_VERSION[0], 99], "op": "ping", "later": {"x": [1]}})
+    assert decode_header(unknown)["later"] == {"x": [1]}  # a field from a later minor version is ignored
+
+
+def test_claimed_request_id_reads_through_a_broken_message():
+    broken = [msgpack.packb({"v": list(PROTOCOL_VERSION), "op": "result", "id": "rid", "tensors": [{"dtype": []}]})]
+    with pytest.raises(ProtocolError):
+        decode(broken, frozenset({"result"}))
+    assert claimed_request_id(broken) == "rid"
+    assert claimed_request_id([b"\xc1"]) is None and claimed_request_id([msgpack.packb({"id": 5})]) is None
 
 
 def test_error_frames_and_request_ids():

@@ -13,6 +13,7 @@ stay here.
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -71,6 +72,7 @@ class Premasked:
     side: str  # "a" or "b"
     desc: Descriptor
     shape: tuple
+    bind: Binding | None = None  # the product's binding, where it was shipped ahead (stage)
 
 
 @dataclass
@@ -144,12 +146,14 @@ class OffloadClient:
         self._ctx = context or zmq.Context.instance()
         self.sock = self._ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        # The off-loader lets only the connection that opened a job use or release it, by this
+        # identity: set here, it is unguessable and stays the same if the connection is remade.
+        self.sock.setsockopt(zmq.IDENTITY, b"enclave-" + secrets.token_hex(16).encode())
         self.sock.connect(endpoint)
         self._forwards: dict[Binding, _Forward] = {}
         self._pending: dict[str, Pending] = {}
         self._replies: dict[str, object] = {}
-        self._pongs: dict[str, dict] = {}  # answers to our pings, by id, until read
-        self._pinging: set[str] = set()
+        self._pings: set[str] = set()  # pings awaiting their pong (answered in _replies)
         self.counters = Counters()
         # Liveness of the off-loader while waiting: `watchdog` (e.g. `LocalCluster.check`) is
         # called about twice a second and may raise; and an off-loader silent for a third of
@@ -191,11 +195,14 @@ class OffloadClient:
             self.sock.send_multipart(encode("stage", arena=self.arena.name, bind=bind.to_wire(), slot=side,
                                             inputs=[desc.to_wire()]), copy=False)
             self.counters.send_s += time.perf_counter() - t1
-        return Premasked(sk, side, desc, tuple(operand.shape))
+        return Premasked(sk, side, desc, tuple(operand.shape), bind if stage else None)
 
     def drop_premasked(self, pre: Premasked) -> None:
-        """Throw away an operand masked ahead for a product that came with other shapes."""
+        """Throw away an operand masked ahead for a product that came with other shapes (or not
+        at all); one shipped ahead is released, so neither the off-loader nor a relay keeps it."""
         self._free(pre.desc)
+        if pre.bind is not None:
+            self.sock.send_multipart(encode("release", bind=pre.bind.to_wire()), copy=False)
         self.counters.premasks_dropped += 1
 
     def submit_forward(self, a: torch.Tensor, b: torch.Tensor, bind: Binding,
@@ -435,16 +442,17 @@ class OffloadClient:
                 self.log.warning("client.bad_reply", reason=str(exc))
             return
         if msg.op == "relay_event":
-            event = {k: str(msg.header.get(k, ""))[:500] for k in ("relay", "event", "reason")}
+            event = {k: msg.header.get(k, "")[:500] for k in ("relay", "event", "reason")}
             self.relay_events.append(event)
             if self.log:
                 self.log.warning("client.relay_event", relay=event["relay"], what=event["event"],
                                  reason=event["reason"])
             return
         rid = msg.request_id
-        if msg.op == "pong":  # a liveness probe's answer, or `ping`'s (kept until it reads it)
-            if rid in self._pinging:
-                self._pongs[rid] = msg.header
+        if msg.op == "pong" or (msg.op == "error" and rid in self._pings):
+            if rid in self._pings:  # a liveness probe's pong only counts as having heard it
+                self._pings.discard(rid)
+                self._replies[rid] = msg
             return
         pending = self._pending.get(rid) if rid else None
         # An error about one of our control messages carries our id but no binding; an error can
@@ -460,36 +468,44 @@ class OffloadClient:
         if msg.op == "done":
             if msg.header.get("staged") is True:
                 self.counters.staged_forwards += 1
-            timing = [msg.header.get(k) for k in ("relay_s", "turnaround_s")]
-            timing = [float(t) if isinstance(t, (int, float)) and 0 <= t < 1e6 else 0.0 for t in timing]
-            self._replies[rid] = ("done", str(msg.header.get("relay", ""))[:255], *timing)
+            timing = [msg.header.get(k, 0.0) for k in ("relay_s", "turnaround_s")]
+            timing = [float(t) if t < 1e6 else 0.0 for t in timing]
+            self._replies[rid] = ("done", msg.header.get("relay", ""), *timing)
         else:
-            self._replies[rid] = str(msg.header.get("reason", "error"))
+            self._replies[rid] = msg.header.get("reason", "error")
 
-    def _ask(self, timeout_s: float) -> dict:
-        """Ping the off-loader and return its pong's header. Other messages that arrive meanwhile
-        (answers to parts in flight) are handled as usual, never lost."""
+    def _ping(self, timeout_s: float) -> dict:
+        """Ping the off-loader; return its pong's header. Replies to parts in flight that come
+        meanwhile are kept for their `wait`."""
         rid = new_request_id()
-        self._pinging.add(rid)
+        self._pings.add(rid)
+        self.sock.send_multipart(encode("ping", id=rid), copy=False)
+        deadline = time.monotonic() + timeout_s
         try:
-            self.sock.send_multipart(encode("ping", id=rid), copy=False)
-            deadline = time.monotonic() + timeout_s
-            while rid not in self._pongs:
+            while rid not in self._replies:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise OffloaderGone(f"the off-loader did not answer a ping within {timeout_s}s")
+                    raise OffloaderGone(f"the off-loader did not answer a ping within {timeout_s:g}s")
                 if self.watchdog is not None:
                     self.watchdog()
                 if self.sock.poll(int(min(left, 0.5) * 1000) + 1):
                     self._receive()
-            return self._pongs.pop(rid)
         finally:
-            self._pinging.discard(rid)
+            self._pings.discard(rid)
+        reply = self._replies.pop(rid)
+        if reply.op != "pong":
+            raise OffloadError(f"the off-loader refused a ping: {reply.header.get('reason', '')}")
+        return reply.header
 
     def ping(self, timeout_s: float = 5.0) -> int:
         """Ask the off-loader how many relays it has; raises `OffloaderGone` if it does not answer."""
-        relays = self._ask(timeout_s).get("relays", 0)
-        return relays if isinstance(relays, int) and not isinstance(relays, bool) else 0
+        return self._ping(timeout_s).get("relays", 0)
+
+    def offloader_tables(self, timeout_s: float = 5.0) -> dict[str, int]:
+        """The sizes of the off-loader's tables (parts in flight and waiting, affinity, staged
+        operands, arenas, jobs, quarantined relays, …), from a ping: what a long job must not
+        make grow. Empty from an off-loader older than protocol 2.1."""
+        return dict(self._ping(timeout_s).get("tables", {}))
 
     def wait_for_relays(self, count: int, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -10,7 +10,14 @@ the others: a forward as it was, a backward with the cached operands taken from 
 
 A reply from a relay is accepted only for an outstanding request id, from the relay it was sent
 to, with the same binding; anything else is dropped with a log line, so a late or replayed reply
-can neither duplicate nor corrupt a result.
+can neither duplicate nor corrupt a result. A reply that does answer a part the relay holds but
+breaks the protocol (a result of the wrong shape or dtype, frames that do not decode, an error
+other than a lost cache) is evidence against that relay: it is quarantined like one that failed
+verification, and its parts go to the others.
+
+Jobs and arenas belong to the enclave connection that first submitted into them: only it may
+submit into, stage from or release them. No single message stops the loop: a handler that
+raises is counted, logged and the loop goes on.
 """
 
 from __future__ import annotations
@@ -22,13 +29,15 @@ from dataclasses import dataclass, field
 import torch
 import zmq
 
-from tempo.arena import Arena, Descriptor
+from tempo.arena import Arena
 from tempo.protocol import (
     DTYPES,
     ENCLAVE_OPS,
     RELAY_OPS,
     Binding,
+    Descriptor,
     ProtocolError,
+    claimed_request_id,
     decode,
     decode_header,
     encode,
@@ -37,6 +46,11 @@ from tempo.protocol import (
     inputs_digest,
     new_request_id,
 )
+
+# Relay errors that say a relay lost what it was asked to keep (evicted, restarted): the part
+# goes again with all its operands, and the relay is not to blame. Any other error is.
+_NO_CACHE = "no cached operands"
+_NO_STAGE = "no staged operand"
 
 
 @dataclass
@@ -94,6 +108,13 @@ def _expected_outputs(kind: str, inputs: list[Descriptor], operands: list[Descri
     raise ProtocolError(f"unknown submit kind {kind!r}")
 
 
+def _result_fits(part: Part, tensors: list[torch.Tensor]) -> bool:
+    """A relay's result tensors have exactly the dtypes and shapes of the part's outputs."""
+    return len(tensors) == len(part.outputs) and all(
+        t.dtype == DTYPES[d.dtype] and tuple(t.shape) == d.shape for t, d in zip(tensors, part.outputs)
+    )
+
+
 class Offloader:
     def __init__(
         self,
@@ -120,11 +141,14 @@ class Offloader:
         self.relays: dict[bytes, RelayState] = {}
         self.parts: dict[str, Part] = {}  # by relay request id
         self.waiting: deque[Part] = deque()  # no relay available yet
-        self.affinity: dict[Binding, bytes] = {}  # who holds a forward's cached operands
+        self.affinity: dict[Binding, bytes] = {}  # who holds a forward's cached operands, until its backward
         self.arenas: dict[str, Arena] = {}
+        # the enclave connection (ROUTER identity) that opened a job or an arena: only it may use them
+        self.job_owners: dict[str, bytes] = {}
+        self.arena_owners: dict[str, bytes] = {}
         self.quarantined: dict[bytes, str] = {}  # relay -> why; never used again
         self.stats = {"dispatched": 0, "redispatched": 0, "dropped_replies": 0, "bad_messages": 0, "quarantined": 0,
-                      "staged": 0, "staged_used": 0}
+                      "staged": 0, "staged_used": 0, "handler_failed": 0}
         self.staged: dict[Binding, tuple[bytes, str, Descriptor]] = {}  # shipped ahead: relay, slot, region
         self.enclave_handlers = {"submit": self._submit, "release": self._release, "ping": self._ping, "stage": self._stage,
                                  "quarantine": self._quarantine}
@@ -145,28 +169,34 @@ class Offloader:
         if self.log is not None:
             self.log.warning(event, **kw)
 
+    def tables(self) -> dict[str, int]:
+        """The sizes of the state kept per job, part and relay (what must not grow with steps)."""
+        return {"parts": len(self.parts), "waiting": len(self.waiting), "affinity": len(self.affinity),
+                "staged": len(self.staged), "arenas": len(self.arenas), "jobs": len(self.job_owners),
+                "arena_owners": len(self.arena_owners), "relays": len(self.relays),
+                "quarantined": len(self.quarantined)}
+
     # -- enclave side --
-    def _arena(self, name: object) -> Arena:
-        if not isinstance(name, str):
-            raise ProtocolError("submit lacks an arena name")
+    def _claim(self, client: bytes, job: str, name: str) -> Arena:
+        """The arena `name` for `client`'s work on `job`, attached on first use; refused when
+        another connection opened the job or the arena (its results would land in their memory)."""
+        for owners, key, what in ((self.job_owners, job, "job"), (self.arena_owners, name, "arena")):
+            if owners.get(key, client) != client:
+                raise ProtocolError(f"{what} {key!r} belongs to another enclave connection")
         if name not in self.arenas:
             self.arenas[name] = Arena.attach(name)
+        self.job_owners[job] = client
+        self.arena_owners[name] = client
         return self.arenas[name]
 
     def _submit(self, client: bytes, header: dict) -> None:
-        rid = header.get("id")
-        if not isinstance(rid, str) or not 0 < len(rid) <= 64:
-            raise ProtocolError("submit lacks a request id")
-        bind = Binding.from_wire(header.get("bind"))
-        arena = self._arena(header.get("arena"))
+        bind = Binding.from_wire(header["bind"])
+        arena = self._claim(client, bind.job, header["arena"])
 
         def descs(key: str) -> list[Descriptor]:
-            value = header.get(key, [])
-            if not isinstance(value, list) or len(value) > 4:
-                raise ProtocolError(f"{key} must be a list of descriptors")
-            return [Descriptor.from_wire(v, arena.size) for v in value]
+            return [Descriptor.from_wire(v, arena.size) for v in header.get(key, [])]
 
-        kind = header.get("kind")
+        kind = header["kind"]
         inputs, operands, outputs = descs("inputs"), descs("operands"), descs("outputs")
         expected = _expected_outputs(kind, inputs, operands)
         if [tuple(o.shape) for o in outputs] != expected:
@@ -175,53 +205,85 @@ class Offloader:
         if len(dtypes) != 1:
             raise ProtocolError("all tensors of a submit must share one dtype")
         staged = header.get("staged")
-        if staged not in (None, "a", "b") or (staged is not None and kind != "forward"):
-            raise ProtocolError("staged must be a or b, on a forward")
-        part = Part(client, rid, kind, bind, arena, inputs, operands, outputs, staged=staged)
+        if staged is not None and kind != "forward":
+            raise ProtocolError("staged is for a forward")
+        part = Part(client, header["id"], kind, bind, arena, inputs, operands, outputs, staged=staged)
         self._dispatch(part)
 
     def _stage(self, client: bytes, header: dict) -> None:
         """Ship a forward's weight operand to a relay before the forward itself (the pipeline:
         while the relays compute one layer, the next layer's masked weights travel)."""
-        bind = Binding.from_wire(header.get("bind"))
-        arena = self._arena(header.get("arena"))
-        slot, inputs = header.get("slot"), header.get("inputs")
-        if slot not in ("a", "b") or not isinstance(inputs, list) or len(inputs) != 1:
+        bind = Binding.from_wire(header["bind"])
+        if "arena" not in header:
+            raise ProtocolError("stage lacks an arena")
+        arena = self._claim(client, bind.job, header["arena"])
+        inputs = header.get("inputs", [])
+        if len(inputs) != 1:
             raise ProtocolError("stage takes one descriptor and a slot, a or b")
         desc = Descriptor.from_wire(inputs[0], arena.size)
         relay = self._least_loaded()
         if relay is None:
             return  # the forward will carry the operand itself
+        self._unstage(bind, keep=relay.identity)  # staged again elsewhere: the first holder drops it
         relay.given += 1  # spread a product's parts over the relays
         extra = {"digest": inputs_digest([arena.buffer(desc)])} if self.input_digest else {}
-        frames = encode("stage", [arena.tensor(desc)], bind=bind.to_wire(), slot=slot, **extra)
+        frames = encode("stage", [arena.tensor(desc)], bind=bind.to_wire(), slot=header["slot"], **extra)
         self.relay_sock.send_multipart([relay.identity, *frames], copy=False)
-        self.staged[bind] = (relay.identity, slot, desc)
+        self.staged[bind] = (relay.identity, header["slot"], desc)
         self.stats["staged"] += 1
 
+    def _unstage(self, bind: Binding, keep: bytes | None = None) -> None:
+        """Forget `bind`'s staged operand, and have the relay that holds it (unless `keep`,
+        which is about to take it with the forward) drop it too."""
+        held = self.staged.pop(bind, None)
+        if held is not None and held[0] != keep and held[0] in self.relays:
+            self.relay_sock.send_multipart([held[0], *encode("release", bind=bind.to_wire())], copy=False)
+
     def _release(self, client: bytes, header: dict) -> None:
+        """Drop a job (its parts, cached operands and arena) or one binding's cached and staged
+        operands; only the connection that opened the job may."""
         job = header.get("job")
-        if isinstance(job, str):
+        if job is None:
+            if "bind" not in header:
+                raise ProtocolError("release names a job or a binding")
+            bind = Binding.from_wire(header["bind"])
+            if self.job_owners.get(bind.job, client) != client:
+                raise ProtocolError(f"job {bind.job!r} belongs to another enclave connection")
+            holder = self.affinity.pop(bind, None)
+            self._unstage(bind, keep=holder)
+            if holder in self.relays:
+                self.relay_sock.send_multipart([holder, *encode("release", bind=bind.to_wire())], copy=False)
+            return
+        name = header.get("arena")
+        for owners, key, what in ((self.job_owners, job, "job"), (self.arena_owners, name, "arena")):
+            if key is not None and owners.get(key, client) != client:
+                raise ProtocolError(f"{what} {key!r} belongs to another enclave connection")
+        arena = self.arenas.pop(name, None) if name is not None else None
+        self.arena_owners.pop(name, None)
+        if self.job_owners.pop(job, None) is not None:
             frames = encode("release", job=job, bind=["-", 0, 0, 0])
             for identity in self.relays:
                 self.relay_sock.send_multipart([identity, *frames], copy=False)
-            for key in [k for k in self.affinity if k.job == job]:
-                del self.affinity[key]
-            for key in [k for k in self.staged if k.job == job]:
-                del self.staged[key]
-            name = header.get("arena")
-            if isinstance(name, str) and name in self.arenas:
-                self.arenas.pop(name).close()
-        else:
-            bind = Binding.from_wire(header.get("bind"))
-            self.staged.pop(bind, None)
-            relay = self.affinity.pop(bind, None)
-            if relay in self.relays:
-                self.relay_sock.send_multipart([relay, *encode("release", bind=bind.to_wire())], copy=False)
+        for key in [k for k in self.affinity if k.job == job]:
+            del self.affinity[key]
+        for key in [k for k in self.staged if k.job == job]:
+            del self.staged[key]
+        # its parts in flight or waiting would write into a closed arena: their answers are dropped
+        def doomed(p: Part) -> bool:
+            return p.bind.job == job or p.arena is arena
+
+        for rid in [rid for rid, p in self.parts.items() if doomed(p)]:
+            part = self.parts.pop(rid)
+            if part.relay in self.relays:
+                self.relays[part.relay].inflight.discard(rid)
+        self.waiting = deque(p for p in self.waiting if not doomed(p))
+        if arena is not None:
+            arena.close()
 
     def _ping(self, client: bytes, header: dict) -> None:
+        rid = {"id": header["id"]} if "id" in header else {}
         self.enclave_sock.send_multipart(
-            [client, *encode("pong", id=header.get("id"), relays=len(self.relays))], copy=False
+            [client, *encode("pong", relays=len(self.relays), tables=self.tables(), **rid)], copy=False
         )
 
     def _reply_error(self, part: Part, reason: str) -> None:
@@ -231,17 +293,26 @@ class Offloader:
 
     def _quarantine(self, client: bytes, header: dict) -> None:
         """Stop using a relay for good: by name, or the one holding the enclave's request `id`."""
-        reason = str(header.get("reason", ""))[:500]
-        relay = header.get("relay")
-        identity = relay.encode() if isinstance(relay, str) else None
+        reason = header.get("reason", "")[:500]
+        identity = header["relay"].encode() if "relay" in header else None
         rid = header.get("id")
-        if identity is None and isinstance(rid, str):
+        if identity is None and rid is not None:
             holder = next((p for p in self.parts.values() if p.client == client and p.client_id == rid), None)
             identity = holder.relay if holder else None
         if identity is None:
             raise ProtocolError("no relay holds this request (is any healthy relay left?)")
         self._remove_relay(identity, quarantine_reason=reason or "quarantined by the enclave")
         self._notify(client, identity, "quarantined", reason)
+
+    def _quarantine_for(self, identity: bytes, part: Part, evidence: str) -> None:
+        """Quarantine a relay on evidence found here (a reply that breaks the protocol for a
+        part it holds): its parts, this one too, go to the others, and each enclave whose parts
+        it held is told why."""
+        evidence = f"{part.kind} {part.bind.to_wire()}: {evidence}"[:500]
+        clients = {p.client for p in self.parts.values() if p.relay == identity} | {part.client}
+        self._remove_relay(identity, quarantine_reason=evidence)
+        for client in clients:
+            self._notify(client, identity, "quarantined", evidence)
 
     def _remove_relay(self, identity: bytes, quarantine_reason: str | None = None) -> None:
         """Drop a relay (lost or quarantined); send its outstanding parts to the others."""
@@ -271,7 +342,7 @@ class Offloader:
     def _notify(self, client: bytes, identity: bytes, event: str, reason: str) -> None:
         self.enclave_sock.send_multipart(
             [client, *encode("relay_event", relay=identity.decode("utf-8", "replace"), event=event,
-                             reason=reason[:500])], copy=False)
+                             **({"reason": reason[:500]} if reason else {}))], copy=False)
 
     # -- dispatch --
     def _staged_for(self, part: Part) -> tuple[bytes, str, Descriptor] | None:
@@ -315,7 +386,7 @@ class Offloader:
         arena = part.arena
         extra = {}
         if part.kind == "forward":
-            self.staged.pop(part.bind, None)  # a relay keeps a staged operand until this forward
+            self._unstage(part.bind, keep=relay)  # a relay keeps a staged operand until this forward
         part.used_staged = held is not None
         if part.used_staged:  # only the activation travels now
             op, descs = "forward", [part.inputs[1 if part.staged == "a" else 0]]
@@ -351,9 +422,8 @@ class Offloader:
     def _relay_ready(self, identity: bytes, msg) -> None:
         known = identity in self.relays
         state = self.relays.get(identity) or RelayState(identity, "", 0, 0.0)
-        state.device = str(msg.header.get("device", ""))[:64]
-        free = msg.header.get("free_memory")
-        state.free_memory = free if isinstance(free, int) else 0
+        state.device = msg.header.get("device", "")
+        state.free_memory = msg.header.get("free_memory", 0)
         state.last_seen = time.monotonic()
         self.relays[identity] = state
         if not known:
@@ -361,39 +431,49 @@ class Offloader:
                        relays=len(self.relays))
             self._drain_waiting()
 
-    def _take_part(self, identity: bytes, msg) -> Part | None:
-        rid = msg.request_id
+    def _held(self, identity: bytes, rid: str | None) -> Part | None:
+        """The part `identity` holds under request id `rid`, if any."""
         part = self.parts.get(rid) if rid else None
-        bind = msg.header.get("bind")
+        return part if part is not None and part.relay == identity else None
+
+    def _answered(self, identity: bytes, msg) -> Part | None:
+        """The part `msg` answers: held by its sender, same binding and (for a result) the
+        digest of the inputs it was sent. Anything else is dropped with a log line."""
+        part = self._held(identity, msg.request_id)
         digest_ok = part is None or msg.op == "error" or not self.input_digest or msg.header.get("digest") == part.digest
-        if part is None or part.relay != identity or bind != part.bind.to_wire() or not digest_ok:
+        if part is None or msg.header.get("bind") != part.bind.to_wire() or not digest_ok:
             self.stats["dropped_replies"] += 1
-            self._warn("offloader.unmatched_reply", relay=identity.hex(), id=str(rid)[:64])
+            self._warn("offloader.unmatched_reply", relay=identity.hex(), id=str(msg.request_id)[:64])
             return None
-        del self.parts[rid]
-        if identity in self.relays:
-            self.relays[identity].inflight.discard(rid)
-        self._drain_waiting()
         return part
 
+    def _take(self, part: Part) -> None:
+        """The part is answered: it leaves the tables (a backward also ends its binding's
+        affinity: the relay gave its cached operands up with it)."""
+        del self.parts[part.relay_rid]
+        if part.relay in self.relays:
+            self.relays[part.relay].inflight.discard(part.relay_rid)
+        if part.kind == "backward":
+            self.affinity.pop(part.bind, None)
+        self._drain_waiting()
+
     def _relay_result(self, identity: bytes, msg) -> None:
-        part = self._take_part(identity, msg)
+        part = self._answered(identity, msg)
         if part is None:
             return
-        if len(msg.tensors) != len(part.outputs) or any(
-            t.dtype != DTYPES[d.dtype] or tuple(t.shape) != d.shape
-            for t, d in zip(msg.tensors, part.outputs)
-        ):
-            self._warn("offloader.bad_result_shape", relay=identity.hex())
-            self._reply_error(part, "relay returned results of the wrong shape or dtype")
+        if not _result_fits(part, msg.tensors):
+            got = [(str(t.dtype).removeprefix("torch."), tuple(t.shape)) for t in msg.tensors]
+            want = [(d.dtype, d.shape) for d in part.outputs]
+            self._warn("offloader.bad_result_shape", relay=identity.hex(), got=str(got)[:200], want=str(want)[:200])
+            self._quarantine_for(identity, part, f"relay returned results of the wrong shape or dtype: {got} for {want}")
             return
+        self._take(part)
         for t, d in zip(msg.tensors, part.outputs):
             part.arena.tensor(d).copy_(t)
         # Timing for the breakdown only (a relay may lie about it; it decides nothing): the
         # relay's own compute time, and this part's turnaround from dispatch to result in the arena.
         turnaround = time.perf_counter() - part.sent_at
-        compute = msg.header.get("compute_s")
-        compute = min(max(float(compute), 0.0), turnaround) if isinstance(compute, (int, float)) else 0.0
+        compute = min(float(msg.header.get("compute_s", 0.0)), turnaround)
         self.enclave_sock.send_multipart(
             [part.client, *encode("done", id=part.client_id, bind=part.bind.to_wire(),
                                   relay=identity.decode("utf-8", "replace"),
@@ -402,22 +482,21 @@ class Offloader:
         )
 
     def _relay_error(self, identity: bytes, msg) -> None:
+        reason = msg.header.get("reason", "")[:300]
         if msg.request_id is None:
-            self._warn("offloader.relay_error", relay=identity.hex(), reason=str(msg.header.get("reason"))[:200])
+            self._warn("offloader.relay_error", relay=identity.hex(), reason=reason[:200])
             return
-        part = self._take_part(identity, msg)
+        part = self._answered(identity, msg)
         if part is None:
             return
-        reason = str(msg.header.get("reason", ""))[:300]
-        if part.kind == "backward" and not part.full and "no cached operands" in reason:
+        lost_cache = part.kind == "backward" and not part.full and _NO_CACHE in reason
+        lost_stage = part.used_staged and _NO_STAGE in reason
+        if lost_cache or lost_stage:  # send it again with all its operands
+            self._take(part)
             part.full = True
             self._dispatch(part)
             return
-        if part.used_staged and "no staged operand" in reason:  # evicted or restarted: send both
-            part.full = True
-            self._dispatch(part)
-            return
-        self._reply_error(part, f"relay error: {reason}")
+        self._quarantine_for(identity, part, f"relay error: {reason}")
 
     def _relay_pong(self, identity: bytes, msg) -> None:
         if identity in self.relays:
@@ -429,6 +508,12 @@ class Offloader:
             self._remove_relay(relay.identity)
 
     # -- the loop --
+    def _handler_failed(self, side: str, op: object, exc: Exception) -> None:
+        """A handler raised something no check foresaw: count it and log it; the loop goes on."""
+        self.stats["handler_failed"] += 1
+        self._warn("offloader.handler_failed", side=side, op=str(op)[:64], error=type(exc).__name__,
+                   reason=str(exc)[:300])
+
     def _on_enclave(self, frames: list) -> None:
         if len(frames) < 2:
             return
@@ -442,11 +527,16 @@ class Offloader:
             if op not in ENCLAVE_OPS:
                 raise ProtocolError(f"unknown op {op[:64]!r}")
             self.enclave_handlers[op](client, header)
-        except (ProtocolError, MemoryError, OSError) as exc:
-            self.stats["bad_messages"] += 1
-            self._warn("offloader.bad_enclave_message", reason=str(exc))
-            rid = header.get("id") if isinstance(header, dict) and isinstance(header.get("id"), str) else None
-            self.enclave_sock.send_multipart([client, *error_frames(str(exc), rid)], copy=False)
+        except Exception as exc:  # noqa: BLE001 - one message must never stop the loop
+            if isinstance(exc, (ProtocolError, MemoryError, OSError)):
+                self.stats["bad_messages"] += 1
+                self._warn("offloader.bad_enclave_message", reason=str(exc))
+                reason = str(exc)
+            else:
+                self._handler_failed("enclave", header.get("op") if header else None, exc)
+                reason = f"the off-loader failed on this message ({type(exc).__name__})"
+            rid = header.get("id") if header is not None else claimed_request_id(rest)
+            self.enclave_sock.send_multipart([client, *error_frames(reason, rid)], copy=False)
 
     def _on_relay(self, frames: list) -> None:
         if len(frames) < 2:
@@ -455,8 +545,18 @@ class Offloader:
         if identity in self.quarantined:
             self.stats["dropped_replies"] += 1
             return
+        msg = None
         try:
-            msg = decode(rest, RELAY_OPS, self.max_frame_bytes)
+            try:
+                msg = decode(rest, RELAY_OPS, self.max_frame_bytes)
+            except ProtocolError as exc:
+                # from the relay holding the part it names: evidence against it; else just noise
+                part = self._held(identity, claimed_request_id(rest))
+                if part is None:
+                    raise
+                self._warn("offloader.malformed_reply", relay=identity.hex(), reason=str(exc))
+                self._quarantine_for(identity, part, f"malformed reply: {exc}")
+                return
             if msg.op not in ("ready", "heartbeat") and identity not in self.relays:
                 raise ProtocolError("unknown relay: announce yourself with ready first")
             self.relay_handlers[msg.op](identity, msg)
@@ -464,6 +564,8 @@ class Offloader:
             self.stats["bad_messages"] += 1
             self._warn("offloader.bad_relay_message", relay=identity.hex(), reason=str(exc))
             self.relay_sock.send_multipart([identity, *error_frames(str(exc))], copy=False)
+        except Exception as exc:  # noqa: BLE001 - one message must never stop the loop
+            self._handler_failed("relay", msg.op if msg is not None else None, exc)
 
     def run(self, stop: callable = lambda: False, context: zmq.Context | None = None, ready=None) -> None:
         ctx = context or zmq.Context.instance()

@@ -4,6 +4,9 @@ Every message is a ZeroMQ multipart message. Frame 0 is a msgpack map (the heade
 are raw, contiguous tensor bytes, sent zero-copy. The header lists each tensor's dtype (from an
 allow-list) and shape, and the receiver checks every byte length against them before it builds
 a tensor. Every header carries ``v = PROTOCOL_VERSION``; a different major version is refused.
+Every header field has one type, checked here on arrival (`FIELDS`, `decode_header`): a
+handler never meets a list where it expects a string. Fields a peer does not know are ignored,
+so a minor version may add some.
 
 Requests carry a fresh request id ``id``, its binding ``bind = [job, step, layer, part]`` and
 ``digest``, a SHA-256 (128 bits) of the input tensors' bytes. A relay refuses inputs whose
@@ -16,7 +19,7 @@ Ops (``op``), by direction:
   ``release`` (drop a binding's cached operands on the relays), ``ping``, ``quarantine`` (stop
   using a relay, named or by the request it holds; its parts go to the others).
 - off-loader → enclave: ``done`` (outputs written into the arena, and which relay computed
-  them), ``error``, ``pong``, ``relay_event`` (a relay that held this enclave's parts was lost
+  them), ``error``, ``pong`` (with the sizes of the off-loader's tables, since 2.1), ``relay_event`` (a relay that held this enclave's parts was lost
   or quarantined).
 - off-loader → relay: ``forward`` (A', B' → C'), ``backward`` (D' with the cached A', B' →
   T1', T2'), ``backward_full`` (A', B', D' → T1', T2', for when the relay holding the cache
@@ -30,14 +33,15 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 import torch
 
-PROTOCOL_VERSION = (2, 0)  # 2: backward sends D'ᵀ and returns T1'ᵀ, T2'ᵀ summed (grad_shapes)
+# 2: backward sends D'ᵀ and returns T1'ᵀ, T2'ᵀ summed (grad_shapes); 2.1: pong carries `tables`
+PROTOCOL_VERSION = (2, 1)
 
 # dtype names on the wire -> torch dtypes. Nothing else is ever built from a frame.
 DTYPES: dict[str, torch.dtype] = {
@@ -82,14 +86,20 @@ class Binding:
             or len(value) != 4
             or not isinstance(value[0], str)
             or not 0 < len(value[0]) <= 128
-            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value[1:])
+            or not all(_is_int(x) and x >= 0 for x in value[1:])
         ):
             raise ProtocolError("bind must be [job: str, step: int, layer: int, part: int]")
         return cls(value[0], value[1], value[2], value[3])
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
+    """A tensor's dtype name (from `DTYPES`) and shape, as a header lists it."""
+
     dtype: str
     shape: tuple[int, ...]
 
@@ -111,15 +121,157 @@ class TensorSpec:
         if not isinstance(value, dict) or set(value) != {"dtype", "shape"}:
             raise ProtocolError("a tensor spec is a map with exactly dtype and shape")
         dtype, shape = value["dtype"], value["shape"]
-        if dtype not in DTYPES:
-            raise ProtocolError(f"dtype {dtype!r} is not allowed")
+        if not isinstance(dtype, str) or dtype not in DTYPES:  # a list or map is not even hashable
+            raise ProtocolError(f"dtype {str(dtype)[:64]!r} is not allowed")
         if (
             not isinstance(shape, list)
             or len(shape) > MAX_DIMS
-            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**31 for s in shape)
+            or not all(_is_int(s) and 0 <= s < 2**31 for s in shape)
         ):
-            raise ProtocolError(f"bad shape {shape!r}")
+            raise ProtocolError(f"bad shape {str(shape)[:64]}")
         return cls(dtype, tuple(shape))
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """A region of the enclave's shared-memory arena holding one tensor: where it is and what it is."""
+
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+
+    def to_wire(self) -> dict:
+        return {"offset": self.offset, "nbytes": self.nbytes, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_wire(cls, value: Any, arena_size: int | None = None) -> Descriptor:
+        """Parse a descriptor from a peer and check it fits its spec; given `arena_size`, also
+        that it lies inside the arena."""
+        if not isinstance(value, dict) or set(value) != {"offset", "nbytes", "dtype", "shape"}:
+            raise ProtocolError("a descriptor is a map of offset, nbytes, dtype, shape")
+        offset, nbytes = value["offset"], value["nbytes"]
+        if not (_is_int(offset) and _is_int(nbytes)) or offset < 0 or nbytes < 0:
+            raise ProtocolError("descriptor offset and nbytes must be non-negative integers")
+        spec = TensorSpec.from_wire({"dtype": value["dtype"], "shape": value["shape"]})
+        if nbytes != spec.nbytes:
+            raise ProtocolError("descriptor length does not match its dtype and shape")
+        if arena_size is not None and offset + nbytes > arena_size:
+            raise ProtocolError("descriptor lies outside the arena")
+        return cls(offset, nbytes, spec.dtype, spec.shape)
+
+
+# -- header fields: one type each, checked on arrival --
+Check = Callable[[Any], object]
+
+
+def _text(max_len: int) -> Check:
+    def check(value: Any) -> None:
+        if not isinstance(value, str) or not 0 < len(value) <= max_len:
+            raise ProtocolError(f"must be a string of 1 to {max_len} characters")
+
+    return check
+
+
+def _choice(*allowed: str) -> Check:
+    def check(value: Any) -> None:
+        if not isinstance(value, str) or value not in allowed:
+            raise ProtocolError(f"must be one of {', '.join(allowed)}")
+
+    return check
+
+
+def _count(value: Any) -> None:
+    if not _is_int(value) or value < 0:
+        raise ProtocolError("must be a non-negative integer")
+
+
+def _seconds(value: Any) -> None:
+    if not (_is_int(value) or isinstance(value, float)) or not 0 <= value < math.inf:
+        raise ProtocolError("must be a finite, non-negative number")
+
+
+def _flag(value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ProtocolError("must be true or false")
+
+
+def _descriptors(value: Any) -> list[Descriptor]:
+    if not isinstance(value, list) or len(value) > 4:
+        raise ProtocolError("must be a list of at most 4 descriptors")
+    return [Descriptor.from_wire(v) for v in value]
+
+
+def tensor_specs(value: Any) -> list[TensorSpec]:
+    """A header's ``tensors``: at most `MAX_TENSORS` specs."""
+    if not isinstance(value, list) or len(value) > MAX_TENSORS:
+        raise ProtocolError(f"must be a list of at most {MAX_TENSORS} specs")
+    return [TensorSpec.from_wire(s) for s in value]
+
+
+def _tables(value: Any) -> None:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and _is_int(v) and v >= 0 for k, v in value.items()):
+        raise ProtocolError("must map names to non-negative integers")
+
+
+# Every header field any op uses, by name, with the one type it has in every op; `_OP_FIELDS`
+# holds the exceptions. A nil where a field is expected is as wrong as any other type.
+FIELDS: dict[str, Check] = {
+    "tensors": tensor_specs,
+    "id": _text(64),  # a request id
+    "bind": Binding.from_wire,
+    "digest": _text(64),
+    "arena": _text(255),  # an arena's segment name (Arena.attach checks its form)
+    "kind": _choice("forward", "backward"),
+    "inputs": _descriptors,
+    "operands": _descriptors,
+    "outputs": _descriptors,
+    "staged": _choice("a", "b"),  # which operand of a forward was shipped ahead
+    "slot": _choice("a", "b"),
+    "job": _text(128),
+    "relay": _text(255),  # a relay's name (its routing identity)
+    "reason": _text(4096),
+    "event": _text(64),
+    "device": _text(64),
+    "name": _text(255),
+    "free_memory": _count,
+    "cache_bytes": _count,
+    "relays": _count,
+    "compute_s": _seconds,
+    "relay_s": _seconds,
+    "turnaround_s": _seconds,
+    "tables": _tables,
+}
+_OP_FIELDS: dict[tuple[str, str], Check] = {
+    ("done", "staged"): _flag,  # whether the forward used an operand shipped ahead
+}
+# Fields an op cannot do without (ops that take one of two forms check theirs in the handler).
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "submit": ("id", "bind", "arena", "kind"),
+    "stage": ("bind", "slot"),
+    "forward": ("id", "bind"),
+    "backward": ("id", "bind"),
+    "backward_full": ("id", "bind"),
+    "result": ("id", "bind"),
+    "done": ("id", "bind"),
+    "relay_event": ("relay", "event"),
+}
+
+
+def check_fields(op: str, header: dict) -> None:
+    """Check each known field of `header` against its type, and that `op`'s required fields are
+    there; raise `ProtocolError` naming the first that is not."""
+    for name, value in header.items():
+        check = _OP_FIELDS.get((op, name)) or FIELDS.get(name)
+        if check is None:
+            continue
+        try:
+            check(value)
+        except ProtocolError as exc:
+            raise ProtocolError(f"header field {name!r}: {exc}") from None
+    missing = [name for name in REQUIRED.get(op, ()) if name not in header]
+    if missing:
+        raise ProtocolError(f"{op} lacks {', '.join(missing)}")
 
 
 @dataclass
@@ -192,12 +344,12 @@ def _no_ext(code: int, data: bytes) -> Any:
     raise ProtocolError("msgpack extension types are not allowed")
 
 
-def decode_header(frame: bytes | memoryview) -> dict:
-    """Parse and check frame 0 with hard limits; raise `ProtocolError` with the reason."""
+def _unpack(frame: bytes | memoryview) -> Any:
+    """msgpack with hard limits, no extension types, string or bytes map keys."""
     if len(frame) > MAX_HEADER_BYTES:
         raise ProtocolError("header too large")
     try:
-        header = msgpack.unpackb(
+        return msgpack.unpackb(
             frame,
             raw=False,
             strict_map_key=True,
@@ -211,13 +363,19 @@ def decode_header(frame: bytes | memoryview) -> dict:
         raise
     except Exception as exc:  # msgpack raises several types for malformed input
         raise ProtocolError(f"malformed msgpack header: {type(exc).__name__}") from None
+
+
+def decode_header(frame: bytes | memoryview) -> dict:
+    """Parse and check frame 0 with hard limits, and the type of each of its fields (`FIELDS`);
+    raise `ProtocolError` with the reason."""
+    header = _unpack(frame)
     if not isinstance(header, dict):
         raise ProtocolError("header must be a map")
     version = header.get("v")
     if (
         not isinstance(version, list)
         or len(version) != 2
-        or not all(isinstance(x, int) for x in version)
+        or not all(_is_int(x) for x in version)
     ):
         raise ProtocolError("header lacks a protocol version [major, minor]")
     if version[0] != PROTOCOL_VERSION[0]:
@@ -225,9 +383,23 @@ def decode_header(frame: bytes | memoryview) -> dict:
             f"protocol version {version[0]}.{version[1]} is not supported "
             f"(this peer speaks {PROTOCOL_VERSION[0]}.x)"
         )
-    if not isinstance(header.get("op"), str):
+    op = header.get("op")
+    if not isinstance(op, str):
         raise ProtocolError("header lacks an op")
+    check_fields(op, header)
     return header
+
+
+def claimed_request_id(frames: Sequence[bytes | memoryview]) -> str | None:
+    """The request id a message names, read with no other check: a reply that breaks the
+    protocol can still be pinned on the request it answers (the id is known only to the peer it
+    was sent to). ``None`` when it names none."""
+    try:
+        header = _unpack(frames[0]) if frames else None
+    except ProtocolError:
+        return None
+    rid = header.get("id") if isinstance(header, dict) else None
+    return rid if isinstance(rid, str) and 0 < len(rid) <= 64 else None
 
 
 def decode(
@@ -246,10 +418,7 @@ def decode(
     op = header["op"]
     if op not in allowed_ops:
         raise ProtocolError(f"unknown op {op[:64]!r}")
-    raw_specs = header.get("tensors", [])
-    if not isinstance(raw_specs, list) or len(raw_specs) > MAX_TENSORS:
-        raise ProtocolError("tensors must be a list of at most 8 specs")
-    specs = [TensorSpec.from_wire(s) for s in raw_specs]
+    specs = tensor_specs(header.get("tensors", []))  # checked by decode_header: cannot fail
     payload = frames[1:]
     if len(payload) != len(specs):
         raise ProtocolError(f"header lists {len(specs)} tensors but {len(payload)} frames follow")
@@ -279,8 +448,8 @@ def _tensor_from(frame: bytes | memoryview, spec: TensorSpec) -> torch.Tensor:
 
 
 def error_frames(reason: str, request_id: str | None = None, bind: list | None = None) -> list:
-    """An ``error`` reply; the reason is cut to a safe length."""
-    fields: dict[str, Any] = {"reason": reason[:500]}
+    """An ``error`` reply; the reason is cut to a safe length (and is never empty)."""
+    fields: dict[str, Any] = {"reason": reason[:500] or "error"}
     if request_id is not None:
         fields["id"] = request_id
     if bind is not None:

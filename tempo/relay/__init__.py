@@ -5,7 +5,8 @@ A relay connects a DEALER socket to the off-loader's relay endpoint, announces i
 explicit ``{op: handler}`` table. Forward: ``C' = A' @ B'``, with ``A'`` and ``B'`` kept on the
 device under their binding (job, step, layer, part). Backward: ``T1' = B' @ D'`` and
 ``T2' = D' @ A'`` from the cached operands. The cache has a memory bound; the oldest entries go
-first. Anything malformed gets an ``error`` reply and a log line; the relay keeps serving.
+first. Anything malformed gets an ``error`` reply and a log line; the relay keeps serving (no
+message makes `Relay.handle` raise).
 """
 
 from __future__ import annotations
@@ -32,8 +33,7 @@ from tempo.protocol import (
 )
 
 
-FAULT_MODES = ("corrupt", "nan", "lazy", "slow", "drop", "crash")
-
+FAULT_MODES = ("corrupt", "nan", "lazy", "slow", "drop", "crash", "malformed", "noise")
 
 
 def backward_products(a: torch.Tensor, b: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,12 +52,16 @@ class Fault:
 
     corrupt: one entry or a rank-1 change; nan: a NaN entry; lazy: zeros or a stale result;
     slow: replies after `slow_s` without heartbeats; drop: never replies (keeps heartbeating);
-    crash: exits in the middle of a job.
+    crash: exits in the middle of a job; malformed: a result of the wrong dtype or shape;
+    noise: adds ``+s, −s, +s, …`` along each row, ``s = noise_x · max|C|``, to every tensor of
+    the result (balanced: a row's noise sums to 0 or ``s``, so row sums barely show it).
+    `slow_s` and `noise_x` come from ``TEMPO_FAULT_SLOW_S`` and ``TEMPO_FAULT_NOISE_X``.
     """
 
     mode: str
     rate: float = 1.0
     slow_s: float = 30.0
+    noise_x: float = 10.0
 
     @classmethod
     def parse(cls, text: str) -> Fault:
@@ -70,7 +74,8 @@ class Fault:
             raise ValueError(f"fault rate {rate!r} is not a number") from None
         if not 0.0 <= value <= 1.0:
             raise ValueError("fault rate must be in [0, 1]")
-        return cls(mode, value, float(os.environ.get("TEMPO_FAULT_SLOW_S", "30")))
+        return cls(mode, value, float(os.environ.get("TEMPO_FAULT_SLOW_S", "30")),
+                   float(os.environ.get("TEMPO_FAULT_NOISE_X", "10")))
 
 
 @dataclass
@@ -200,8 +205,8 @@ class Relay:
     # -- handlers: each returns (tensors, extra header fields) --
     def _stage(self, msg: Message):
         """Keep a weight operand shipped ahead of its forward (no reply)."""
-        slot = msg.header.get("slot")
-        if slot not in ("a", "b") or len(msg.tensors) != 1:
+        slot = msg.header["slot"]  # a or b (protocol.FIELDS)
+        if len(msg.tensors) != 1:
             raise ProtocolError("stage takes one tensor and a slot, a or b")
         self.staged.pop(msg.binding, None)
         self.staged[msg.binding] = (slot, self._to_device(msg.tensors[0]))
@@ -213,7 +218,7 @@ class Relay:
         held = self.staged.pop(msg.binding, None)
         slot = msg.header.get("staged")
         if slot is not None:  # one operand came ahead (stage); the other comes now
-            if slot not in ("a", "b") or len(msg.tensors) != 1:
+            if len(msg.tensors) != 1:
                 raise ProtocolError("a staged forward takes one tensor and staged = a or b")
             if held is None or held[0] != slot:
                 raise LookupError("no staged operand for this binding")
@@ -266,20 +271,23 @@ class Relay:
     # -- the loop --
     def _ready_frames(self, op: str = "ready") -> list:
         return encode(op, device=str(self.device), free_memory=_free_memory(self.device),
-                      cache_bytes=self.cache.nbytes, name=self.name)
+                      cache_bytes=self.cache.nbytes, name=self.name[:255])
 
     def handle(self, frames: list) -> list | None:
-        """Decode one request and produce the reply frames (``None``: nothing to send back)."""
+        """Decode one request and produce the reply frames (``None``: nothing to send back).
+        Never raises: whatever goes wrong becomes an ``error`` reply and a log line."""
         try:
             msg = decode(frames, OFFLOADER_TO_RELAY_OPS, self.max_frame_bytes)
         except ProtocolError as exc:
             self._warn("relay.bad_message", reason=str(exc))
             return error_frames(str(exc))
+        except Exception as exc:  # noqa: BLE001 - one message must never stop the relay
+            self._warn("relay.handler_failed", op=None, error=type(exc).__name__, reason=str(exc)[:300])
+            return error_frames(f"the relay failed on this message ({type(exc).__name__})")
         rid = msg.request_id
         bind = msg.header.get("bind")
+        echo = {k: v for k, v in (("id", rid), ("bind", bind)) if v is not None}
         try:
-            if msg.op not in ("ping", "release", "stage") and rid is None:
-                raise ProtocolError("request lacks an id")
             if msg.op != "release" or "job" not in msg.header:
                 msg.binding  # validates bind  # noqa: B018
             digest = msg.header.get("digest")
@@ -289,19 +297,22 @@ class Relay:
             t0 = time.perf_counter()
             out = self.handlers[msg.op](msg)
             compute_s = time.perf_counter() - t0  # results are on the host by now (synchronized)
+            if out is None:
+                return None
+            self.served += 1
+            if msg.op == "ping":
+                return encode("pong", out, **echo)
+            out = self._misbehave(out)
+            if out is None:
+                return None
+            return encode("result", out, compute_s=round(compute_s, 6),
+                          **echo, **({"digest": digest} if digest is not None else {}))
         except (ProtocolError, LookupError, RuntimeError, ValueError) as exc:
             self._warn("relay.request_failed", op=msg.op, reason=str(exc))
-            return error_frames(str(exc), rid, bind if isinstance(bind, list) else None)
-        if out is None:
-            return None
-        self.served += 1
-        if msg.op == "ping":
-            return encode("pong", out, id=rid, bind=bind)
-        out = self._misbehave(out)
-        if out is None:
-            return None
-        return encode("result", out, id=rid, bind=bind, compute_s=round(compute_s, 6),
-                      **({"digest": digest} if digest is not None else {}))
+            return error_frames(str(exc), rid, bind)
+        except Exception as exc:  # noqa: BLE001 - one message must never stop the relay
+            self._warn("relay.handler_failed", op=msg.op, error=type(exc).__name__, reason=str(exc)[:300])
+            return error_frames(f"the relay failed on this request ({type(exc).__name__})", rid, bind)
 
     def _misbehave(self, out: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """Apply the injected fault, if any, to a result about to be sent."""
@@ -336,6 +347,19 @@ class Relay:
             return None
         elif fault.mode == "crash":
             os._exit(3)
+        elif fault.mode == "malformed":
+            i = self._rng.randrange(len(out))
+            t = out[i]
+            if self._rng.random() < 0.5:
+                out[i] = t.to(torch.float32 if t.dtype == torch.float64 else torch.float64)
+            else:  # one column too many
+                out[i] = torch.nn.functional.pad(t, (0, 1))
+        elif fault.mode == "noise":
+            for t in out:
+                if t.numel():
+                    signs = torch.ones(t.shape[-1], dtype=t.dtype)
+                    signs[1::2] = -1.0
+                    t += fault.noise_x * t.abs().max() * signs
         self._stale[key] = honest
         return out
 
