@@ -400,3 +400,32 @@ def test_a_relay_that_breaks_the_protocol_for_its_part_is_quarantined_and_the_pa
         ctx.destroy(linger=0)
         cluster.stop()
     assert not any("bystander" in line and "relay_quarantined" in line for line in cluster.offloader.lines)
+
+
+def test_a_relay_keeps_its_heartbeat_while_it_computes(monkeypatch):
+    """Alive means alive, not 'the last product finished in time': a relay busy with one part
+    (here a slow fault: 30 s) still beats; the part timeout, not the heartbeat, judges slowness."""
+    monkeypatch.setenv("TEMPO_FAULT_SLOW_S", "30")
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    cluster = LocalCluster(relays=0, heartbeat_s=0.2)
+    cluster.relay_endpoint = f"tcp://127.0.0.1:{port}"
+    try:
+        cluster.add_relay(fault="slow")
+        identity, *frames = router.recv_multipart()
+        assert decode(frames, RELAY_OPS).op == "ready"
+        a, b = torch.randn(3, 4), torch.randn(4, 2)
+        router.send_multipart([identity, *encode("forward", [a, b], id="busy", bind=["j", 0, 0, 0])])
+        beats, start = 0, time.monotonic()
+        while time.monotonic() - start < 2.0:
+            if router.poll(100):
+                _, *reply = router.recv_multipart()
+                msg = decode(reply, RELAY_OPS)
+                assert msg.op == "heartbeat", msg.op  # the result is 30 s away
+                beats += 1
+        assert beats >= 5
+    finally:
+        cluster.stop(timeout_s=5.0)
+        ctx.destroy(linger=0)

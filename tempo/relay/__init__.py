@@ -12,7 +12,9 @@ message makes `Relay.handle` raise).
 from __future__ import annotations
 
 import os
+import queue
 import random
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -379,7 +381,12 @@ class Relay:
         (x @ x).sum().item()  # .item() waits for the device
 
     def run(self, stop: callable = lambda: False, context: zmq.Context | None = None) -> None:
-        """Serve until `stop()` returns true (checked at least every heartbeat)."""
+        """Serve until `stop()` returns true (checked at least every heartbeat).
+
+        Requests are computed one after another on a worker thread, in the order they came;
+        this thread only moves messages and sends heartbeats, so a relay busy with a long
+        product (seconds on a GPU, or a CPU shared with other processes) stays alive to the
+        off-loader, and a part that takes too long is the part timeout's business."""
         ctx = context or zmq.Context.instance()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -390,8 +397,28 @@ class Relay:
 
             curve.connect_as(sock, self.curve_secret, self.curve_server_key)
         sock.connect(self.endpoint)
+        wake_address = f"inproc://relay-wake-{id(self)}"
+        wake_rx = ctx.socket(zmq.PAIR)
+        wake_rx.setsockopt(zmq.LINGER, 0)
+        wake_rx.bind(wake_address)
+        requests: queue.Queue = queue.Queue()
+        replies: queue.Queue = queue.Queue()
+
+        def work() -> None:
+            wake_tx = ctx.socket(zmq.PAIR)  # a socket belongs to one thread: this one is the worker's
+            wake_tx.setsockopt(zmq.LINGER, 0)
+            wake_tx.connect(wake_address)
+            try:
+                while (frames := requests.get()) is not None:
+                    replies.put(self.handle([f.buffer for f in frames]))
+                    wake_tx.send(b"")
+            finally:
+                wake_tx.close(linger=0)
+
+        worker = threading.Thread(target=work, name="relay-compute", daemon=True)
         try:
             self._warm_up()
+            worker.start()
             sock.send_multipart(self._ready_frames(), copy=False)
             if self.log:
                 self.log.info("relay.ready", endpoint=self.endpoint, device=str(self.device), name=self.name,
@@ -399,15 +426,30 @@ class Relay:
             last_beat = time.monotonic()
             poller = zmq.Poller()
             poller.register(sock, zmq.POLLIN)
+            poller.register(wake_rx, zmq.POLLIN)
             while not stop():
                 events = dict(poller.poll(int(self.heartbeat_s * 1000)))
                 if sock in events:
-                    frames = sock.recv_multipart(copy=False)
-                    reply = self.handle([f.buffer for f in frames])
-                    if reply is not None:
-                        sock.send_multipart(reply, copy=False)
+                    while True:  # hand every waiting request to the worker
+                        try:
+                            requests.put(sock.recv_multipart(zmq.NOBLOCK, copy=False))
+                        except zmq.Again:
+                            break
+                if wake_rx in events:
+                    while True:
+                        try:
+                            wake_rx.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                    while not replies.empty():
+                        reply = replies.get()
+                        if reply is not None:
+                            sock.send_multipart(reply, copy=False)
                 if time.monotonic() - last_beat >= self.heartbeat_s:
                     sock.send_multipart(self._ready_frames("heartbeat"), copy=False)
                     last_beat = time.monotonic()
         finally:
+            requests.put(None)
+            worker.join(timeout=1.0)  # one still computing dies with the process (daemon)
             sock.close(linger=0)
+            wake_rx.close(linger=0)
