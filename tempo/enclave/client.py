@@ -356,6 +356,7 @@ class OffloadClient:
         """Wait for a part; if its relay stays silent past the part timeout, quarantine that relay
         (the off-loader sends the part elsewhere) and wait again."""
         for attempt in range(self.max_attempts):
+            lost_before = self._lost_relays()
             try:
                 self.wait(pending, timeout_s=self.part_timeout_s)
                 return
@@ -363,6 +364,10 @@ class OffloadClient:
                 self.counters.timeouts += 1
                 if self.log:
                     self.log.warning("client.part_timeout", bind=pending.bind.to_wire(), seconds=self.part_timeout_s)
+                if self._lost_relays() > lost_before:
+                    # A relay of ours was lost meanwhile and its parts went to the others: this one
+                    # may have reached its new relay a moment ago, which is not to blame. Wait again.
+                    continue
                 self.sock.send_multipart(
                     encode("quarantine", id=pending.rid, reason=f"no answer within {self.part_timeout_s}s"),
                     copy=False)
@@ -372,6 +377,9 @@ class OffloadClient:
                                          f"({len(self.relay_events)} quarantined or lost)") from None
                 raise
         raise NoHealthyRelay(f"{pending.kind} {pending.bind}: no answer after {self.max_attempts} relays")
+
+    def _lost_relays(self) -> int:
+        return sum(e["event"] == "lost" for e in self.relay_events)
 
     def backward(self, grad_c: torch.Tensor, bind: Binding) -> tuple[torch.Tensor, torch.Tensor]:
         return self.finish_backward(self.submit_backward(grad_c, bind))
