@@ -41,6 +41,22 @@ def assert_parity(module, x, y, rel=1e-4):
     return pctx
 
 
+def train_privately(net, x, y, opt, steps):
+    """A few private training steps in-process: the loss must fall, and nothing stays open."""
+    pctx = PrivateContext(InProcessEngine(rounds=8))
+    private = to_private(net, pctx)
+    losses = []
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(private(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        pctx.end_step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0], losses
+    assert not pctx._open and not pctx.engine._cache
+
+
 @pytest.mark.parametrize(
     "layer, shape",
     [
@@ -194,19 +210,7 @@ def test_a_mobilenet_block_has_autograd_gradients_and_trains():
     _, got = grads_of(to_private(exact, PrivateContext(InProcessEngine())), x.double(), y)
     _, want = grads_of(reference, x.double(), y)
     assert max(rel_errors(got, want).values()) < 1e-9
-    pctx = PrivateContext(InProcessEngine(rounds=8))
-    private = to_private(net, pctx)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(4):
-        loss = nn.functional.cross_entropy(private(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        pctx.end_step()
-        losses.append(float(loss.detach()))
-    assert losses[-1] < losses[0], losses
-    assert not pctx._open and not pctx.engine._cache
+    train_privately(net, x, y, torch.optim.Adam(net.parameters(), lr=1e-2), steps=4)
 
 
 SMALL = {"mlp": None, "cnn": None, "resnet18": 8, "resnet50": 4, "vit": 32}
@@ -262,19 +266,7 @@ def test_big_models_train_privately_on_synthetic_cifar_shaped_data(name):
     torch.manual_seed(0)
     split = data.synthetic((3, 32, 32), classes=10, n_train=32, n_test=8)
     net = models.build(name, split.image_shape, 10, SMALL[name])
-    pctx = PrivateContext(InProcessEngine(rounds=8))
-    private = to_private(net, pctx)
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(6):
-        loss = nn.functional.cross_entropy(private(split.train_x[:16]), split.train_y[:16])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        pctx.end_step()
-        losses.append(float(loss.detach()))
-    assert losses[-1] < losses[0], losses
-    assert not pctx._open and not pctx.engine._cache
+    train_privately(net, split.train_x[:16], split.train_y[:16], torch.optim.AdamW(net.parameters(), lr=3e-3), steps=6)
 
 
 def test_one_encryption_per_product_backward_and_weights_never_reencrypted():
