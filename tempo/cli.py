@@ -441,7 +441,12 @@ def _run_training(cfg, log, plot: bool, progress_every: float, command: str) -> 
             summary = run(cfg, progress=view, log=log)
     except RunInterrupted as exc:
         view.close()
-        click.echo(f"{command}: {exc}", err=True)
+        if exc.checkpoint is not None:
+            how = f"{command} --resume --out {exc.out}" if command == "tempo train" else f"{command} ... --resume"
+            click.echo(f"{command}: interrupted by {exc.signal_name}: checkpoint at {exc.checkpoint} (step {exc.step}); "
+                       f"resume with: {how}", err=True)
+        else:
+            click.echo(f"{command}: {exc}", err=True)
         log.warning("train.interrupted", signal=exc.signal_name, step=exc.step,
                     checkpoint=str(exc.checkpoint) if exc.checkpoint else None)
         sys.exit(exc.exit_code)

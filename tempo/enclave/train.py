@@ -311,7 +311,7 @@ class RunInterrupted(RuntimeError):
     from (``None`` when no step was taken since the last start)."""
 
     def __init__(self, signal_name: str, exit_code: int, step: int, checkpoint: Path | None, out: Path) -> None:
-        where = (f"checkpoint at {checkpoint} (step {step}); resume with: tempo train --resume --out {out}"
+        where = (f"checkpoint at {checkpoint} (step {step}); resume with --resume (--out {out})"
                  if checkpoint else "no step was taken, so there is nothing to resume")
         super().__init__(f"interrupted by {signal_name}: {where}")
         self.signal_name, self.exit_code, self.step, self.checkpoint, self.out = (
