@@ -213,19 +213,8 @@ def test_balanced_noise_on_wide_products_is_caught(p, times):
     verdict = freivalds_check(a, b, bad, rounds=k)
     assert not verdict.ok and verdict.worst_ratio > 1.0
     assert freivalds_check(a, b, c, rounds=k).ok
-    # The old tolerance, which added γ(p)·|C|·1 from the relay's own C, let exactly this through:
-    # the residual stays under it in every row (the reason the bound changed).
-    u = torch.finfo(torch.float32).eps / 2
-
-    def gamma(j):
-        return j * u / (1 - j * u)
-
-    n = b.shape[0]
-    ab = a.abs() @ b.abs().sum(dim=1)
-    old = 2 * ((gamma(n + 9) + gamma(n + p) + u) * ab + (gamma(p) + u) * bad.abs().sum(dim=1))
-    r = torch.from_numpy(random_bits((p, k))).float()
-    residual = (a @ (b @ r) - bad @ r).abs()
-    assert bool((residual < old.unsqueeze(-1)).all())
+    # (The old tolerance added γ(p)·|C|·1 from the relay's own C and let this through at
+    # 65,536 and 131,072 columns in every trial: docs/BENCHMARKS.md, issue 13.)
 
 
 def test_non_finite_operands_are_the_enclaves_fault_not_the_relays():
