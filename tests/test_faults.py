@@ -91,30 +91,30 @@ def test_a_faulty_relay_among_three_with_every_product_split(mode, honest, tmp_p
     assert summary.offload["forward_products"] >= 3 * 3 * summary.steps
 
 
-@pytest.mark.parametrize("times", ["10", "1e3", "1e6"])
-def test_balanced_noise_on_wide_products_is_caught_through_the_off_loader(times, monkeypatch):
-    """A real relay adds +s, -s, +s, ... (s = times x max|C|) along every row of products with 65,536
-    and 131,072 output columns; each is caught (Freivalds with k rounds misses with probability
-    2^-k at most), the relay quarantined with the evidence. The old tolerance, which grew with the
-    relay's own |C|, let these through."""
+def test_balanced_noise_on_wide_products_is_caught_through_the_off_loader(monkeypatch):
+    """A real relay adds +s, -s, +s, ... (s = 10, 1e3, 1e6 x max|C|) along every row of products
+    with 65,536 and 131,072 output columns; each is caught (Freivalds with k rounds misses with
+    probability 2^-k at most), the relay quarantined with the evidence. The old tolerance, which
+    grew with the relay's own |C|, let these through (docs/BENCHMARKS.md)."""
     from tempo.cluster import LocalCluster
     from tempo.enclave.client import OffloadClient
     from tempo.enclave.verify import IntegrityError
     from tempo.protocol import Binding
 
-    monkeypatch.setenv("TEMPO_FAULT_NOISE_X", times)
-    with LocalCluster(relays=0) as cluster, OffloadClient(cluster.enclave_endpoint, f"wide{times}", rounds=20,
+    with LocalCluster(relays=0) as cluster, OffloadClient(cluster.enclave_endpoint, "wide", rounds=20,
                                                          arena_bytes=64 << 20, part_timeout_s=20.0,
                                                          max_attempts=1) as client:
-        for step, p in enumerate((65_536, 131_072)):
+        trials = [(times, p) for times in ("10", "1e3", "1e6") for p in (65_536, 131_072)]
+        for step, (times, p) in enumerate(trials):
+            monkeypatch.setenv("TEMPO_FAULT_NOISE_X", times)  # read by the relay as it starts
             cluster.add_relay(fault="noise")
             client.wait_for_relays(1)
             a, b = torch.randn(4, 16), torch.randn(16, p)
             with pytest.raises(IntegrityError, match="failed verification"):  # one attempt: caught, not retried
-                client.forward(a, b, Binding(f"wide{times}", step, 0, 0))
+                client.forward(a, b, Binding("wide", step, 0, 0))
             assert client.counters.failed_verifications == step + 1
             client.ping()  # the off-loader's word that it quarantined the relay comes in with the pong
-            assert "exceeds the rounding bound" in client.relay_events[-1]["reason"]
+            assert "exceeds the rounding bound" in client.relay_events[-1]["reason"], (times, p)
             assert client.relay_events[-1]["event"] == "quarantined"
 
 
