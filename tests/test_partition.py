@@ -72,8 +72,8 @@ def test_the_split_follows_the_layer_kind():
 def test_a_grouped_convolution_is_split_by_data_with_its_weight_whole_in_every_part():
     """``W (g × out/g × K) @ patches (batch × g × K × L)``: cut along the batch (not the groups),
     the weight sent whole to each part, its gradient the sum of the parts' (each already summed
-    over its part's batch by the relay, as `relay.backward_products` does)."""
-    from tempo.relay import backward_products
+    over its part's batch by the relay, as `protocol.relay_backward` does)."""
+    from tempo.protocol import relay_backward
 
     torch.manual_seed(0)
     g, o, k, n, L = 4, 3, 18, 5, 7
@@ -94,7 +94,7 @@ def test_a_grouped_convolution_is_split_by_data_with_its_weight_whole_in_every_p
     full.backward(grad)
     parts = []
     for (wi, xi), gi in zip(pieces, partition.split_grad(grad, plan)):
-        t1t, t2t = backward_products(wi, xi, gi)  # unmasked stand-ins: the same shapes and sums
+        t1t, t2t = relay_backward(wi, xi, gi)  # unmasked stand-ins: the same shapes and sums
         assert t1t.shape == w.shape and t2t.shape == xi.shape
         parts.append((t1t, t2t))
     dw, dx = partition.gather_grads(parts, plan, tuple(w.shape), tuple(x.shape))

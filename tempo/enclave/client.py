@@ -22,15 +22,14 @@ import zmq
 
 from tempo.arena import Arena, Descriptor
 from tempo.enclave.keys import DEFAULT_KEY_SPACE, KeySchedule, KeySpace, MatmulKey
-from tempo.enclave.obfuscation import decrypt, decrypt_grads, encrypt, encrypt_grad, mask
-from tempo.enclave.verify import IntegrityError, checked_bound, freivalds_check
+from tempo.enclave.roundtrip import MaskedProduct, mask_operand
+from tempo.enclave.verify import IntegrityError
 from tempo.protocol import (
     OFFLOADER_TO_ENCLAVE_OPS,
     Binding,
     ProtocolError,
     decode,
     encode,
-    grad_shapes,
     new_request_id,
 )
 
@@ -53,15 +52,13 @@ class OffloaderGone(OffloadError):
 
 @dataclass
 class _Forward:
-    """What the enclave keeps between a part's forward and its backward."""
+    """What the enclave keeps between a part's forward and its backward: the product's round
+    trip, and where its masked operands and result live in the arena."""
 
-    key: MatmulKey
-    a: torch.Tensor
-    b: torch.Tensor
+    product: MaskedProduct
     a_enc: Descriptor
     b_enc: Descriptor
     c_enc: Descriptor | None = None
-    ab: torch.Tensor | None = None  # |A| (|B| 1): the verification's scale, from the enclave's operands
 
 
 @dataclass
@@ -82,8 +79,6 @@ class Pending:
     bind: Binding
     outputs: list[Descriptor] = field(default_factory=list)
     relay: str = ""  # which relay computed it (from the off-loader's done)
-    grad_c: torch.Tensor | None = None  # a backward's dL/dC, kept here for verification
-    bounds: tuple = ()  # a backward's operand bounds for dL/dA and dL/dB (`operand_bound`)
 
 
 @dataclass
@@ -105,18 +100,6 @@ class Counters:
     failed_verifications: int = 0
     timeouts: int = 0
     parts_by_relay: dict = field(default_factory=dict)  # answers used, per relay name
-
-
-def _where(what: str, bind: Binding) -> str:
-    return f"{what} of layer {bind.layer}"
-
-
-def _mask_operand(sk: MatmulKey, side: str, t: torch.Tensor, out: torch.Tensor) -> None:
-    """One half of `encrypt`: ``A' = mask(A; m, n)`` (side "a") or ``B' = mask(B; n, p)``."""
-    if side == "a":
-        mask(t, sk.m, sk.n, out=out)
-    else:
-        mask(t, sk.n, sk.p, out=out)
 
 
 class OffloadClient:
@@ -187,7 +170,7 @@ class OffloadClient:
         t0 = time.perf_counter()
         sk = self.keys.key(bind.layer, m, n, p, bind.part)
         desc, buf = self._alloc(operand.shape, operand.dtype)
-        _mask_operand(sk, side, operand, buf)
+        mask_operand(sk, side, operand, buf)
         self.counters.forward_encryptions += 1
         self.counters.encrypt_s += time.perf_counter() - t0
         if stage:
@@ -213,31 +196,25 @@ class OffloadClient:
         if bind in self._forwards:
             raise ValueError(f"binding {bind} already has a forward in flight or cached")
         m, n, p = a.shape[-2], a.shape[-1], b.shape[-1]
+        if pre is not None and (pre.key.shape != (m, n, p) or pre.shape != tuple((a if pre.side == "a" else b).shape)):
+            raise ValueError(f"a pre-masked operand of shape {pre.shape} under a {pre.key.shape} key does "
+                             f"not fit A {tuple(a.shape)} @ B {tuple(b.shape)}")
         t0 = time.perf_counter()
-        ab = checked_bound(a, b, where=_where("forward", bind))  # before anything leaves
+        key = pre.key if pre is not None else self.keys.key(bind.layer, m, n, p, bind.part)
+        product = MaskedProduct(key, a, b, where=f"layer {bind.layer}")  # checks A and B before anything leaves
         self.counters.verify_s += time.perf_counter() - t0
         t0 = time.perf_counter()
-        if pre is not None:
-            if pre.key.shape != (m, n, p) or pre.shape != tuple((a if pre.side == "a" else b).shape):
-                raise ValueError(f"a pre-masked operand of shape {pre.shape} under a {pre.key.shape} key does "
-                                 f"not fit A {tuple(a.shape)} @ B {tuple(b.shape)}")
-            sk = pre.key
-            other = "b" if pre.side == "a" else "a"
-            t = b if other == "b" else a
-            desc, buf = self._alloc(t.shape, t.dtype)
-            _mask_operand(sk, other, t, buf)
-            a_desc, b_desc = (pre.desc, desc) if other == "b" else (desc, pre.desc)
+        descs = {}
+        for side, t in (("a", a), ("b", b)):
+            if pre is not None and pre.side == side:
+                descs[side] = pre.desc  # masked ahead under this key
+                continue
+            descs[side], buf = self._alloc(t.shape, t.dtype)
+            mask_operand(key, side, t, buf)
             self.counters.forward_encryptions += 1
-        else:
-            sk = self.keys.key(bind.layer, m, n, p, bind.part)
-            a_desc, a_buf = self._alloc(a.shape, a.dtype)
-            b_desc, b_buf = self._alloc(b.shape, b.dtype)
-            encrypt(sk, a, b, out_a=a_buf, out_b=b_buf)
-            self.counters.forward_encryptions += 2
-        c_shape = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), m, p)
-        c_desc, _ = self._alloc(c_shape, a.dtype)
+        c_desc, _ = self._alloc(product.c_shape, a.dtype)
         self.counters.encrypt_s += time.perf_counter() - t0
-        state = _Forward(sk, a, b, a_desc, b_desc, c_desc, ab)
+        state = _Forward(product, descs["a"], descs["b"], c_desc)
         self._forwards[bind] = state
         self.counters.forward += 1
         return self._send_forward(state, bind, staged=pre.side if pre is not None else None)
@@ -263,9 +240,9 @@ class OffloadClient:
         for attempt in range(self.max_attempts):
             self._wait_or_quarantine(pending)
             t0 = time.perf_counter()
-            c = decrypt(state.key, self.arena.tensor(state.c_enc))
+            c = state.product.unmask_c(self.arena.tensor(state.c_enc))
             t1 = time.perf_counter()
-            verdict = freivalds_check(state.a, state.b, c, self.rounds, ab=state.ab)
+            verdict = state.product.verify_c(c, self.rounds)
             self.counters.decrypt_s += t1 - t0
             self.counters.verify_s += time.perf_counter() - t1
             if verdict.ok:
@@ -285,33 +262,26 @@ class OffloadClient:
         state = self._forwards.get(bind)
         if state is None:
             raise ValueError(f"binding {bind} has no forward to take the backward of")
-        m, _, p = state.key.shape
-        if tuple(grad_c.shape[-2:]) != (m, p):
-            raise ValueError(f"dL/dC has shape {tuple(grad_c.shape)}; the forward of {bind} made ({m}, {p})")
         t0 = time.perf_counter()
-        # dA = Δ Bᵀ and dB = Aᵀ Δ come back summed to their operands' shapes (grad_shapes)
-        where = _where("backward", bind)
-        bounds = (checked_bound(grad_c, state.b.mT, tuple(state.a.shape[:-2]), where),
-                  checked_bound(state.a.mT, grad_c, tuple(state.b.shape[:-2]), where))
+        state.product.check_grad(grad_c)  # finite before it leaves; kept for the checks
         self.counters.verify_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         # D' = mask(Δᵀ; p, m), held as D'ᵀ in Δ's own layout (no transpose copy)
         d_desc, d_buf = self._alloc(grad_c.shape, grad_c.dtype)
-        encrypt_grad(state.key, grad_c, out=d_buf)
+        state.product.mask_grad(grad_c, out=d_buf)
         self.counters.backward_encryptions += 1
         # T1'ᵀ and T2'ᵀ come back, each summed over the slices its operand was broadcast across
-        t1_shape, t2_shape = grad_shapes(state.a_enc.shape, state.b_enc.shape, d_desc.shape)
+        t1_shape, t2_shape = state.product.grad_shapes(d_desc.shape)
         t1_desc, _ = self._alloc(t1_shape, grad_c.dtype)
         t2_desc, _ = self._alloc(t2_shape, grad_c.dtype)
         self.counters.encrypt_s += time.perf_counter() - t0
         self.counters.backward += 1
-        return self._send_backward(state, bind, grad_c, [d_desc, t1_desc, t2_desc], bounds)
+        return self._send_backward(state, bind, [d_desc, t1_desc, t2_desc])
 
-    def _send_backward(self, state: _Forward, bind: Binding, grad_c: torch.Tensor, outputs: list,
-                       bounds: tuple) -> Pending:
+    def _send_backward(self, state: _Forward, bind: Binding, outputs: list) -> Pending:
         d_desc, t1_desc, t2_desc = outputs
         rid = new_request_id()
-        pending = Pending(rid, "backward", bind, outputs, grad_c=grad_c, bounds=bounds)
+        pending = Pending(rid, "backward", bind, outputs)
         self._pending[rid] = pending
         self._send(id=rid, bind=bind.to_wire(), kind="backward", inputs=[d_desc.to_wire()],
                    operands=[state.a_enc.to_wire(), state.b_enc.to_wire()],
@@ -323,17 +293,12 @@ class OffloadClient:
         same quarantine-and-recompute policy as `finish_forward`)."""
         state = self._forwards[pending.bind]
         d_desc, t1_desc, t2_desc = pending.outputs
-        grad_c = pending.grad_c
         for attempt in range(self.max_attempts):
             self._wait_or_quarantine(pending)
             t0 = time.perf_counter()
-            da, db = decrypt_grads(state.key, self.arena.tensor(t1_desc).mT, self.arena.tensor(t2_desc).mT)
+            da, db = state.product.unmask_grads(self.arena.tensor(t1_desc), self.arena.tensor(t2_desc))
             t1 = time.perf_counter()
-            # dA = Δ Bᵀ and dB = Aᵀ Δ, checked against the plaintext kept here
-            ab_da, ab_db = pending.bounds
-            verdict = freivalds_check(grad_c, state.b.mT, da, self.rounds, ab=ab_da, summed=True)
-            if verdict.ok:
-                verdict = freivalds_check(state.a.mT, grad_c, db, self.rounds, ab=ab_db, summed=True)
+            verdict = state.product.verify_grads(da, db, self.rounds)  # against the plaintext kept here
             self.counters.decrypt_s += t1 - t0
             self.counters.verify_s += time.perf_counter() - t1
             if verdict.ok:
@@ -341,7 +306,7 @@ class OffloadClient:
                 self._free(d_desc, t1_desc, t2_desc, state.a_enc, state.b_enc)
                 return da, db
             self._quarantine(pending, f"backward {pending.bind.to_wire()} failed verification: {verdict.reason}")
-            pending = self._send_backward(state, pending.bind, grad_c, [d_desc, t1_desc, t2_desc], pending.bounds)
+            pending = self._send_backward(state, pending.bind, [d_desc, t1_desc, t2_desc])
         raise IntegrityError(f"backward {pending.bind} failed verification on {self.max_attempts} relays")
 
     # -- the policy for misbehaving relays --

@@ -26,12 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tempo.enclave import partition
-from tempo.enclave.keys import KeySchedule, MatmulKey
-from tempo.enclave.obfuscation import decrypt, decrypt_grads, encrypt, encrypt_grad
-from tempo.enclave.verify import checked_bound, freivalds_check
+from tempo.enclave.keys import KeySchedule
+from tempo.enclave.roundtrip import MaskedProduct
 from tempo.layers import AddTokens, Matmul
-from tempo.protocol import Binding
-from tempo.relay import backward_products
+from tempo.protocol import Binding, relay_backward, relay_forward
 
 
 # Which operand of a product is a layer's weight, and how to read it now: ("a" | "b", callable).
@@ -50,38 +48,43 @@ class EngineCounters:
 
 
 class InProcessEngine:
-    """Mask, multiply the masked operands here (as a relay would), unmask, verify."""
+    """Mask, multiply the masked operands here exactly as a relay would, unmask, verify: the
+    one masked round trip (`tempo.enclave.roundtrip`) without processes.
 
-    def __init__(self, rounds: int = 16, keys: KeySchedule | None = None) -> None:
+    `observer`, when given, is called with what a relay would receive for each product,
+    ``observer("forward", bind, (A', B'), product)`` and ``observer("backward", bind, (D'ᵀ,),
+    product)``, where `product` is the enclave's `MaskedProduct` (its plaintext, for scoring
+    attacks only: `tempo audit`)."""
+
+    def __init__(self, rounds: int = 16, keys: KeySchedule | None = None, observer=None) -> None:
         self.rounds = rounds
         self.keys = keys or KeySchedule()
+        self.observer = observer
         self.counters = EngineCounters()
-        self._cache: dict[Binding, tuple[MatmulKey, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[Binding, tuple[MaskedProduct, torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, bind: Binding, weight: Weight | None = None) -> torch.Tensor:
         m, n, p = a.shape[-2], a.shape[-1], b.shape[-1]
-        ab = checked_bound(a, b, where=f"forward of layer {bind.layer}")
-        sk = self.keys.key(bind.layer, m, n, p)
-        a_enc, b_enc = encrypt(sk, a, b)
+        product = MaskedProduct(self.keys.key(bind.layer, m, n, p), a, b, where=f"layer {bind.layer}")
+        a_enc, b_enc = product.mask_a(), product.mask_b()
         self.counters.forward_encryptions += 2
         self.counters.forward_products += 1
-        c = decrypt(sk, a_enc @ b_enc)
-        freivalds_check(a, b, c, self.rounds, ab=ab).raise_if_failed()
-        self._cache[bind] = (sk, a, b, a_enc, b_enc)
+        if self.observer is not None:
+            self.observer("forward", bind, (a_enc, b_enc), product)
+        c = product.unmask_c(relay_forward(a_enc, b_enc))
+        product.verify_c(c, self.rounds).raise_if_failed()
+        self._cache[bind] = (product, a_enc, b_enc)
         return c
 
     def backward(self, grad_c: torch.Tensor, bind: Binding) -> tuple[torch.Tensor, torch.Tensor]:
-        sk, a, b, a_enc, b_enc = self._cache.pop(bind)
-        where = f"backward of layer {bind.layer}"
-        ab_da = checked_bound(grad_c, b.mT, tuple(a.shape[:-2]), where)
-        ab_db = checked_bound(a.mT, grad_c, tuple(b.shape[:-2]), where)
-        d_enc = encrypt_grad(sk, grad_c)
+        product, a_enc, b_enc = self._cache.pop(bind)
+        e = product.mask_grad(grad_c)  # D'ᵀ
         self.counters.backward_encryptions += 1
         self.counters.backward_products += 1
-        t1t, t2t = backward_products(a_enc, b_enc, d_enc.mT)  # as a relay computes them, from D'ᵀ
-        da, db = decrypt_grads(sk, t1t.mT, t2t.mT)
-        freivalds_check(grad_c, b.mT, da, self.rounds, ab=ab_da, summed=True).raise_if_failed()
-        freivalds_check(a.mT, grad_c, db, self.rounds, ab=ab_db, summed=True).raise_if_failed()
+        if self.observer is not None:
+            self.observer("backward", bind, (e,), product)
+        da, db = product.unmask_grads(*relay_backward(a_enc, b_enc, e))
+        product.verify_grads(da, db, self.rounds).raise_if_failed()
         return da, db
 
     def release(self, bind: Binding) -> None:

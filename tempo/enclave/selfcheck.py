@@ -1,8 +1,10 @@
 """`tempo selfcheck`: the whole obfuscation round trip on random products, end to end in-process.
 
-For each trial: fresh keys, encrypt ``A`` and ``B``, multiply the masked operands as a relay
-would, decrypt, verify with Freivalds, compare with ``A @ B``; run the backward key-shift reuse
-and compare with torch autograd; tamper with the result and expect verification to reject it.
+For each trial, through the one masked round trip every engine uses (`roundtrip.MaskedProduct`):
+fresh keys, mask ``A`` and ``B``, compute exactly what a relay computes (`relay_forward`),
+unmask, verify with Freivalds, compare with ``A @ B``; run the backward as relays do it
+(``D'ᵀ`` out, `relay_backward` back), unmask and verify both gradients, compare with torch
+autograd; tamper with the result and expect verification to reject it.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from dataclasses import dataclass, field
 import torch
 
 from tempo.enclave.keys import KeySpace, keygen
-from tempo.enclave.obfuscation import decrypt, decrypt_grads, encrypt, encrypt_grad
-from tempo.enclave.verify import freivalds_check, rounding_bound
+from tempo.enclave.roundtrip import MaskedProduct
+from tempo.enclave.verify import rounding_bound
+from tempo.protocol import relay_backward, relay_forward
 
 
 @dataclass
@@ -62,11 +65,12 @@ def run(
         a = torch.randn(*batch, m, n, dtype=dtype, requires_grad=True)
         b = torch.randn(*batch, n, p, dtype=dtype, requires_grad=True)
         sk = keygen(m, n, p, batch_shape=batch if per_slice else (), key_space=space)
+        product = MaskedProduct(sk, a.detach(), b.detach())
         with torch.no_grad():
-            a_enc, b_enc = encrypt(sk, a, b)
-            c = decrypt(sk, a_enc @ b_enc)  # the relay's work, then Dec
+            a_enc, b_enc = product.mask_a(), product.mask_b()
+            c = product.unmask_c(relay_forward(a_enc, b_enc))  # the relay's work, then Dec
         want = a @ b
-        verdict = freivalds_check(a.detach(), b.detach(), c, rounds)
+        verdict = product.verify_c(c, rounds)
         if not verdict.ok:
             report.failures.append(f"{label}: honest result rejected ({verdict.reason})")
         report.max_rel_error = max(report.max_rel_error, _rel_error(c, want.detach()))
@@ -74,8 +78,11 @@ def run(
         grad_c = torch.randn_like(want)
         want.backward(grad_c)
         with torch.no_grad():
-            d_enc = encrypt_grad(sk, grad_c)
-            da, db = decrypt_grads(sk, b_enc @ d_enc, d_enc @ a_enc)
+            e = product.mask_grad(grad_c)  # D'ᵀ
+            da, db = product.unmask_grads(*relay_backward(a_enc, b_enc, e))
+            grads_verdict = product.verify_grads(da, db, rounds)
+        if not grads_verdict.ok:
+            report.failures.append(f"{label}: honest gradients rejected ({grads_verdict.reason})")
         for name, got, ref, x, y in (("dL/dA", da, a.grad, grad_c, b.mT), ("dL/dB", db, b.grad, a.mT, grad_c)):
             tol = rounding_bound(x, y, slack=4.0).unsqueeze(-1)
             if got.shape != ref.shape or bool(((got - ref).abs() > tol).any()):
@@ -87,7 +94,7 @@ def run(
         row_bound = float(bound[idx[:-1]]) if bound.dim() else float(bound)
         tampered[idx] += 1e3 * row_bound + 1.0
         # A single changed entry escapes one round with probability 1/2: 2^-rounds overall.
-        if freivalds_check(a.detach(), b.detach(), tampered, rounds).ok:
+        if product.verify_c(tampered, rounds).ok:
             report.failures.append(f"{label}: tampered result accepted")
         else:
             report.tamper_detected += 1

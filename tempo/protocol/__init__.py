@@ -469,3 +469,18 @@ def grad_shapes(a: tuple, b: tuple, e: tuple) -> tuple[tuple, tuple]:
     except RuntimeError:
         raise ProtocolError("backward: batch shapes do not broadcast") from None
     return tuple(a), tuple(b)
+
+
+def relay_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """What a relay computes for ``forward``: ``C' = A' @ B'``."""
+    return torch.matmul(a, b)
+
+
+def relay_backward(a: torch.Tensor, b: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a relay computes for ``backward``: ``T1'ᵀ = E B'ᵀ`` and ``T2'ᵀ = A'ᵀ E`` for ``E = D'ᵀ``.
+
+    These are the paper's ``B' D'`` and ``D' A'``, transposed (free in a GEMM) so the enclave
+    unmasks them without a transpose. Each is summed over the batch slices its operand was
+    broadcast across (a shared weight): one matrix back instead of one per slice (`grad_shapes`)."""
+    t1_shape, t2_shape = grad_shapes(tuple(a.shape), tuple(b.shape), tuple(e.shape))
+    return torch.matmul(e, b.mT).sum_to_size(t1_shape), torch.matmul(a.mT, e).sum_to_size(t2_shape)

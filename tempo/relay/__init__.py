@@ -30,23 +30,14 @@ from tempo.protocol import (
     decode,
     encode,
     error_frames,
-    grad_shapes,
     inputs_digest,
+    relay_backward,
+    relay_forward,
 )
 
 
 FAULT_MODES = ("corrupt", "nan", "lazy", "slow", "drop", "crash", "malformed", "noise")
 
-
-def backward_products(a: torch.Tensor, b: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A relay's backward: ``T1'ᵀ = E B'ᵀ`` and ``T2'ᵀ = A'ᵀ E`` for ``E = D'ᵀ``.
-
-    These are the paper's ``B' D'`` and ``D' A'``, transposed (free in a GEMM) so the enclave
-    unmasks them without a transpose. Each is summed over the batch slices its operand was
-    broadcast across (a shared weight): one matrix back instead of one per slice
-    (protocol.grad_shapes)."""
-    t1_shape, t2_shape = grad_shapes(tuple(a.shape), tuple(b.shape), tuple(e.shape))
-    return torch.matmul(e, b.mT).sum_to_size(t1_shape), torch.matmul(a.mT, e).sum_to_size(t2_shape)
 
 @dataclass(frozen=True)
 class Fault:
@@ -234,12 +225,12 @@ class Relay:
             a, b = msg.tensors
             self._check_chain(a, b, "forward")
             a_d, b_d = self._to_device(a), self._to_device(b)
-        c = torch.matmul(a_d, b_d)
+        c = relay_forward(a_d, b_d)
         self.cache.put(msg.binding, a_d, b_d)
         return [self._to_host(c)]
 
     def _backward_from(self, a: torch.Tensor, b: torch.Tensor, e: torch.Tensor):
-        return [self._to_host(t) for t in backward_products(a, b, e)]
+        return [self._to_host(t) for t in relay_backward(a, b, e)]
 
     def _backward(self, msg: Message):
         if len(msg.tensors) != 1:

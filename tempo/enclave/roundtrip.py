@@ -1,0 +1,105 @@
+"""One masked round trip: the enclave's side of one offloaded product, and what a relay computes.
+
+Every engine offloads a product ``C = A @ B`` the same way, and this module is that way, once:
+
+- `MaskedProduct(key, A, B)` checks the enclave's own operands (`verify.checked_bound`: nothing
+  non-finite leaves) and keeps ``|A|(|B|1)`` for the check;
+- `mask_a` / `mask_b` give ``A' = mask(A; m, n)`` and ``B' = mask(B; n, p)`` (into a caller's
+  buffer: the shared-memory arena);
+- a relay returns ``C' = relay_forward(A', B')``; `open_forward` unmasks and verifies it;
+- backward: `mask_grad` gives ``D'ᵀ`` (the only encryption of the backward, Fig. 5), a relay
+  returns ``relay_backward(A', B', D'ᵀ)``, and `open_backward` unmasks and verifies both
+  gradients.
+
+What differs between engines is only how masked tensors travel: in this process
+(`InProcessEngine`, `tempo selfcheck`) or through the arena, the off-loader and relay processes
+(`OffloadClient`). `relay_forward` and `relay_backward` (defined with the wire protocol, which
+says what each op computes) are exactly what relays compute, so the in-process paths check the
+products the relays are asked for.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tempo.enclave.keys import MatmulKey
+from tempo.enclave.obfuscation import decrypt, decrypt_grads, encrypt_grad, mask
+from tempo.enclave.verify import Verdict, checked_bound, freivalds_check
+from tempo.protocol import grad_shapes
+
+
+def mask_operand(key: MatmulKey, side: str, t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One operand of a product under its key: ``A' = mask(A; m, n)`` (side "a") or
+    ``B' = mask(B; n, p)`` (side "b"), into `out` when given."""
+    if side == "a":
+        return mask(t, key.m, key.n, out=out)
+    if side == "b":
+        return mask(t, key.n, key.p, out=out)
+    raise ValueError(f"side must be 'a' or 'b', not {side!r}")
+
+
+class MaskedProduct:
+    """The enclave's state for one offloaded product, from masking to verified results."""
+
+    def __init__(self, key: MatmulKey, a: torch.Tensor, b: torch.Tensor, where: str = "") -> None:
+        if key.shape != (a.shape[-2], a.shape[-1], b.shape[-1]):
+            raise ValueError(f"a {key.shape} key does not fit A {tuple(a.shape)} @ B {tuple(b.shape)}")
+        self.key, self.a, self.b, self.where = key, a, b, where
+        self.ab = checked_bound(a, b, where=f"forward of {where}" if where else "")  # before anything leaves
+        self._grad_bounds: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.grad_c: torch.Tensor | None = None
+
+    # -- forward --
+    def mask_a(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        return mask_operand(self.key, "a", self.a, out)
+
+    def mask_b(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        return mask_operand(self.key, "b", self.b, out)
+
+    @property
+    def c_shape(self) -> tuple[int, ...]:
+        m, _, p = self.key.shape
+        return (*torch.broadcast_shapes(self.a.shape[:-2], self.b.shape[:-2]), m, p)
+
+    def unmask_c(self, c_masked: torch.Tensor) -> torch.Tensor:
+        return decrypt(self.key, c_masked)
+
+    def verify_c(self, c: torch.Tensor, rounds: int) -> Verdict:
+        return freivalds_check(self.a, self.b, c, rounds, ab=self.ab)
+
+    # -- backward --
+    def check_grad(self, grad_c: torch.Tensor) -> None:
+        """Take ``Δ = dL/dC`` for the backward: checked (its shape; finite, before it leaves) and
+        kept, with the scales of the gradients' checks, for `verify_grads`."""
+        m, _, p = self.key.shape
+        if tuple(grad_c.shape[-2:]) != (m, p):
+            raise ValueError(f"dL/dC has shape {tuple(grad_c.shape)}; the forward made (…, {m}, {p})")
+        where = f"backward of {self.where}" if self.where else ""
+        # dA = Δ Bᵀ and dB = Aᵀ Δ come back summed to their operands' shapes (grad_shapes)
+        self._grad_bounds = (checked_bound(grad_c, self.b.mT, tuple(self.a.shape[:-2]), where),
+                             checked_bound(self.a.mT, grad_c, tuple(self.b.shape[:-2]), where))
+        self.grad_c = grad_c
+
+    def mask_grad(self, grad_c: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``D'ᵀ`` for ``Δ = dL/dC``, in ``Δ``'s own layout (…, m, p), into `out` when given
+        (`check_grad` first, unless it was called with this ``Δ`` already)."""
+        if self.grad_c is not grad_c:
+            self.check_grad(grad_c)
+        return encrypt_grad(self.key, grad_c, out=out).mT
+
+    def grad_shapes(self, e_shape: tuple) -> tuple[tuple, tuple]:
+        """The shapes of ``T1'ᵀ`` and ``T2'ᵀ`` a relay returns for this product."""
+        return grad_shapes(tuple(self.a.shape), tuple(self.b.shape), tuple(e_shape))
+
+    def unmask_grads(self, t1t: torch.Tensor, t2t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(dL/dA, dL/dB)`` from the relay's ``T1'ᵀ`` and ``T2'ᵀ``."""
+        return decrypt_grads(self.key, t1t.mT, t2t.mT)
+
+    def verify_grads(self, da: torch.Tensor, db: torch.Tensor, rounds: int) -> Verdict:
+        if self.grad_c is None or self._grad_bounds is None:
+            raise ValueError("no gradient was masked for this product")
+        ab_da, ab_db = self._grad_bounds
+        verdict = freivalds_check(self.grad_c, self.b.mT, da, rounds, ab=ab_da, summed=True)
+        if verdict.ok:
+            verdict = freivalds_check(self.a.mT, self.grad_c, db, rounds, ab=ab_db, summed=True)
+        return verdict
