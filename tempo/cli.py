@@ -211,11 +211,14 @@ def offloader(ctx: click.Context, relay_bind: str, enclave_bind: str, heartbeat_
 @click.option("--fault", default=None, help="Misbehave on purpose (tests, demos): corrupt|nan|lazy|slow|drop|crash|malformed|noise[:RATE].")
 @click.option("--curve-secret", default=None, type=click.Path(exists=True, dir_okay=False), help="CURVE: this relay's secret key file.")
 @click.option("--curve-server-key", default=None, type=click.Path(exists=True, dir_okay=False), help="CURVE: the off-loader's public key file (pinned).")
+@click.option("--record", "record_dir", default=None, type=click.Path(file_okay=False),
+              help="Write every request's op, binding and tensors to DIR/<name>/ (audits: what the cloud "
+                   "receives; off by default).")
 @PARENT_PID
 @click.pass_context
 def relay(ctx: click.Context, connect: str, device: str, cache_mb: int, heartbeat: float, max_frame_mb: int,
           name: str | None, fault: str | None, curve_secret: str | None, curve_server_key: str | None,
-          parent_pid: int | None) -> None:
+          record_dir: str | None, parent_pid: int | None) -> None:
     """Run a relay: multiply masked operands on DEVICE for the off-loader at CONNECT."""
     import os
 
@@ -227,7 +230,8 @@ def relay(ctx: click.Context, connect: str, device: str, cache_mb: int, heartbea
     try:
         injected = Fault.parse(fault) if fault else None
         worker = Relay(connect, device, cache_mb << 20, heartbeat, max_frame_mb << 20, log=log, name=name,
-                       fault=injected, curve_secret=curve_secret, curve_server_key=curve_server_key)
+                       fault=injected, curve_secret=curve_secret, curve_server_key=curve_server_key,
+                       record_dir=record_dir)
     except (RuntimeError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     worker.run(stop=stop)

@@ -62,6 +62,7 @@ class LocalCluster:
         log_format: str = "json",
         faults: dict[int, str] | None = None,
         offloader_args: list[str] | None = None,
+        record_dir: str | None = None,
     ) -> None:
         self.offloader_args = offloader_args or []
         self.n_relays = relays
@@ -71,6 +72,7 @@ class LocalCluster:
         self.cache_mb = cache_mb
         self.log_format = log_format
         self.faults = faults or {}  # relay index -> --fault MODE[:RATE]
+        self.record_dir = record_dir  # relays record what they receive there (tempo relay --record)
         self.workdir: str | None = None  # made by `start`, so a cluster never started leaves nothing
         self.offloader: Proc | None = None
         self.relays: list[Proc] = []
@@ -144,6 +146,8 @@ class LocalCluster:
                 "--heartbeat", str(self.heartbeat_s), "--cache-mb", str(self.cache_mb), "--name", name]
         if fault:
             args += ["--fault", fault]
+        if self.record_dir:
+            args += ["--record", self.record_dir]
         args += extra_args or []
         proc, _ = self._spawn(name, args)
         self.relays.append(proc)

@@ -1,20 +1,23 @@
-"""A short private training whose relay view and ground truth are captured in-process.
+"""A short private training whose relay view and ground truth are captured.
 
-The products go through the one masked round trip (`InProcessEngine`), exactly as relays would
-receive them; an observer keeps what a relay would hold (`RunView`) and, apart from it, the
-enclave's plaintext and each step's data (`RunTruth`), for scoring. No keys are kept.
+Two ways, the same training: in-process (`InProcessEngine`, the one masked round trip without
+processes: fast, for tests) or through real off-loader and relay processes that record what they
+receive (`tempo relay --record`), the view then read back from their recording. Either way an
+observer on the enclave side keeps the plaintext and each step's data (`RunTruth`) apart from
+the view, for scoring. No keys are kept.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from tempo import data as datasets
 from tempo import models
-from tempo.audit.view import ProductTruth, ProductView, RunTruth, RunView, StepTruth
+from tempo.audit.view import ProductTruth, ProductView, RunTruth, RunView, StepTruth, load_recording
 
 
 @dataclass
@@ -27,35 +30,73 @@ class CaptureConfig:
     key_refresh: str = "step"  # or "epoch" (the paper's)
     key_space: str = "int:256"  # tempo.enclave.keys.KeySpace.parse
     evaluate: bool = True  # evaluation batches (forward only) at the end, as a run makes them
+    relays: int = 0  # 0: in-process; N: N real relay processes that record what they receive
 
 
-def capture(cfg: CaptureConfig, log=None) -> tuple[RunView, RunTruth, datasets.Split]:
+def capture(cfg: CaptureConfig, record_dir: str | Path | None = None, log=None) -> tuple[RunView, RunTruth, datasets.Split]:
     """Train `cfg.model` privately on the shipped digits and return what the relays saw, the
     ground truth, and the data split: the victim trains on ``train``, evaluates on ``test``;
     ``val`` (a quarter of the training images, held out) is the attacker's public sample of the
-    distribution, which the victim never touches."""
+    distribution, which the victim never touches. With ``cfg.relays``, the view is read back
+    from the relays' recording in `record_dir`."""
     from tempo.enclave.keys import KeySchedule, KeySpace
-    from tempo.enclave.private import InProcessEngine, PrivateContext, to_private
+    from tempo.enclave.private import InProcessEngine, PrivateContext
 
     torch.manual_seed(cfg.seed)
     split = datasets.hold_out(datasets.load("digits", seed=cfg.seed), 0.25, cfg.seed)
     model = models.build(cfg.model, split.image_shape, split.classes)
-    view, truth = RunView(), RunTruth(cfg.model)
+    observed, truth = RunView(), RunTruth(cfg.model)
 
     def observe(event, bind, masked, product) -> None:
         key = (bind.step, bind.layer, bind.part)
         if event == "forward":
             a_enc, b_enc = masked
-            view.products.append(ProductView(*key, a_enc.detach().clone(), b_enc.detach().clone()))
+            observed.products.append(ProductView(*key, a_enc.detach().clone(), b_enc.detach().clone()))
             truth.products[key] = ProductTruth(product.a.detach().clone(), product.b.detach().clone())
         else:
             (e,) = masked
-            held = next(p for p in reversed(view.products) if p.key == key)
+            held = next(p for p in reversed(observed.products) if p.key == key)
             held.e = e.detach().clone()
             truth.products[key].grad_c = product.grad_c.detach().clone()
 
     keys = KeySchedule(cfg.key_refresh, KeySpace.parse(cfg.key_space))
-    pctx = PrivateContext(InProcessEngine(rounds=8, keys=keys, observer=observe), job="audit")
+    if not cfg.relays:
+        pctx = PrivateContext(InProcessEngine(rounds=8, keys=keys, observer=observe), job="audit")
+        _train(model, pctx, keys, split, cfg, truth, log)
+        return observed, truth, split
+    if record_dir is None:
+        raise ValueError("capturing through relays needs a directory for their recording")
+    from tempo.cluster import LocalCluster
+    from tempo.enclave.client import OffloadClient
+    from tempo.enclave.private import ClientEngine
+
+    with LocalCluster(relays=cfg.relays, record_dir=str(record_dir)) as cluster, \
+            OffloadClient(cluster.enclave_endpoint, "audit", rounds=8, keys=keys, log=log) as client:
+        client.observer = observe
+        client.watchdog = cluster.check
+        client.wait_for_relays(cfg.relays)
+        pctx = PrivateContext(ClientEngine(client, parts=cfg.relays), job="audit")
+        _train(model, pctx, keys, split, cfg, truth, log)
+    recorded = load_recording(record_dir, job="audit")
+    _check_same(recorded, observed)
+    return recorded, truth, split
+
+
+def _check_same(recorded: RunView, sent: RunView) -> None:
+    """The relays' recording holds, tensor for tensor, what the enclave sent them."""
+    by_key = {p.key: p for p in sent.products}
+    if {p.key for p in recorded.products} != set(by_key):
+        raise ValueError("the relays' recording does not hold the products the enclave sent")
+    for p in recorded.products:
+        q = by_key[p.key]
+        same_e = (p.e is None) == (q.e is None) and (p.e is None or torch.equal(p.e, q.e))
+        if not (torch.equal(p.a, q.a) and torch.equal(p.b, q.b) and same_e):
+            raise ValueError(f"the relays' recording of product {p.key} differs from what the enclave sent")
+
+
+def _train(model, pctx, keys, split, cfg: CaptureConfig, truth: RunTruth, log) -> None:
+    from tempo.enclave.private import to_private
+
     net = to_private(model, pctx)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -74,7 +115,7 @@ def capture(cfg: CaptureConfig, log=None) -> tuple[RunView, RunTruth, datasets.S
             opt.step()
             pctx.end_step()
         if log:
-            log.info("audit.capture.epoch", epoch=epoch + 1, products=len(view.products))
+            log.info("audit.capture.epoch", epoch=epoch + 1, steps=pctx.step)
     if cfg.evaluate:
         net.eval()
         with torch.no_grad():
@@ -84,4 +125,3 @@ def capture(cfg: CaptureConfig, log=None) -> tuple[RunView, RunTruth, datasets.S
                 net(x)
                 pctx.end_step()
     truth.final_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return view, truth, split

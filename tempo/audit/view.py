@@ -9,7 +9,9 @@ counts training steps and evaluation batches alike); `RunTruth.steps` says which
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -74,3 +76,44 @@ class RunTruth:
     products: dict[tuple[int, int, int], ProductTruth] = field(default_factory=dict)
     steps: dict[int, StepTruth] = field(default_factory=dict)
     final_state: dict = field(default_factory=dict)
+
+
+def load_recording(root: str | Path, job: str | None = None) -> RunView:
+    """The view a recording holds (`tempo relay --record ROOT`, any number of relays): one
+    `ProductView` per forward part, with the operand shipped ahead by ``stage`` joined to its
+    forward, and the masked ``Δ`` of the backward that followed (from whichever relay computed
+    it). `job` keeps one job's products when the recording holds several."""
+    from tempo.relay.record import FORMAT
+
+    root = Path(root)
+    relays = sorted(d for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+    if not relays:
+        raise ValueError(f"{root} holds no relay recording (expected {root}/<relay>/*.pt)")
+    products: dict[tuple, ProductView] = {}
+    for relay_dir in relays:
+        for meta in relay_dir.glob("meta-*.json"):
+            if json.loads(meta.read_text()).get("format") != FORMAT:
+                raise ValueError(f"{meta}: a recording format this version does not read")
+        staged: dict[tuple, tuple[str, torch.Tensor]] = {}
+        for path in sorted(relay_dir.glob("*.pt")):
+            rec = torch.load(path, weights_only=True)
+            bind = tuple(rec["bind"])
+            if job is not None and bind[0] != job:
+                continue
+            key, tensors = bind[1:], rec["tensors"]
+            if rec["op"] == "stage":
+                staged[key] = (rec["slot"], tensors[0])
+            elif rec["op"] == "forward":
+                if rec["staged"] is not None:  # one operand came ahead
+                    slot, held = staged.pop(key)
+                    a, b = (held, tensors[0]) if slot == "a" else (tensors[0], held)
+                else:
+                    a, b = tensors
+                products[key] = ProductView(*key, a=a, b=b, relay=relay_dir.name)
+            elif rec["op"] in ("backward", "backward_full"):
+                e = tensors[-1]
+                if key in products:
+                    products[key].e = e
+                elif rec["op"] == "backward_full":  # its forward's relay is gone: the operands came again
+                    products[key] = ProductView(*key, a=tensors[0], b=tensors[1], e=e, relay=relay_dir.name)
+    return RunView(sorted(products.values(), key=lambda p: p.key))

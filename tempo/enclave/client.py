@@ -143,6 +143,9 @@ class OffloadClient:
         # `offloader_silence_s` is pinged, one silent for all of it is given up on.
         self.watchdog = None
         self.offloader_silence_s = 15.0
+        # `tempo audit` only: called with what the relays are sent for each product, as
+        # InProcessEngine's observer is (the masked tensors, in the arena, and the round trip)
+        self.observer = None
         self._last_heard = time.monotonic()
         self._probe_at = 0.0
 
@@ -214,6 +217,8 @@ class OffloadClient:
             self.counters.forward_encryptions += 1
         c_desc, _ = self._alloc(product.c_shape, a.dtype)
         self.counters.encrypt_s += time.perf_counter() - t0
+        if self.observer is not None:
+            self.observer("forward", bind, (self.arena.tensor(descs["a"]), self.arena.tensor(descs["b"])), product)
         state = _Forward(product, descs["a"], descs["b"], c_desc)
         self._forwards[bind] = state
         self.counters.forward += 1
@@ -270,6 +275,8 @@ class OffloadClient:
         d_desc, d_buf = self._alloc(grad_c.shape, grad_c.dtype)
         state.product.mask_grad(grad_c, out=d_buf)
         self.counters.backward_encryptions += 1
+        if self.observer is not None:
+            self.observer("backward", bind, (d_buf,), state.product)
         # T1'ᵀ and T2'ᵀ come back, each summed over the slices its operand was broadcast across
         t1_shape, t2_shape = state.product.grad_shapes(d_desc.shape)
         t1_desc, _ = self._alloc(t1_shape, grad_c.dtype)

@@ -139,6 +139,7 @@ class Relay:
         fault: Fault | None = None,
         curve_secret: str | None = None,
         curve_server_key: str | None = None,
+        record_dir: str | None = None,
     ) -> None:
         if (curve_secret is None) != (curve_server_key is None):
             raise ValueError("CURVE needs both the relay's secret key and the off-loader's public key")
@@ -158,6 +159,14 @@ class Relay:
         self.max_frame_bytes = max_frame_bytes
         self.log = log
         self.served = 0
+        self.recorder = None
+        if record_dir is not None:  # what this relay receives, kept for audits (`tempo audit`)
+            from tempo.relay.record import Recorder
+
+            self.recorder = Recorder(record_dir, self.name, str(self.device))
+            if self.log:
+                self.log.warning("relay.recording", dir=str(self.recorder.dir),
+                                 note="every request's op, binding and tensors are written to disk")
         self.handlers = {
             "forward": self._forward,
             "backward": self._backward,
@@ -287,6 +296,8 @@ class Relay:
             if msg.op in ("forward", "backward", "backward_full", "stage") and digest is not None:
                 if digest != inputs_digest(frames[1:]):
                     raise ProtocolError("inputs do not match the request's digest")
+            if self.recorder is not None:
+                self.recorder.write(msg.op, msg.header, msg.tensors)
             t0 = time.perf_counter()
             out = self.handlers[msg.op](msg)
             compute_s = time.perf_counter() - t0  # results are on the host by now (synchronized)
