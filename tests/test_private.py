@@ -447,3 +447,22 @@ def test_grouped_convolutions_split_across_two_relay_processes_have_autograd_gra
         assert client.counters.premasks_dropped == 0
         assert client.counters.forward == client.counters.backward == 2 * 4 * 2  # 2 steps, 4 products, 2 parts
         assert len(client.counters.parts_by_relay) == 2  # both relays computed parts
+
+
+@pytest.mark.parametrize("keep, offloaded", [((), [0, 1, 2]), (("first",), [0, 1]), (("last",), [0, 1]),
+                                              (("first", "last"), [0])])
+def test_layers_kept_in_the_enclave_are_never_offloaded_and_gradients_stay_exact(keep, offloaded):
+    torch.manual_seed(0)
+    net = models.build("cnn", (1, 8, 8), 10)
+    x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    reference = copy.deepcopy(net)
+    seen = []
+    pctx = PrivateContext(InProcessEngine(observer=lambda event, bind, masked, product: seen.append(bind.layer)))
+    loss_p, got = grads_of(to_private(net, pctx, keep=keep), x, y)
+    loss_r, want = grads_of(reference, x, y)
+    assert sorted(set(seen)) == offloaded and len(seen) == 2 * len(offloaded)  # forward and backward each
+    assert torch.allclose(loss_p, loss_r, rtol=1e-5)
+    for name, g in want.items():
+        assert torch.allclose(got[name], g, rtol=1e-4, atol=1e-6), name
+    with pytest.raises(ValueError, match="keep takes"):
+        to_private(net, pctx, keep=("middle",))

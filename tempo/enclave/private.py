@@ -428,14 +428,30 @@ def supported_layers() -> list[str]:
     return sorted(c.__name__ for c in (*OFFLOADED, *ENCLAVE_LAYERS, *CONTAINERS))
 
 
-def to_private(module: nn.Module, pctx: PrivateContext) -> nn.Module:
+KEEP_CHOICES = ("first", "last")
+
+
+def to_private(module: nn.Module, pctx: PrivateContext, keep: tuple[str, ...] = ()) -> nn.Module:
     """A private twin of `module`: Linear and Conv2d offloaded, the rest unchanged, parameters
     shared with `module` (so ``module.state_dict()`` holds the trained weights).
+
+    `keep` names layers that stay in the enclave, computed there in plaintext, although they
+    could be offloaded: ``"first"`` (the first Linear or Conv2d, the one that sees the raw data)
+    and ``"last"`` (the last: a classifier head, whose gradient carries the labels).
 
     Raises `UnsupportedLayerError` naming the first layer that cannot run privately by its path
     in `module` (``'Net.features.3'``), its type, why, and what is supported.
     """
-    return _convert(module, pctx, type(module).__name__)
+    unknown = set(keep) - set(KEEP_CHOICES)
+    if unknown:
+        raise ValueError(f"keep takes {', '.join(KEEP_CHOICES)}, not {sorted(unknown)}")
+    layers = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    kept = set()
+    if layers and "first" in keep:
+        kept.add(id(layers[0]))
+    if layers and "last" in keep:
+        kept.add(id(layers[-1]))
+    return _convert(module, pctx, type(module).__name__, frozenset(kept))
 
 
 CONV_HINT = ("of the convolutions only nn.Conv2d itself is offloaded (any padding, padding_mode, stride, "
@@ -449,8 +465,10 @@ def _refusal(path: str, child: nn.Module, reason: str) -> UnsupportedLayerError:
     )
 
 
-def _convert(child: nn.Module, pctx: PrivateContext, path: str) -> nn.Module:
+def _convert(child: nn.Module, pctx: PrivateContext, path: str, kept: frozenset = frozenset()) -> nn.Module:
     kind = type(child)
+    if id(child) in kept:
+        return child  # stays in the enclave: computed here, never offloaded
     if kind in OFFLOADED:
         try:
             return OFFLOADED[kind](child, pctx)
@@ -465,7 +483,7 @@ def _convert(child: nn.Module, pctx: PrivateContext, path: str) -> nn.Module:
         # A user module with parameters of its own would use them in plaintext products we
         # cannot see, so it is refused below.
         twin = copy.copy(child)
-        twin._modules = {name: _convert(c, pctx, f"{path}.{name}") for name, c in child._modules.items()}
+        twin._modules = {name: _convert(c, pctx, f"{path}.{name}", kept) for name, c in child._modules.items()}
         if own_params and not isinstance(child, CONTAINERS):
             raise _refusal(path, child, "holds parameters of its own outside Linear/Conv2d")
         return twin
