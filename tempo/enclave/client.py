@@ -247,7 +247,7 @@ class OffloadClient:
             t0 = time.perf_counter()
             c = state.product.unmask_c(self.arena.tensor(state.c_enc))
             t1 = time.perf_counter()
-            verdict = state.product.verify_c(c, self.rounds)
+            verdict = state.product.verify_c(c, self.rounds, (self.arena.tensor(state.a_enc), self.arena.tensor(state.b_enc)))
             self.counters.decrypt_s += t1 - t0
             self.counters.verify_s += time.perf_counter() - t1
             if verdict.ok:
@@ -305,7 +305,8 @@ class OffloadClient:
             t0 = time.perf_counter()
             da, db = state.product.unmask_grads(self.arena.tensor(t1_desc), self.arena.tensor(t2_desc))
             t1 = time.perf_counter()
-            verdict = state.product.verify_grads(da, db, self.rounds)  # against the plaintext kept here
+            masked = (self.arena.tensor(state.a_enc), self.arena.tensor(state.b_enc), self.arena.tensor(d_desc))
+            verdict = state.product.verify_grads(da, db, self.rounds, masked)  # against the plaintext kept here
             self.counters.decrypt_s += t1 - t0
             self.counters.verify_s += time.perf_counter() - t1
             if verdict.ok:

@@ -66,6 +66,25 @@ def random_permutations(
             return order.astype(np.int64)
 
 
+def gaussians(count: int, random_bytes: RandomBytes = os.urandom) -> np.ndarray:
+    """`count` standard normal float64 values from the CSPRNG (Box-Muller on 53-bit uniforms)."""
+    half = (count + 1) // 2
+    u = (_random_u64(2 * half, random_bytes) >> np.uint64(11)).astype(np.float64) * (2.0**-53)
+    u1, u2 = 1.0 - u[:half], u[half:]  # u1 in (0, 1]: log is finite
+    r = np.sqrt(-2.0 * np.log(u1))
+    return np.concatenate([r * np.cos(2 * np.pi * u2), r * np.sin(2 * np.pi * u2)])[:count]
+
+
+def random_orthogonal(count: int, size: int, random_bytes: RandomBytes = os.urandom) -> torch.Tensor:
+    """`count` independent Haar-uniform orthogonal ``size × size`` matrices (float64): the QR of
+    Gaussian matrices from the CSPRNG, with R's diagonal signs moved into Q (else not uniform)."""
+    g = torch.from_numpy(gaussians(count * size * size, random_bytes)).reshape(count, size, size)
+    q, r = torch.linalg.qr(g)
+    signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
+    signs[signs == 0] = 1.0
+    return (q * signs.unsqueeze(-2)).contiguous()
+
+
 @dataclass(frozen=True)
 class KeySpace:
     """The coefficient key space 𝕂.
@@ -127,6 +146,10 @@ class AxisKey:
 
     coef: torch.Tensor  # float64, no zero entry
     perm: torch.Tensor  # int64, each row a permutation of range(size)
+    # Optional mixing: orthogonal blocks over consecutive masked positions, (k, g, g), and the
+    # last r < g positions' own (r, r) block. The masked axis is then Q · (c, π)-gathered.
+    mix: torch.Tensor | None = None
+    mix_tail: torch.Tensor | None = None
     _cache: dict = field(default_factory=dict, repr=False, compare=False)  # per role and dtype
 
     def __post_init__(self) -> None:
@@ -145,6 +168,19 @@ class AxisKey:
             torch.arange(size).expand_as(perm),
         ):
             raise ValueError("key permutation is not a permutation")
+        if self.mix is not None or self.mix_tail is not None:
+            if coef.dim() != 1:
+                raise ValueError("mixing blocks go with keys shared by every slice")
+            blocks = [] if self.mix is None else list(self.mix)
+            tail = [] if self.mix_tail is None else [self.mix_tail]
+            covered = sum(b.shape[-1] for b in blocks + tail)
+            if covered != size:
+                raise ValueError(f"mixing blocks cover {covered} positions of an axis of {size}")
+            for b in blocks + tail:
+                if b.dtype != torch.float64 or b.dim() != 2 or b.shape[0] != b.shape[1]:
+                    raise ValueError("mixing blocks must be square float64 matrices")
+                if not torch.allclose(b @ b.mT, torch.eye(b.shape[0], dtype=torch.float64), atol=1e-9):
+                    raise ValueError("mixing blocks must be orthogonal")
 
     # cached: read on every mask and unmask (the key's tensors are never replaced)
     @cached_property
@@ -196,9 +232,24 @@ class AxisKey:
             self._cache[cache_key] = s.to(dtype).contiguous()
         return self._cache[cache_key]
 
+    @cached_property
+    def block(self) -> int:
+        """The mixing block size g (0: no mixing)."""
+        if self.mix is not None:
+            return self.mix.shape[-1]
+        return self.mix_tail.shape[-1] if self.mix_tail is not None else 0
+
+    def mix_blocks(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The mixing blocks and tail block in `dtype`, cast once and cached."""
+        cache_key = ("mix", dtype)
+        if cache_key not in self._cache:
+            self._cache[cache_key] = tuple(None if b is None else b.to(dtype) for b in (self.mix, self.mix_tail))
+        return self._cache[cache_key]
+
     def fingerprint(self) -> bytes:
         """Bytes identifying this key, to compare keys (tests, never logged or sent)."""
-        return self.coef.numpy().tobytes() + self.perm.numpy().tobytes()
+        mixing = b"".join(b.numpy().tobytes() for b in (self.mix, self.mix_tail) if b is not None)
+        return self.coef.numpy().tobytes() + self.perm.numpy().tobytes() + mixing
 
 
 def axis_keygen(
@@ -206,8 +257,12 @@ def axis_keygen(
     batch_shape: Sequence[int] = (),
     key_space: KeySpace = DEFAULT_KEY_SPACE,
     random_bytes: RandomBytes = os.urandom,
+    mix: int = 0,
 ) -> AxisKey:
-    """A fresh key for one axis of length `size`, per slice of `batch_shape` (``()``: shared)."""
+    """A fresh key for one axis of length `size`, per slice of `batch_shape` (``()``: shared).
+
+    `mix` ≥ 2 adds random orthogonal mixing over blocks of `mix` consecutive masked positions
+    (the last block shorter when `mix` does not divide `size`)."""
     if size < 1:
         raise ValueError(f"axis size must be positive, got {size}")
     batch_shape = tuple(int(b) for b in batch_shape)
@@ -216,7 +271,15 @@ def axis_keygen(
     batch = math.prod(batch_shape)
     coef = key_space.sample(batch * size, random_bytes).reshape(*batch_shape, size)
     perm = random_permutations(size, batch, random_bytes).reshape(*batch_shape, size)
-    return AxisKey(torch.from_numpy(coef), torch.from_numpy(perm))
+    blocks = tail = None
+    if mix >= 2 and size >= 2:
+        if batch_shape:
+            raise ValueError("mixing goes with keys shared by every slice (batch_shape ())")
+        g = min(mix, size)
+        k, r = divmod(size, g)
+        blocks = random_orthogonal(k, g, random_bytes)
+        tail = random_orthogonal(1, r, random_bytes)[0] if r else None
+    return AxisKey(torch.from_numpy(coef), torch.from_numpy(perm), blocks, tail)
 
 
 @dataclass(frozen=True)
@@ -249,16 +312,16 @@ def keygen(
     batch_shape: Sequence[int] = (),
     key_space: KeySpace = DEFAULT_KEY_SPACE,
     random_bytes: RandomBytes = os.urandom,
+    mix: int | tuple[int, int, int] = 0,
 ) -> MatmulKey:
     """KGen(m, n, p): a fresh secret key for one offloaded product (Algorithm 1).
 
     `batch_shape` gives every leading slice of batched operands its own key; ``()`` shares one.
+    `mix` adds orthogonal mixing blocks of that size on every axis, or per axis (m, n, p).
     """
-    return MatmulKey(
-        axis_keygen(m, batch_shape, key_space, random_bytes),
-        axis_keygen(n, batch_shape, key_space, random_bytes),
-        axis_keygen(p, batch_shape, key_space, random_bytes),
-    )
+    mixes = (mix, mix, mix) if isinstance(mix, int) else tuple(mix)
+    return MatmulKey(*(axis_keygen(size, batch_shape, key_space, random_bytes, g)
+                       for size, g in zip((m, n, p), mixes)))
 
 
 class KeySchedule:
@@ -270,12 +333,15 @@ class KeySchedule:
     """
 
     def __init__(self, refresh: str = "step", key_space: KeySpace = DEFAULT_KEY_SPACE,
-                 random_bytes: RandomBytes = os.urandom) -> None:
+                 random_bytes: RandomBytes = os.urandom, mix: int = 0) -> None:
         if refresh not in ("step", "epoch"):
             raise ValueError(f"key refresh must be 'step' or 'epoch', not {refresh!r}")
+        if mix < 0 or mix == 1:
+            raise ValueError(f"mixing blocks are 0 (none) or at least 2 wide, not {mix}")
         self.refresh = refresh
         self.key_space = key_space
         self.random_bytes = random_bytes
+        self.mix = mix  # orthogonal mixing blocks of this size on every axis (0: the paper's keys)
         self._epoch_keys: dict[tuple[int, int, int, int, int], MatmulKey] = {}
         self.generated = 0
 
@@ -290,7 +356,7 @@ class KeySchedule:
 
     def _new(self, m: int, n: int, p: int) -> MatmulKey:
         self.generated += 1
-        return keygen(m, n, p, key_space=self.key_space, random_bytes=self.random_bytes)
+        return keygen(m, n, p, key_space=self.key_space, random_bytes=self.random_bytes, mix=self.mix)
 
     def new_epoch(self) -> None:
         self._epoch_keys.clear()

@@ -128,7 +128,79 @@ def _kernel_vectors(key: AxisKey, index_role: str, scale_role: str, dtype: torch
     return hit
 
 
+def _mix_axis(x: torch.Tensor, key: AxisKey, dim: int, inverse: bool) -> torch.Tensor:
+    """``x`` with the key's orthogonal blocks applied along `dim` (-2: rows, left-multiplied by
+    the block-diagonal Q; -1: columns, right-multiplied by Qᵀ); `inverse` undoes it (Qᵀ, Q)."""
+    blocks, tail = key.mix_blocks(x.dtype)
+    pieces, start = [], 0
+    for q in ([] if blocks is None else [blocks]) + ([] if tail is None else [tail.unsqueeze(0)]):
+        k, g = q.shape[0], q.shape[-1]
+        part = x.narrow(dim, start, k * g)
+        if dim == -2:  # rows r = (block, i): Q[block] @ rows
+            part = part.reshape(*x.shape[:-2], k, g, x.shape[-1])
+            eq = "kji,...kjc->...kic" if inverse else "kij,...kjc->...kic"
+            pieces.append(torch.einsum(eq, q, part).reshape(*x.shape[:-2], k * g, x.shape[-1]))
+        else:  # columns: rows @ Q[block]ᵀ
+            part = part.reshape(*x.shape[:-1], k, g)
+            eq = "kij,...kj->...ki" if not inverse else "kji,...kj->...ki"
+            pieces.append(torch.einsum(eq, q, part).reshape(*x.shape[:-1], k * g))
+        start += k * g
+    return torch.cat(pieces, dim=dim) if len(pieces) > 1 else pieces[0]
+
+
+def _mix(x: torch.Tensor, row_key: AxisKey, col_key: AxisKey, inverse: bool) -> torch.Tensor:
+    """``Q_row · x · Q_colᵀ`` with the keys' orthogonal blocks (``inverse``: ``Q_rowᵀ · x · Q_col``)."""
+    if row_key.block:
+        x = _mix_axis(x, row_key, -2, inverse)
+    if col_key.block:
+        x = _mix_axis(x, col_key, -1, inverse)
+    return x
+
+
+# role -> (index role, row scale role, column scale role) of a mixed key's masked side: the scales
+# there are the masking ones, c and 1/c at masked positions (their reciprocals to undo them).
+_MIXED_ROLES = {
+    "mask": ("mask", "mask-row", "mask-col"),
+    "mask-t": ("mask", "mask-col", "mask-row"),
+    "unmask": ("unmask", "mask-col", "mask-row"),
+    "unmask-t": ("unmask", "mask-row", "mask-col"),
+}
+
+
 def _keyed_gather(
+    src: torch.Tensor,
+    row_key: AxisKey,
+    col_key: AxisKey,
+    role: str,
+    out: torch.Tensor | None,
+    backend: str | None,
+) -> torch.Tensor:
+    """The keyed gather of `role` (`_gather`); with mixing keys, the masked side is
+    ``S_row · Q_row · P(src) · Q_colᵀ · S_col``: permuted, then mixed by orthogonal blocks, then
+    scaled, so each block mixes entries of the data's own magnitudes (mixing after scaling
+    would mix entries up to 256² apart, whose rounding the unmasking multiplies back). Inside a
+    product the inner key's scales and blocks cancel, ``(· Q_nᵀ S_n⁻¹)(S_n Q_n ·)``, so relays
+    compute as before. The mixed path runs in torch; keys without mixing keep the kernel."""
+    if not (row_key.block or col_key.block):
+        return _gather(src, row_key, col_key, role, out, backend)
+    index_role, row_role, col_role = _MIXED_ROLES[role]
+    dtype, dev = src.dtype, src.device
+    row_s = row_key.scales(row_role, dtype).to(dev).unsqueeze(-1)
+    col_s = col_key.scales(col_role, dtype).to(dev).unsqueeze(-2)
+    if index_role == "mask":
+        t = torch.index_select(torch.index_select(src, -2, row_key.indices("mask").to(dev)), -1,
+                               col_key.indices("mask").to(dev))
+        t = _mix(t, row_key, col_key, inverse=False) * row_s * col_s
+    else:
+        t = _mix((src * row_s) * col_s, row_key, col_key, inverse=True)
+        t = torch.index_select(torch.index_select(t, -2, row_key.indices("unmask").to(dev)), -1,
+                               col_key.indices("unmask").to(dev))
+    if out is None:
+        return t.contiguous()
+    return out.copy_(t)
+
+
+def _gather(
     src: torch.Tensor,
     row_key: AxisKey,
     col_key: AxisKey,

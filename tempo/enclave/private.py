@@ -72,7 +72,7 @@ class InProcessEngine:
         if self.observer is not None:
             self.observer("forward", bind, (a_enc, b_enc), product)
         c = product.unmask_c(relay_forward(a_enc, b_enc))
-        product.verify_c(c, self.rounds).raise_if_failed()
+        product.verify_c(c, self.rounds, (a_enc, b_enc)).raise_if_failed()
         self._cache[bind] = (product, a_enc, b_enc)
         return c
 
@@ -84,7 +84,7 @@ class InProcessEngine:
         if self.observer is not None:
             self.observer("backward", bind, (e,), product)
         da, db = product.unmask_grads(*relay_backward(a_enc, b_enc, e))
-        product.verify_grads(da, db, self.rounds).raise_if_failed()
+        product.verify_grads(da, db, self.rounds, (a_enc, b_enc, e)).raise_if_failed()
         return da, db
 
     def release(self, bind: Binding) -> None:

@@ -24,7 +24,7 @@ import torch
 
 from tempo.enclave.keys import MatmulKey
 from tempo.enclave.obfuscation import decrypt, decrypt_grads, encrypt_grad, mask
-from tempo.enclave.verify import Verdict, checked_bound, freivalds_check
+from tempo.enclave.verify import Verdict, checked_bound, freivalds_check, masked_relay_bound
 from tempo.protocol import grad_shapes
 
 
@@ -46,7 +46,10 @@ class MaskedProduct:
             raise ValueError(f"a {key.shape} key does not fit A {tuple(a.shape)} @ B {tuple(b.shape)}")
         self.key, self.a, self.b, self.where = key, a, b, where
         self.ab = checked_bound(a, b, where=f"forward of {where}" if where else "")  # before anything leaves
-        self._grad_bounds: tuple[torch.Tensor, torch.Tensor] | None = None
+        # keys that mix blocks of positions: the relay's rounding is bounded through the masked
+        # operands (verify.masked_relay_bound), which the checks are then given
+        self.mixing = max(k.block for k in key.parts)
+        self._grad_bounds: tuple | None = None
         self.grad_c: torch.Tensor | None = None
 
     # -- forward --
@@ -64,8 +67,20 @@ class MaskedProduct:
     def unmask_c(self, c_masked: torch.Tensor) -> torch.Tensor:
         return decrypt(self.key, c_masked)
 
-    def verify_c(self, c: torch.Tensor, rounds: int) -> Verdict:
-        return freivalds_check(self.a, self.b, c, rounds, ab=self.ab)
+    def verify_c(self, c: torch.Tensor, rounds: int, masked: tuple | None = None) -> Verdict:
+        """Check ``C`` (Freivalds); with mixing keys, `masked` is ``(A', B')`` as sent."""
+        relay = None
+        if self.mixing:
+            a_enc, b_enc = self._masked(masked, 2)
+            k = self.key
+            relay = masked_relay_bound(a_enc, b_enc, k.m, k.p, k.m.scales("mask-col", a_enc.dtype),
+                                       k.p.scales("mask-row", a_enc.dtype))
+        return freivalds_check(self.a, self.b, c, rounds, ab=self.ab, ab_relay=relay, mixing=self.mixing)
+
+    def _masked(self, masked: tuple | None, count: int) -> tuple:
+        if masked is None or len(masked) != count:
+            raise ValueError("a product whose keys mix needs its masked operands to bound the relay's rounding")
+        return masked
 
     # -- backward --
     def check_grad(self, grad_c: torch.Tensor) -> None:
@@ -76,8 +91,9 @@ class MaskedProduct:
             raise ValueError(f"dL/dC has shape {tuple(grad_c.shape)}; the forward made (…, {m}, {p})")
         where = f"backward of {self.where}" if self.where else ""
         # dA = Δ Bᵀ and dB = Aᵀ Δ come back summed to their operands' shapes (grad_shapes)
-        self._grad_bounds = (checked_bound(grad_c, self.b.mT, tuple(self.a.shape[:-2]), where),
-                             checked_bound(self.a.mT, grad_c, tuple(self.b.shape[:-2]), where))
+        sum_a, sum_b = tuple(self.a.shape[:-2]), tuple(self.b.shape[:-2])
+        self._grad_bounds = (checked_bound(grad_c, self.b.mT, sum_a, where),
+                             checked_bound(self.a.mT, grad_c, sum_b, where))
         self.grad_c = grad_c
 
     def mask_grad(self, grad_c: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -95,11 +111,22 @@ class MaskedProduct:
         """``(dL/dA, dL/dB)`` from the relay's ``T1'ᵀ`` and ``T2'ᵀ``."""
         return decrypt_grads(self.key, t1t.mT, t2t.mT)
 
-    def verify_grads(self, da: torch.Tensor, db: torch.Tensor, rounds: int) -> Verdict:
+    def verify_grads(self, da: torch.Tensor, db: torch.Tensor, rounds: int, masked: tuple | None = None) -> Verdict:
+        """Check both gradients (Freivalds); with mixing keys, `masked` is ``(A', B', D'ᵀ)`` as sent."""
         if self.grad_c is None or self._grad_bounds is None:
             raise ValueError("no gradient was masked for this product")
         ab_da, ab_db = self._grad_bounds
-        verdict = freivalds_check(self.grad_c, self.b.mT, da, rounds, ab=ab_da, summed=True)
+        relay_da = relay_db = None
+        if self.mixing:  # the relay's T1'ᵀ = E B'ᵀ (rows m, cols n) and T2'ᵀ = A'ᵀ E (rows n, cols p)
+            a_enc, b_enc, e = self._masked(masked, 3)
+            k, dt = self.key, e.dtype
+            relay_da = masked_relay_bound(e, b_enc.mT, k.m, k.n, k.m.scales("mask-row", dt), k.n.scales("mask-col", dt),
+                                          tuple(self.a.shape[:-2]))
+            relay_db = masked_relay_bound(a_enc.mT, e, k.n, k.p, k.n.scales("mask-row", dt), k.p.scales("mask-col", dt),
+                                          tuple(self.b.shape[:-2]))
+        verdict = freivalds_check(self.grad_c, self.b.mT, da, rounds, ab=ab_da, ab_relay=relay_da,
+                                  mixing=self.mixing, summed=True)
         if verdict.ok:
-            verdict = freivalds_check(self.a.mT, self.grad_c, db, rounds, ab=ab_db, summed=True)
+            verdict = freivalds_check(self.a.mT, self.grad_c, db, rounds, ab=ab_db, ab_relay=relay_db,
+                                      mixing=self.mixing, summed=True)
         return verdict

@@ -70,7 +70,7 @@ def run(
             a_enc, b_enc = product.mask_a(), product.mask_b()
             c = product.unmask_c(relay_forward(a_enc, b_enc))  # the relay's work, then Dec
         want = a @ b
-        verdict = product.verify_c(c, rounds)
+        verdict = product.verify_c(c, rounds, (a_enc, b_enc))
         if not verdict.ok:
             report.failures.append(f"{label}: honest result rejected ({verdict.reason})")
         report.max_rel_error = max(report.max_rel_error, _rel_error(c, want.detach()))
@@ -80,7 +80,7 @@ def run(
         with torch.no_grad():
             e = product.mask_grad(grad_c)  # D'ᵀ
             da, db = product.unmask_grads(*relay_backward(a_enc, b_enc, e))
-            grads_verdict = product.verify_grads(da, db, rounds)
+            grads_verdict = product.verify_grads(da, db, rounds, (a_enc, b_enc, e))
         if not grads_verdict.ok:
             report.failures.append(f"{label}: honest gradients rejected ({grads_verdict.reason})")
         for name, got, ref, x, y in (("dL/dA", da, a.grad, grad_c, b.mT), ("dL/dB", db, b.grad, a.mT, grad_c)):
@@ -94,7 +94,7 @@ def run(
         row_bound = float(bound[idx[:-1]]) if bound.dim() else float(bound)
         tampered[idx] += 1e3 * row_bound + 1.0
         # A single changed entry escapes one round with probability 1/2: 2^-rounds overall.
-        if product.verify_c(tampered, rounds).ok:
+        if product.verify_c(tampered, rounds, (a_enc, b_enc)).ok:
             report.failures.append(f"{label}: tampered result accepted")
         else:
             report.tamper_detected += 1

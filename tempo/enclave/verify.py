@@ -83,16 +83,58 @@ def operand_bound(a: torch.Tensor, b: torch.Tensor, summed_to: tuple | None = No
     return a_b
 
 
+def masked_relay_bound(left: torch.Tensor, right: torch.Tensor, row_key, col_key, row_scale: torch.Tensor,
+                       col_scale: torch.Tensor, summed_to: tuple | None = None) -> torch.Tensor:
+    """Per plaintext row, ``w`` such that the rounding error ``E'`` of the relay's product
+    ``left @ right`` (masked operands, ``|E'| ≤ γ |left||right|``) moves the unmasked result's
+    ``E r`` by at most ``γ·w`` for any 0/1 vector ``r``.
+
+    For keys that mix blocks of positions (`keys.AxisKey.mix`) the plaintext ``|A|(|B|1)`` does
+    not bound that error: unmasking multiplies it by the blocks. Here it is followed through:
+    ``r`` mixed by the column blocks (``|Q r| ≤ |Q| 1``), scaled by `col_scale` (what unmasking
+    multiplies the masked columns by), through ``|left|(|right| ·)``, scaled by `row_scale`,
+    back through the row blocks (``|Qᵀ| ·``), to plaintext rows. Costs a pass over each masked
+    operand, as the plaintext bound does."""
+    dtype = left.dtype
+    y = col_scale.abs().to(dtype) * _block_row_abs_sums(col_key, dtype)  # masked columns
+    w = _abs_matvec(left, right.abs() @ y.unsqueeze(-1)).squeeze(-1)  # |left|(|right| y), masked rows
+    if summed_to is not None:
+        w = w.sum_to_size((*summed_to, w.shape[-1]))
+    z = row_scale.abs().to(dtype) * w
+    blocks, tail = row_key.mix_blocks(dtype)
+    pieces, start = [], 0
+    for q in ([] if blocks is None else [blocks]) + ([] if tail is None else [tail.unsqueeze(0)]):
+        k, g = q.shape[0], q.shape[-1]
+        part = z.narrow(-1, start, k * g).reshape(*z.shape[:-1], k, g)
+        pieces.append(torch.einsum("kji,...kj->...ki", q.abs(), part).reshape(*z.shape[:-1], k * g))
+        start += k * g
+    z = z if not pieces else (torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0])
+    return z.index_select(-1, row_key.indices("unmask"))
+
+
+def _block_row_abs_sums(key, dtype: torch.dtype) -> torch.Tensor:
+    """``|Q| 1`` over the masked positions of an axis (ones where it does not mix)."""
+    blocks, tail = key.mix_blocks(dtype)
+    parts = [q.abs().sum(-1).reshape(-1) for q in ([] if blocks is None else [blocks]) + ([] if tail is None else [tail])]
+    return torch.cat(parts) if parts else torch.ones(key.size, dtype=dtype)
+
+
 def rounding_bound(
     a: torch.Tensor,
     b: torch.Tensor,
     *,
     ab: torch.Tensor | None = None,
+    ab_relay: torch.Tensor | None = None,
+    mixing: int = 0,
     relay_unit_roundoff: float | None = None,
     slack: float = 2.0,
     summed_to: tuple | None = None,
 ) -> torch.Tensor:
     """Per-row bound on ``|A (B r) − C r|`` for any 0/1 vector ``r`` when ``C`` is honest.
+
+    With keys that mix blocks of up to `mixing` positions, the relay's rounding (and the
+    enclave's mixing) scales with `ab_relay` (`masked_relay_bound`) instead of ``|A|(|B|1)``,
+    and each mixing adds its block's terms.
 
     ``C`` honest means: the relay multiplied the masked operands in a precision with unit
     roundoff `relay_unit_roundoff` (default: that of the operands' dtype), and the enclave masked
@@ -121,13 +163,16 @@ def rounding_bound(
     if summed_to is not None:
         full = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         k = math.prod(full) // max(1, math.prod(summed_to))
-    g_c = _gamma(n + 9 + k, u_relay)  # honest C: |C − AB| ≤ g_c |A||B|, so |C| ≤ (1 + g_c) |A||B|
+    # honest C: |C − AB| ≤ g_c·ab_relay (ab_relay = |A||B|1 without mixing), so |C|1 ≤ ab + g_c·ab_relay
+    g_c = _gamma(n + 9 + k + 4 * mixing, u_relay)
     g_abr = _gamma(n + p + k, u) + u
-    g_cr = (_gamma(max(p, 1), u) + u) * (1.0 + g_c)
+    g_cr = _gamma(max(p, 1), u) + u
     if ab is None:
         ab = operand_bound(a, b, summed_to)
-    tiny = torch.finfo(a.dtype).tiny * (n + p + 16 + k)  # underflow: absolute error per operation
-    return slack * ((g_c + g_abr + g_cr) * ab + tiny)
+    if ab_relay is None:
+        ab_relay = ab
+    tiny = torch.finfo(a.dtype).tiny * (n + p + 16 + k + 4 * mixing)  # underflow: absolute error per operation
+    return slack * ((g_abr + g_cr) * ab + g_c * (1.0 + g_cr) * ab_relay + tiny)
 
 
 def _matmul(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -194,6 +239,8 @@ def freivalds_check(
     rounds: int,
     *,
     ab: torch.Tensor | None = None,
+    ab_relay: torch.Tensor | None = None,
+    mixing: int = 0,
     relay_unit_roundoff: float | None = None,
     slack: float = 2.0,
     random_bytes: RandomBytes = os.urandom,
@@ -205,7 +252,8 @@ def freivalds_check(
     With `summed`, ``C`` is ``A @ B`` summed over the batch dimensions it lacks (or has as 1):
     the gradient of an operand that was broadcast over the batch, which relays return reduced.
     `ab` is `operand_bound` of the same operands (and summing) when the caller computed it
-    already, before the operands left.
+    already, before the operands left; `ab_relay` and `mixing` describe keys that mix blocks of
+    positions (`rounding_bound`).
     """
     if rounds < 1:
         raise ValueError("at least one Freivalds round is needed")
@@ -243,8 +291,8 @@ def freivalds_check(
     elif tuple(ab.shape) != (*(summed_to if summed_to is not None else batch), m):
         raise ValueError(f"operand bound of shape {tuple(ab.shape)} does not belong to this product")
     try:
-        bound = rounding_bound(a, b, ab=ab, relay_unit_roundoff=relay_unit_roundoff, slack=slack,
-                               summed_to=summed_to)
+        bound = rounding_bound(a, b, ab=ab, ab_relay=ab_relay, mixing=mixing,
+                               relay_unit_roundoff=relay_unit_roundoff, slack=slack, summed_to=summed_to)
     except ValueError as exc:
         return Verdict(False, str(exc))
     if not bool(torch.isfinite(bound).all()):
