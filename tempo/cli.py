@@ -281,6 +281,20 @@ SPLIT_MIN_MB = click.option("--split-min-mb", default=4.0, show_default=True, ty
                                  "size (0 over slow links: every product split).")
 
 
+# what relays see: a preset, and options on top of it (tempo.enclave.protection)
+MASKING = click.option("--masking", type=click.Choice(["paper", "head", "edges", "mixed"]), default="paper",
+                       show_default=True, help="Masking preset: paper (the paper's scheme), head (classifier in the "
+                       "enclave), edges (first layer and head in the enclave), mixed (edges, and keys that mix "
+                       "blocks of 16 positions). README: what a relay learns.")
+KEY_SPACE = click.option("--key-space", default=None,
+                         help="Key coefficients: int:K (the paper's), signed-int:K, continuous:K (default: the preset's).")
+MIX = click.option("--mix", default=None, type=click.IntRange(0),
+                   help="Mix blocks of this many positions of every axis with random orthogonal matrices (0: none; "
+                        "default: the preset's).")
+KEEP = click.option("--keep", default=None,
+                    help="Layers computed in the enclave instead of offloaded: first, last, first,last or none "
+                         "(default: the preset's).")
+
 @bench.command("train")
 @click.option("--model", type=MODEL_CHOICES, default="resnet18", show_default=True, help="The model to time.")
 @click.option("--width", default=None, type=click.IntRange(1), help="Model width (as for train).")
@@ -294,13 +308,19 @@ SPLIT_MIN_MB = click.option("--split-min-mb", default=4.0, show_default=True, ty
 @SPLIT_MIN_MB
 @click.option("--image-shape", default="3x32x32", show_default=True, help="C×H×W of the synthetic batch (CIFAR's by default).")
 @click.option("--arena-mb", default=4096, show_default=True, type=click.IntRange(16), help="Shared-memory arena for masked operands.")
+@MASKING
+@KEY_SPACE
+@MIX
+@KEEP
 @JSON
 @click.option("--plot", "plot_path", default=None, help="Draw the breakdown as a PNG (needs matplotlib).")
 @click.pass_context
 def bench_train(ctx: click.Context, model, width, batch_size, steps, modes, relays, device, pipeline, split_min_mb,
-                image_shape, arena_mb, json_path, plot_path) -> None:
+                image_shape, arena_mb, masking, key_space, mix, keep, json_path, plot_path) -> None:
     """Training steps side by side: tempo, pure TEE (plain-cpu), non-private GPU (plain-cuda)."""
     from tempo.bench import train as bench
+
+    masking = _masking(masking, key_space, mix, keep)
 
     log = _logger(ctx, "bench")
     try:
@@ -315,7 +335,7 @@ def bench_train(ctx: click.Context, model, width, batch_size, steps, modes, rela
     log.info("bench.train.start", model=model, batch_size=batch_size, steps=steps, modes=chosen, relays=relays,
              device=device, pipeline=pipeline)
     try:
-        figures = bench.run(model, batch_size, steps, chosen, relays, device, pipeline, width, shape,
+        figures = bench.run(model, batch_size, steps, chosen, relays, device, pipeline, width, shape, masking=masking,
                             arena_mb=arena_mb, split_min_mb=split_min_mb, progress=lambda m: log.info("bench.progress", msg=m), log=log)
     except (ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -324,6 +344,18 @@ def bench_train(ctx: click.Context, model, width, batch_size, steps, modes, rela
         bench.plot(figures, plot_path)
         click.echo(f"plot: {plot_path}")
     _emit_json(figures, json_path)
+
+
+def _masking(name: str, key_space: str | None, mix: int | None, keep: str | None):
+    """The masking preset `name` with the key options given on top; bad ones are a usage error."""
+    from tempo.enclave.protection import parse_keep, preset
+
+    try:
+        masking = preset(name).with_options(key_space=key_space, mix=mix, keep=parse_keep(keep))
+        masking.keys()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    return masking
 
 
 def _require_matplotlib() -> None:
@@ -367,6 +399,10 @@ PARTIAL_DATA = click.option("--partial-data", is_flag=True, default=None,
               help="tempo: offload every product masked; plain: no offload (pure-TEE baseline on cpu, non-private on cuda).")
 @click.option("--key-refresh", type=click.Choice(["step", "epoch"]), default="step", show_default=True,
               help="Fresh keys for every product, or one key per layer for an epoch (the paper's).")
+@MASKING
+@KEY_SPACE
+@MIX
+@KEEP
 @click.option("--integrity-t", default=1e-6, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Target probability that any wrong result goes undetected in the run (Theorem V.2 sets the Freivalds rounds).")
 @click.option("--out", default=None,

@@ -110,7 +110,7 @@ _CLIENT_FIELDS = ("encrypt_s", "decrypt_s", "verify_s", "wait_s", "send_s", "rel
 
 
 def _tempo(model_name, shape, classes, width, batch, steps, warmup, relays, device, pipeline, arena_mb, say,
-           log, split_min_mb) -> ModeResult:
+           log, split_min_mb, masking) -> ModeResult:
     from tempo.cluster import LocalCluster
     from tempo.enclave.client import OffloadClient, default_job_id
     from tempo.enclave.private import ClientEngine, PrivateContext, to_private
@@ -124,11 +124,11 @@ def _tempo(model_name, shape, classes, width, batch, steps, warmup, relays, devi
     try:
         job = default_job_id()
         client = OffloadClient(cluster.enclave_endpoint, job, arena_bytes=arena_mb << 20, log=log,
-                               max_attempts=relays + 1, timeout_s=600.0)
+                               max_attempts=relays + 1, timeout_s=600.0, keys=masking.keys())
         client.wait_for_relays(relays)
         engine = ClientEngine(client, parts=relays, pipeline=pipeline, split_min_mb=split_min_mb)
         pctx = PrivateContext(engine, job=job)
-        net = to_private(model, pctx)
+        net = to_private(model, pctx, keep=masking.keep)
         rows: list[dict] = []
         for i in range(warmup + steps):
             before = {k: getattr(client.counters, k) for k in _CLIENT_FIELDS}
@@ -182,9 +182,13 @@ def _tempo(model_name, shape, classes, width, batch, steps, warmup, relays, devi
 def run(model: str = "resnet18", batch_size: int = 32, steps: int = 3, modes=MODES, relays: int = 2,
         device: str = "cpu", pipeline: bool = True, width: int | None = None,
         shape: tuple[int, ...] = (3, 32, 32), classes: int = 10, warmup: int = 1, arena_mb: int = 4096,
-        split_min_mb: float = 4.0, progress: Callable[[str], None] | None = None, log=None) -> dict:
+        split_min_mb: float = 4.0, progress: Callable[[str], None] | None = None, log=None, masking=None) -> dict:
     """Every requested mode on the same model and batch; returns the JSON-ready figures."""
     say = progress or (lambda _m: None)
+    if masking is None:
+        from tempo.enclave.protection import DEFAULT, preset
+
+        masking = preset(DEFAULT)
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise ValueError(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
@@ -199,7 +203,7 @@ def run(model: str = "resnet18", batch_size: int = 32, steps: int = 3, modes=MOD
             continue
         if mode == "tempo":
             results[mode] = _tempo(model, shape, classes, width, batch_size, steps, warmup, relays, device,
-                                   pipeline, arena_mb, say, log, split_min_mb)
+                                   pipeline, arena_mb, say, log, split_min_mb, masking)
         else:
             results[mode] = _plain(model, shape, classes, width, batch_size, steps, warmup,
                                    "cpu" if mode == "plain-cpu" else ("cuda" if device == "cpu" else device), say)
@@ -211,14 +215,24 @@ def run(model: str = "resnet18", batch_size: int = 32, steps: int = 3, modes=MOD
         # from the figures as reported, so the JSON's ratio is the ratio of its own step times
         return round(ra.as_dict()["step_s"] / rb.as_dict()["step_s"], 4)
 
+    tempo = results.get("tempo")
+    enclave_work = (round(tempo.mean_step_s - tempo.breakdown["transfer_wait"], 6)
+                    if tempo is not None and tempo.step_s is not None else None)
     return {
         "model": model, "width": width, "batch_size": batch_size, "steps": steps, "warmup": warmup,
         "shape": list(shape), "relays": relays, "device": device, "pipeline": pipeline,
         "split_min_mb": split_min_mb,
         "torch_threads": torch.get_num_threads(),
         "modes": {m: r.as_dict() for m, r in results.items()},
+        "masking": masking.describe(),
         "tempo_over_plain_cpu": ratio("tempo", "plain-cpu"),
         "tempo_over_plain_cuda": ratio("tempo", "plain-cuda"),
+        # the enclave's own work per step (the step less the time blocked on replies) over a whole
+        # pure-TEE step: its inverse is the speed-up infinitely fast relays would give (SPEC §11)
+        "enclave_work_s": enclave_work,
+        "enclave_work_over_plain_cpu": (round(enclave_work / results["plain-cpu"].step_s, 4)
+                                        if enclave_work is not None and "plain-cpu" in results
+                                        and results["plain-cpu"].step_s else None),
     }
 
 
@@ -236,7 +250,9 @@ def table(figures: dict) -> str:
             lines.append("  " + " " * 11 + " relays: " + "  ".join(f"{k} {v:.3f}" for k, v in r["relays"].items())
                          + f"   breakdown explains {100 * r['explained']:.1f}% of the step")
     for key, label in (("tempo_over_plain_cpu", "tempo / plain-cpu (pure TEE)"),
-                       ("tempo_over_plain_cuda", "tempo / plain-cuda (non-private GPU)")):
+                       ("tempo_over_plain_cuda", "tempo / plain-cuda (non-private GPU)"),
+                       ("enclave_work_over_plain_cpu", f"enclave work ({figures.get('enclave_work_s') or 0:.3f}s, masking "
+                                                       f"{figures['masking']['masking']}) / plain-cpu")):
         if figures.get(key) is not None:
             lines.append(f"  {label}: {figures[key]:.2f}")
     return "\n".join(lines)

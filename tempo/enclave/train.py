@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from tempo import data as datasets
 from tempo import interrupt, models
 from tempo.enclave import checkpoint as ckpt
+from tempo.enclave import protection
 
 
 @dataclass
@@ -57,6 +58,10 @@ class TrainConfig:
     device: str = "cpu"
     mode: str = "tempo"
     key_refresh: str = "step"
+    masking: str = "paper"  # a preset of tempo.enclave.protection: paper, head, edges, mixed
+    key_space: str | None = None  # the preset's unless given: int:K, signed-int:K, continuous:K
+    mix: int | None = None  # orthogonal mixing blocks on every key (the preset's unless given; 0: none)
+    keep: str | None = None  # layers kept in the enclave: "first,last", "last", "none" (the preset's unless given)
     integrity_t: float = 1e-6
     out: str | None = None  # None: a new runs/<date-time>, linked as runs/latest (resume: runs/latest)
     resume: bool = False
@@ -82,6 +87,10 @@ class TrainConfig:
                                           "python-format batches (nothing is downloaded)")
         if self.dataset != "cifar10" and self.data_dir is not None:
             raise ConfigError("data_dir", f"data_dir (--data-dir) is for cifar10 only; {self.dataset} needs none")
+        try:
+            self.protection()
+        except ValueError as exc:
+            raise ConfigError("masking", str(exc)) from None
         if self.inject_fault is not None:
             from tempo.relay import Fault
 
@@ -90,6 +99,13 @@ class TrainConfig:
             except ValueError as exc:
                 raise ConfigError("inject_fault", str(exc)) from None
         return self
+
+    def protection(self) -> protection.Masking:
+        """The masking this run uses: its preset with the options given on top."""
+        masking = protection.preset(self.masking).with_options(
+            key_space=self.key_space, key_refresh=self.key_refresh, mix=self.mix, keep=protection.parse_keep(self.keep))
+        masking.keys()  # a bad key space or block size fails here
+        return masking
 
 
 class ConfigError(ValueError):
@@ -173,6 +189,10 @@ FIELDS: dict[str, Field] = {
     "device": Field(str),
     "mode": Field(str, choices=("tempo", "plain")),
     "key_refresh": Field(str, choices=("step", "epoch")),
+    "masking": Field(str, choices=tuple(protection.PRESETS)),
+    "key_space": Field(str, optional=True),
+    "mix": _int(0, optional=True),
+    "keep": Field(str, optional=True),
     "integrity_t": _float(0, 1, low_open=True, high_open=True),
     "out": Field(str, optional=True),
     "resume": Field(bool),
@@ -190,7 +210,8 @@ FIELDS: dict[str, Field] = {
 # What a job file may set (`tempo enclave --config`): the job, not the test hooks.
 JOB_KEYS = ("model", "width", "dataset", "data_dir", "partial_data", "epochs", "batch_size", "lr", "optimizer",
             "schedule", "momentum", "weight_decay", "seed", "val_fraction", "val_every", "relays", "pipeline",
-            "split_min_mb", "device", "key_refresh", "integrity_t", "out", "resume", "overwrite",
+            "split_min_mb", "device", "key_refresh", "masking", "key_space", "mix", "keep", "integrity_t", "out",
+            "resume", "overwrite",
             "checkpoint_every", "arena_mb", "part_timeout_s")
 
 
@@ -397,7 +418,6 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
     (``kind="epoch"``: the epoch's history row)."""
     from tempo.cluster import ClusterDied
     from tempo.enclave.client import OffloadError, OffloaderGone
-    from tempo.enclave.keys import KeySchedule
     from tempo.enclave.verify import IntegrityError, NonFiniteError, freivalds_rounds, training_alpha
 
     cfg.validate()
@@ -443,7 +463,8 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
     cluster = client = engine = None
     net = model
     pctx = None
-    keys = KeySchedule(cfg.key_refresh)
+    masking = cfg.protection()
+    keys = masking.keys()
     start = time.perf_counter()
     try:
         try:  # the set-up: a signal here (Ctrl-C while the cluster starts) leaves nothing behind
@@ -475,7 +496,7 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
                 client.wait_for_relays(cfg.relays, timeout_s=cfg.relay_wait_s if cfg.offloader else 30.0)
                 engine = ClientEngine(client, parts=cfg.relays, pipeline=cfg.pipeline, split_min_mb=cfg.split_min_mb)
                 pctx = PrivateContext(engine, job=job)
-                net = to_private(model, pctx)
+                net = to_private(model, pctx, keep=masking.keep)
             opt = _optimizer(cfg, model.parameters())
             sched = _schedule(cfg, opt, total_steps)
             g = torch.Generator().manual_seed(cfg.seed)
@@ -615,7 +636,7 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
             breakdown = Breakdown(c.encrypt_s, c.decrypt_s, c.verify_s, c.wait_s,
                                   max(0.0, this_run - c.encrypt_s - c.decrypt_s - c.verify_s - c.wait_s))
             offload = {**asdict(engine.counters), "freivalds_rounds": rounds, "keys_generated": keys.generated,
-                       "key_refresh": cfg.key_refresh}
+                       **masking.describe()}
         else:
             breakdown.enclave_other = this_run
         events = client.relay_events if client is not None else []

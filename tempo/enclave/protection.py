@@ -1,0 +1,82 @@
+"""Masking presets: what each product's keys are and which layers never leave the enclave.
+
+Every preset keeps the identity ``mask(X) @ mask(Y) = mask(XY)``, so relays, the wire and the
+verification are the same for all; they differ in what a relay can learn (measured by
+`tempo audit`) and in what the enclave pays (measured by `tempo bench train`):
+
+- ``paper``: the paper's scheme, (coefficient, permutation) per axis, coefficients in
+  ``int:256``, fresh keys for every product.
+- ``head``: the paper's scheme with the classifier head (the last Linear/Conv2d) kept in the
+  enclave: the gradient that carries the labels never leaves.
+- ``edges``: ``head`` and the first layer (the one that sees the raw data) kept in the enclave.
+- ``mixed``: ``edges``, and every key mixes blocks of 16 positions with random orthogonal
+  matrices: zeros, signs and per-entry ratios of the operands do not survive masking.
+
+Options on top of a preset (`Masking.with_options`): the key space, key refresh, mixing block
+and the layers kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from tempo.enclave.keys import KeySchedule, KeySpace
+
+
+@dataclass(frozen=True)
+class Masking:
+    name: str
+    key_space: str = "int:256"
+    key_refresh: str = "step"  # or "epoch", the paper's reuse of one key per layer for an epoch
+    mix: int = 0  # orthogonal mixing blocks on every axis key (0: none)
+    keep: tuple[str, ...] = ()  # layers computed in the enclave: "first", "last"
+
+    def keys(self) -> KeySchedule:
+        """The key schedule this masking draws every product's key from."""
+        return KeySchedule(self.key_refresh, KeySpace.parse(self.key_space), mix=self.mix)
+
+    def with_options(self, key_space: str | None = None, key_refresh: str | None = None, mix: int | None = None,
+                     keep: tuple[str, ...] | None = None) -> Masking:
+        """This preset with the options that are given (not None) replacing its own."""
+        changes = {k: v for k, v in (("key_space", key_space), ("key_refresh", key_refresh), ("mix", mix),
+                                     ("keep", keep)) if v is not None and v != getattr(self, k)}
+        if not changes:
+            return self
+        masking = replace(self, **changes)
+        return replace(masking, name=f"{self.name}+" + ",".join(f"{k}={v}" for k, v in changes.items()))
+
+    def describe(self) -> dict:
+        return {"masking": self.name, "key_space": self.key_space, "key_refresh": self.key_refresh, "mix": self.mix,
+                "keep": list(self.keep)}
+
+
+PRESETS: dict[str, Masking] = {
+    "paper": Masking("paper"),
+    "head": Masking("head", keep=("last",)),
+    "edges": Masking("edges", keep=("first", "last")),
+    "mixed": Masking("mixed", mix=16, keep=("first", "last")),
+}
+DEFAULT = "paper"
+
+
+def preset(name: str) -> Masking:
+    """The preset `name`, or `ValueError` listing them."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown masking {name!r}; one of {', '.join(PRESETS)}") from None
+
+
+def parse_keep(text: str | None) -> tuple[str, ...] | None:
+    """``"first,last"`` → ``("first", "last")``; ``"none"`` → ``()``; None stays None."""
+    if text is None:
+        return None
+    if text.strip() in ("", "none"):
+        return ()
+    from tempo.enclave.private import KEEP_CHOICES
+
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    bad = [p for p in parts if p not in KEEP_CHOICES]
+    if bad:
+        raise ValueError(f"keep takes {', '.join(KEEP_CHOICES)} or none, not {', '.join(bad)}")
+    return parts
