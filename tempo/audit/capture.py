@@ -27,8 +27,11 @@ class CaptureConfig:
     batch_size: int = 64
     lr: float = 0.1
     seed: int = 7
-    key_refresh: str = "step"  # or "epoch" (the paper's)
-    key_space: str = "int:256"  # tempo.enclave.keys.KeySpace.parse
+    masking: str = "paper"  # a preset of tempo.enclave.protection
+    key_refresh: str | None = None  # options on top of the preset (None: the preset's)
+    key_space: str | None = None
+    mix: int | None = None
+    keep: tuple[str, ...] | None = None
     evaluate: bool = True  # evaluation batches (forward only) at the end, as a run makes them
     relays: int = 0  # 0: in-process; N: N real relay processes that record what they receive
 
@@ -39,8 +42,8 @@ def capture(cfg: CaptureConfig, record_dir: str | Path | None = None, log=None) 
     ``val`` (a quarter of the training images, held out) is the attacker's public sample of the
     distribution, which the victim never touches. With ``cfg.relays``, the view is read back
     from the relays' recording in `record_dir`."""
-    from tempo.enclave.keys import KeySchedule, KeySpace
     from tempo.enclave.private import InProcessEngine, PrivateContext
+    from tempo.enclave.protection import preset
 
     torch.manual_seed(cfg.seed)
     split = datasets.hold_out(datasets.load("digits", seed=cfg.seed), 0.25, cfg.seed)
@@ -59,10 +62,12 @@ def capture(cfg: CaptureConfig, record_dir: str | Path | None = None, log=None) 
             held.e = e.detach().clone()
             truth.products[key].grad_c = product.grad_c.detach().clone()
 
-    keys = KeySchedule(cfg.key_refresh, KeySpace.parse(cfg.key_space))
+    masking = preset(cfg.masking).with_options(key_space=cfg.key_space, key_refresh=cfg.key_refresh, mix=cfg.mix,
+                                                keep=cfg.keep)
+    keys = masking.keys()
     if not cfg.relays:
         pctx = PrivateContext(InProcessEngine(rounds=8, keys=keys, observer=observe), job="audit")
-        _train(model, pctx, keys, split, cfg, truth, log)
+        _train(model, pctx, keys, split, cfg, truth, log, masking.keep)
         return observed, truth, split
     if record_dir is None:
         raise ValueError("capturing through relays needs a directory for their recording")
@@ -76,7 +81,7 @@ def capture(cfg: CaptureConfig, record_dir: str | Path | None = None, log=None) 
         client.watchdog = cluster.check
         client.wait_for_relays(cfg.relays)
         pctx = PrivateContext(ClientEngine(client, parts=cfg.relays), job="audit")
-        _train(model, pctx, keys, split, cfg, truth, log)
+        _train(model, pctx, keys, split, cfg, truth, log, masking.keep)
     recorded = load_recording(record_dir, job="audit")
     _check_same(recorded, observed)
     return recorded, truth, split
@@ -94,10 +99,10 @@ def _check_same(recorded: RunView, sent: RunView) -> None:
             raise ValueError(f"the relays' recording of product {p.key} differs from what the enclave sent")
 
 
-def _train(model, pctx, keys, split, cfg: CaptureConfig, truth: RunTruth, log) -> None:
+def _train(model, pctx, keys, split, cfg: CaptureConfig, truth: RunTruth, log, keep: tuple[str, ...]) -> None:
     from tempo.enclave.private import to_private
 
-    net = to_private(model, pctx)
+    net = to_private(model, pctx, keep=keep)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator().manual_seed(cfg.seed)
     n = len(split.train_x)
