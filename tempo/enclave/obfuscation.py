@@ -100,14 +100,16 @@ def _output_buffer(src: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
-# role -> (index role, row scale role, column scale role). "mask-t"/"unmask-t" are the transpose
-# of mask/unmask of the transposed source: the same gather with the reciprocal scale on each
-# axis (keys.AxisKey.scales); no transpose copies.
+# role -> (index role, row scale role, column scale role, and the row and column scale roles of a
+# mixing key's masked side). "mask-t"/"unmask-t" are the transpose of mask/unmask of the
+# transposed source: the same gather with the reciprocal scale on each axis
+# (keys.AxisKey.scales); no transpose copies. With mixing the scales act at masked positions:
+# c and 1/c to mask, their reciprocals to undo them.
 _ROLES = {
-    "mask": ("mask", "mask-row", "mask-col"),
-    "unmask": ("unmask", "unmask-row", "unmask-col"),
-    "mask-t": ("mask", "mask-col", "mask-row"),
-    "unmask-t": ("unmask", "unmask-col", "unmask-row"),
+    "mask": ("mask", "mask-row", "mask-col", "mask-row", "mask-col"),
+    "unmask": ("unmask", "unmask-row", "unmask-col", "mask-col", "mask-row"),
+    "mask-t": ("mask", "mask-col", "mask-row", "mask-col", "mask-row"),
+    "unmask-t": ("unmask", "unmask-col", "unmask-row", "mask-row", "mask-col"),
 }
 
 
@@ -157,16 +159,6 @@ def _mix(x: torch.Tensor, row_key: AxisKey, col_key: AxisKey, inverse: bool) -> 
     return x
 
 
-# role -> (index role, row scale role, column scale role) of a mixed key's masked side: the scales
-# there are the masking ones, c and 1/c at masked positions (their reciprocals to undo them).
-_MIXED_ROLES = {
-    "mask": ("mask", "mask-row", "mask-col"),
-    "mask-t": ("mask", "mask-col", "mask-row"),
-    "unmask": ("unmask", "mask-col", "mask-row"),
-    "unmask-t": ("unmask", "mask-row", "mask-col"),
-}
-
-
 def _keyed_gather(
     src: torch.Tensor,
     row_key: AxisKey,
@@ -183,7 +175,7 @@ def _keyed_gather(
     compute as before. The mixed path runs in torch; keys without mixing keep the kernel."""
     if not (row_key.block or col_key.block):
         return _gather(src, row_key, col_key, role, out, backend)
-    index_role, row_role, col_role = _MIXED_ROLES[role]
+    index_role, _, _, row_role, col_role = _ROLES[role]
     dtype, dev = src.dtype, src.device
     row_s = row_key.scales(row_role, dtype).to(dev).unsqueeze(-1)
     col_s = col_key.scales(col_role, dtype).to(dev).unsqueeze(-2)
@@ -238,7 +230,7 @@ def _gather(
         raise ValueError(f"unknown obfuscation backend {backend!r}; one of {BACKENDS}")
     if backend == "c" and _kernel is None:
         raise RuntimeError("backend 'c' needs the C kernel, which is not built")
-    index_role, row_role, col_role = _ROLES[role]
+    index_role, row_role, col_role, _, _ = _ROLES[role]
 
     if backend == "c" and dtype in _KERNEL_DTYPES and src.is_cpu:
         s3 = src if len(shape) == 3 else src.reshape(-1, rows, cols)  # a view in practice
