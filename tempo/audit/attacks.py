@@ -25,9 +25,9 @@ What every attack builds on (see docs/audit-attacks.md):
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import numpy as np
 
@@ -251,7 +251,7 @@ def chain_frames(mats: list[np.ndarray], axis: str) -> list[np.ndarray]:
     of row i of ``mats[t]``."""
     n = mats[0].shape[0 if axis == "row" else 1]
     frames = [np.arange(n)]
-    for m1, m2 in zip(mats[:-1], mats[1:]):
+    for m1, m2 in pairwise(mats):
         row, col = link_matrices(m1, m2)
         mp = row if axis == "row" else col
         f = np.empty(n, np.int64)
@@ -448,7 +448,11 @@ def _jigsaw_geometry(groups: np.ndarray, ne: int, npos: int):
         if c in (xp, xm, yp, ym):
             continue
         cands = [(a, b) for a in (xp, xm) for b in (yp, ym)]
-        a, b = max(cands, key=lambda ab: (lambda s: s[0] - 5 * s[1])(_compose_score(t[ab[0]], t[ab[1]], t[c])))
+        def fit(ab, c=c):
+            ok, bad = _compose_score(t[ab[0]], t[ab[1]], t[c])
+            return ok - 5 * bad
+
+        a, b = max(cands, key=fit)
         offset[c] = offset[a] + offset[b]
     # coordinates of positions: BFS over the relations, largest component first
     coord = np.full((npos, 2), np.iinfo(np.int64).min)
@@ -515,13 +519,11 @@ def _key_scales(vec: np.ndarray, groups: np.ndarray, ne: int, npos: int) -> np.n
     return np.exp(sol[:ne, None] - sol[None, ne:])
 
 
-
-
 def jigsaw_images(patches: np.ndarray, jig: Jigsaw, hw: tuple[int, int], levels: int = 16) -> list[np.ndarray]:
     """Candidate grey-level images (batch, H, W), one per symmetry of the square and placement
     that fits the grid (positions and non-zero pixels inside it), from the patches and their
     solved jigsaw; values put on the grid once (`fix_ramp`), in the jigsaw's own frame."""
-    bsz, ne, npos = patches.shape
+    bsz, ne, _ = patches.shape
     h, w = hw
     vec = np.abs(patches) / jig.scale[None]
     known = jig.coord[:, 0] > -(10**8)
@@ -555,8 +557,8 @@ def jigsaw_images(patches: np.ndarray, jig: Jigsaw, hw: tuple[int, int], levels:
         span = hi2 - lo2
         if span[0] >= h or span[1] >= w:
             continue
-        for dr in range(0, h - span[0]):
-            for dc in range(0, w - span[1]):
+        for dr in range(h - span[0]):
+            for dc in range(w - span[1]):
                 q = p2 - lo2 + (dr, dc)
                 img = np.zeros((bsz, h, w), np.int64)
                 img[:, q[:, 0], q[:, 1]] = pv
@@ -569,7 +571,7 @@ def fix_ramp(imgs: np.ndarray, levels: int = 16) -> np.ndarray:
     geometric ramp: what the jigsaw's equalities cannot see). Each pixel's own scale is the one
     that puts its values over the batch on the grid; a plane through the log scales of the
     pixels whose scale is determined gives the ramp; every pixel is divided by the plane."""
-    b, h, w = imgs.shape
+    _, h, w = imgs.shape
     rows, logs = [], []
     for r in range(h):
         for c in range(w):
@@ -853,7 +855,7 @@ def chain_links(mats: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarr
     changing weights, each linked to the one before (`link_matrices`)."""
     nr, nc = mats[0].shape
     rows, cols = [np.arange(nr)], [np.arange(nc)]
-    for m1, m2 in zip(mats[:-1], mats[1:]):
+    for m1, m2 in pairwise(mats):
         r, c = link_matrices(m1, m2)
         fr = np.empty(nr, np.int64)
         fr[r] = rows[-1]
@@ -1722,7 +1724,7 @@ def sparse_in_span(y: np.ndarray, levels: int = 16, nonneg: bool = True, max_lps
         for rows in combinations(live, g - 1):
             if g == 1:
                 break
-            _, sv, vt = np.linalg.svd(y[list(rows)], full_matrices=True)
+            _, _, vt = np.linalg.svd(y[list(rows)], full_matrices=True)
             accept(y @ vt[-1])
     if g <= grid_search_max and len(live) >= g:
         # every grid vector of the span: its values at g independent rows are grid levels
@@ -1810,3 +1812,212 @@ def mixing_experiment(public: Public, g: int, n_images: int = 64, seed: int = 0,
     zero_cols = int((x.max(0) == 0).sum())
     return {"g": g, "recovered": hits / max(nonzero, 1), "recovered_all": (hits + zero_cols) / x.shape[1],
             "nonzero_columns": nonzero, "seconds": time.perf_counter() - t0, "chance": 0.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# 5c. CNN structure: channels across layers, samples to the classifier
+
+
+@dataclass
+class CNNLinks:
+    """One CNN training step's links: conv1 output channel (masked row of its ``A'``) -> the
+    masked patch rows of that channel in conv2's ``B'`` (`channel_rows`); and the classifier's
+    masked rows (samples) <- batch index (``sample_rows[b]``), its masked input columns <-
+    (conv2 output channel, pooling window)."""
+
+    step: int
+    channel_match: tuple[np.ndarray, list]  # (conv1 masked channel per recovered channel, rows of that channel)
+    sample_rows: np.ndarray | None
+    feature_cols: np.ndarray | None
+
+
+def cnn_links(view: RunView, public: Public, step: int, maps: HiddenMaps | None = None) -> CNNLinks | None:
+    """Link a small CNN's products at one training step (conv, ReLU, conv, ReLU, 2×2 average
+    pool, linear), by zero patterns only:
+
+    - conv1 channels to conv2's input channels: per image, the number of inactive positions of a
+      channel, counted in conv1's ``D'ᵀ`` (zero where the ReLU was off) and in conv2's rebuilt
+      input maps (`hidden_maps`), is the same vector over the batch for the same channel;
+    - the classifier's samples and inputs: conv2's ``D'ᵀ`` is zero where its ReLU was off, a
+      pooled feature is zero when its four positions are (their coordinates come from the
+      jigsaw of conv2's patches, whose position key ``D'ᵀ`` shares), and the classifier's ``A'``
+      shows those zeros under its own permutations (`match_zero_patterns`)."""
+    idx = _index(view)
+    p0, p1, p2 = idx.get((step, 0)), idx.get((step, 1)), idx.get((step, 2))
+    if p0 is None or p1 is None or p2 is None or p0.e is None or p1.e is None:
+        return None
+    if maps is None:
+        maps = hidden_maps(_np(p1.b), step, public.image_shape[-2:])
+    if maps is None:
+        return None
+    e0 = _np(p0.e)  # (batch, ch, pos)
+    z0 = (e0 == 0).sum(2).T  # (ch, batch)
+    zm = (maps.maps == 0).reshape(maps.maps.shape[0], maps.maps.shape[1], -1).sum(2).T  # (recovered ch, batch)
+    cost = np.abs(zm[:, None, :] - z0[None, :, :]).sum(-1)
+    r, c = lap(cost)
+    channel_match = (c, [maps.channel_rows[i] for i in r])
+    # the classifier: pooled zero pattern from conv2's D'ᵀ and the positions' coordinates
+    e1 = _np(p1.e)  # (batch, ch2, pos)
+    coord = maps.coord
+    known = coord[:, 0] > -(10**8)
+    if not known.all():
+        return CNNLinks(step, channel_match, None, None)
+    lo = coord.min(0)
+    win = ((coord[:, 0] - lo[0]) // 2) * ((coord[:, 1].max() - lo[1]) // 2 + 1) + (coord[:, 1] - lo[1]) // 2
+    nwin = int(win.max()) + 1
+    inactive = e1 == 0
+    pooled = np.ones((e1.shape[0], e1.shape[1], nwin), bool)
+    for wdx in range(nwin):
+        pooled[:, :, wdx] = inactive[:, :, win == wdx].all(2)
+    zp = pooled.reshape(e1.shape[0], -1)
+    za = _np(p2.a) == 0
+    if za.shape != zp.shape:
+        return CNNLinks(step, channel_match, None, None)
+    rows, cols = match_zero_patterns(zp, za)
+    return CNNLinks(step, channel_match, rows, cols)
+
+
+def cnn_image_labels(view: RunView, public: Public, images: ImageRecovery, labels: LabelRecovery,
+                     max_steps: int = 12) -> np.ndarray:
+    """Name the class frames of a CNN run with no known label: each step's recovered images
+    (batch order) are labelled by a public classifier and carried to the classifier's rows by
+    `cnn_links`; votes over the steps, then one label per frame."""
+    steps = [s for s in labels.columns if s in images.images]
+    if len(steps) > max_steps:
+        steps = [steps[int(i)] for i in np.linspace(0, len(steps) - 1, max_steps)]
+    nc = len(next(iter(labels.class_frames.values())))
+    votes = np.zeros((nc, public.classes))
+    for s in steps:
+        links = cnn_links(view, public, s)
+        if links is None or links.sample_rows is None:
+            continue
+        pred = classify_images(images.images[s], public)
+        rows = links.sample_rows
+        np.add.at(votes, (labels.class_frames[s][labels.columns[s][rows]], pred), 1.0)
+    _, c = lap(-votes)
+    labels.frame_labels_images = c
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# the battery
+
+
+ATTACKS = ("zeros_signs", "scale_invariant", "labels", "images", "structure", "steal", "distinguishing",
+           "mixing", "hidden")
+
+
+def run_all(view: RunView, public: Public, truth=None, attacks: tuple[str, ...] | None = None,
+            known: list[tuple[int, int, int]] | None = None, trials: int = 60, mixing: tuple[int, ...] = (2, 4, 8, 16),
+            hidden_steps: int = 6) -> dict:
+    """Run the battery on one run's relay view: ``{attack: {numbers..., "seconds": ..., "chance": ...}}``.
+
+    Without `truth` the numbers are what the attacker can report about itself (how much it
+    recovered); with it (`RunTruth`), every attack is scored (`tempo.audit.score`). `known`:
+    the (step, masked row, label) triples the label attack is given; with `truth` and no
+    `known`, one sample per class is drawn (`score.known_labels`). The distinguishing game and
+    the mixing search run on the public sample with tempo's own keys (they need no run)."""
+    from tempo.audit import score as sc
+
+    todo = attacks or ATTACKS
+    out: dict[str, dict] = {}
+    cache: dict[str, object] = {}
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        res = fn()
+        res["seconds"] = round(time.perf_counter() - t0, 3)
+        out[name] = res
+
+    if "zeros_signs" in todo:
+        def zs():
+            recs = zeros_and_signs(view, public)
+            if truth is not None:
+                return sc.score_zeros_signs(recs, truth, public)
+            kinds: dict[str, list] = {}
+            for r in recs:
+                kinds.setdefault(r.kind, []).append((r.zero_fraction, r.negative_fraction))
+            return {k: {"zero_fraction": float(np.mean([a for a, _ in v])),
+                        "negative_fraction": float(np.mean([b for _, b in v]))} for k, v in kinds.items()}
+        timed("zeros_signs", zs)
+    if "scale_invariant" in todo:
+        def si():
+            nb = scale_invariant(view, public)
+            return sc.score_invariant(nb, view, truth) if truth is not None else {"operands": len(nb.neighbours)}
+        timed("scale_invariant", si)
+    need_images = {"images", "labels", "steal", "structure"} & set(todo)
+    if need_images:
+        t0 = time.perf_counter()
+        cache["images"] = recover_images(view, public)
+        img_s = time.perf_counter() - t0
+        if "images" in todo:
+            res = sc.score_images(cache["images"], truth, public) if truth is not None else \
+                {"steps": len(cache["images"].images)}
+            res["seconds"] = round(img_s, 3)
+            out["images"] = res
+    if public.model == "mlp" and {"structure", "labels", "steal"} & set(todo):
+        t0 = time.perf_counter()
+        cache["structure"] = mlp_structure(view)
+        st_s = time.perf_counter() - t0
+        if "structure" in todo:
+            res = sc.score_structure(cache["structure"], view, truth) if truth is not None else \
+                {"steps": len(cache["structure"].steps)}
+            res["seconds"] = round(st_s, 3)
+            out["structure"] = res
+    if "labels" in todo or "steal" in todo:
+        def lab():
+            kn = known if known is not None else (sc.known_labels(view, truth, public) if truth is not None else None)
+            if public.model == "mlp":
+                lr = recover_labels(view, public, known=kn, structure=cache["structure"], images=cache["images"])
+            else:
+                lr = recover_labels(view, public, known=kn)
+                cnn_image_labels(view, public, cache["images"], lr)
+            cache["labels"] = lr
+            if truth is not None:
+                return sc.score_labels(lr, view, truth, public)
+            return {"steps": len(lr.columns), "groups_per_step": float(np.mean([len(set(c)) for c in lr.columns.values()]))}
+        timed("labels", lab)
+    if "structure" in todo and public.model == "cnn":
+        def cst():
+            steps = train_steps(view)
+            steps = [steps[int(i)] for i in np.linspace(0, len(steps) - 1, min(4, len(steps)))]
+            links = {s: cnn_links(view, public, s) for s in steps}
+            links = {s: l for s, l in links.items() if l is not None}
+            if truth is None:
+                return {"steps": len(links)}
+            res = sc.score_cnn_channels({s: l.channel_match for s, l in links.items()}, view, truth)
+            ok = [(sc.truth_rows(view, truth, s, view.layers()[-1])[l.sample_rows] == np.arange(len(l.sample_rows))).mean()
+                  for s, l in links.items() if l.sample_rows is not None]
+            res["classifier_samples"] = float(np.mean(ok)) if ok else None
+            return res
+        timed("structure", cst)
+    if "steal" in todo and public.model == "mlp":
+        def stl():
+            st, lr = cache["structure"], cache["labels"]
+            t = st.steps[-1]
+            fl = lr.frame_labels_images if lr.frame_labels_images is not None else lr.frame_labels_known
+            cols = fl[lr.class_frames[t]] if fl is not None else None
+            stolen = steal_mlp(view, public, cache["images"], st, column_labels=cols)
+            cache["stolen"] = stolen
+            if truth is not None:
+                return sc.score_steal(stolen, truth, public)
+            return {"public_accuracy": float((stolen.predict(public.x) == public.y).mean()), "step": stolen.step}
+        timed("steal", stl)
+    if "distinguishing" in todo:
+        def dg():
+            res = {v: distinguishing_game(public, v, trials=trials) for v in ("batch", "one-image", "single")}
+            return {v: {"advantage": r["advantage"], "trials": r["trials"]} for v, r in res.items()} | {"chance": 0.0}
+        timed("distinguishing", dg)
+    if "mixing" in todo:
+        def mx():
+            res = {f"g{g}": mixing_experiment(public, g) for g in mixing}
+            return {k: {"recovered": r["recovered"], "recovered_all": r["recovered_all"]} for k, r in res.items()} | {"chance": 0.0}
+        timed("mixing", mx)
+    if "hidden" in todo and public.model == "cnn":
+        def hd():
+            hr = recover_hidden(view, public, max_steps=hidden_steps)
+            cache["hidden"] = hr
+            return sc.score_hidden(hr, truth) if truth is not None else {"steps": len(hr.maps)}
+        timed("hidden", hd)
+    out["_cache"] = cache  # the attacks' outputs (for pictures), not numbers
+    return out

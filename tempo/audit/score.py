@@ -264,9 +264,22 @@ def score_steal(stolen: at.StolenMLP, truth: RunTruth, public: Public) -> dict:
         real = _real_model(truth, public)(x).argmax(1).numpy()
         rnd = _real_model(truth, public, seed=12345)(x).argmax(1).numpy()
     pred = stolen.predict(public.x)
+    # the victim's weights at the stolen step (the products' plaintext) with its final biases
+    # (biases never leave the enclave, and the truth keeps only the final ones)
+    step_agree = None
+    layers = sorted(l for (s, l, _) in truth.products if s == stolen.step)
+    biases = [v for k, v in truth.final_state.items() if k.endswith("bias")]
+    if len(layers) == len(stolen.weights) == len(biases):
+        h = public.x.reshape(len(public.x), -1)
+        for i, l in enumerate(layers):
+            h = h @ at._np(truth.products[(stolen.step, l, 0)].b) + at._np(biases[i])
+            if i < len(layers) - 1:
+                h = np.maximum(h, 0.0)
+        step_agree = float((stolen.classes[stolen.logits(public.x).argmax(1)] == h.argmax(1)).mean())
     return {"stolen_accuracy": float((pred == public.y).mean()), "real_accuracy": float((real == public.y).mean()),
             "random_init_accuracy": float((rnd == public.y).mean()), "agreement_with_real": float((pred == real).mean()),
-            "step": stolen.step, "chance": float(np.bincount(public.y).max() / len(public.y))}
+            "agreement_with_step_weights": step_agree, "step": stolen.step,
+            "chance": float(np.bincount(public.y).max() / len(public.y))}
 
 
 def score_hidden(hr: at.HiddenRecovery, truth: RunTruth, layer: int = 1) -> dict:
@@ -277,7 +290,7 @@ def score_hidden(hr: at.HiddenRecovery, truth: RunTruth, layer: int = 1) -> dict
     for s, hm in hr.maps.items():
         t = truth.products[(s, layer, 0)].b.numpy().astype(np.float64)  # (batch, channels·9, positions)
         nch = t.shape[1] // 9
-        h = int(round(np.sqrt(t.shape[2])))
+        h = round(np.sqrt(t.shape[2]))
         true = t[:, [c * 9 + 4 for c in range(nch)], :].reshape(len(t), nch, h, h)
         tf = true.transpose(1, 0, 2, 3).reshape(nch, -1)
         best = None
@@ -341,3 +354,40 @@ def _patch_row_channels(masked: np.ndarray, plain: np.ndarray) -> np.ndarray:
         d = np.abs(tn - u[None, :]).max(1)
         ch[j] = int(np.argmin(d)) // plain.shape[2] // 9
     return ch
+
+
+def write_images_png(rec: at.ImageRecovery, truth: RunTruth, path: str, step: int | None = None,
+                     count: int = 16, public: Public | None = None) -> str:
+    """A PNG of true (top) and recovered (below) images of one training step (the first by
+    default), recovered ones matched to the true ones; with `public`, a third row shows the
+    public mean image, the baseline. Returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [s for s in sorted(rec.images) if truth.steps.get(s) and truth.steps[s].train]
+    s = step if step is not None else steps[0]
+    true = _true_grid(truth, s, rec.levels)
+    img = rec.images[s].reshape(len(rec.images[s]), -1)
+    r, c = match_images(img, true)
+    order = np.argsort(c)[:count]
+    h, w = rec.images[s].shape[-2:]
+    rows = 3 if public is not None else 2
+    fig, axes = plt.subplots(rows, count, figsize=(count * 0.8, rows * 0.9))
+    for k, i in enumerate(order):
+        axes[0, k].imshow(true[c[i]].reshape(h, w), cmap="gray_r", vmin=0, vmax=rec.levels)
+        axes[1, k].imshow(img[r[i]].reshape(h, w), cmap="gray_r", vmin=0, vmax=rec.levels)
+        if public is not None:
+            axes[2, k].imshow(public.grid().mean(0).reshape(h, w), cmap="gray_r", vmin=0, vmax=rec.levels)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0, 0].set_ylabel("true", fontsize=7)
+    axes[1, 0].set_ylabel("relay", fontsize=7)
+    if public is not None:
+        axes[2, 0].set_ylabel("public\nmean", fontsize=7)
+    fig.suptitle(f"{rec.model}: step {s}, recovered from what relays received", fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
