@@ -53,11 +53,6 @@ def _np(t) -> np.ndarray:
     return np.asarray(t, dtype=np.float64)
 
 
-def _product(view: RunView, step: int, layer: int) -> ProductView | None:
-    parts = view.at(step, layer)
-    return parts[0] if len(parts) == 1 else None
-
-
 def _index(view: RunView) -> dict[tuple[int, int], ProductView]:
     """(step, layer) -> the product, for whole (unpartitioned) products."""
     out: dict[tuple[int, int], list] = {}
@@ -791,65 +786,6 @@ def label_columns(e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return cols, w
 
 
-def _columns_given_rows(mats: list[np.ndarray], row_frames: list[np.ndarray]) -> list[np.ndarray]:
-    """Column frames for a sequence of maskings whose rows are already in one frame
-    (``row_frames[t][i]``: frame of row i): each step's columns matched to the previous step's
-    by their double-centred values."""
-    out = []
-    prev = None  # the previous step's double-centred matrix, rows and columns in frame order
-    for m, rf in zip(mats, row_frames):
-        d = np.empty_like(m)
-        d[rf] = double_centred(m)
-        if prev is None:
-            f = np.arange(m.shape[1])
-        else:
-            _, col = lap(((prev[:, :, None] - d[:, None, :]) ** 2).sum(0))  # frame a -> column col[a]
-            f = np.empty(m.shape[1], np.int64)
-            f[col] = np.arange(m.shape[1])
-        out.append(f)
-        prev = np.empty_like(d)
-        prev[:, f] = d
-    return out
-
-
-def _qap_columns(d1: np.ndarray, d2: np.ndarray, restarts: int = 30) -> tuple[np.ndarray, float]:
-    """Match the columns of two double-centred maskings of slowly changing weights whose rows
-    are not linked: local optima of the column-Gram QAP, the one whose rows then fit best."""
-    g1 = d1.T @ d1 / len(d1)
-    g2 = d2.T @ d2 / len(d2)
-    n = len(g1)
-    rng = np.random.default_rng(0)
-
-    def f(p):
-        return ((g1 - g2[np.ix_(p, p)]) ** 2).sum()
-
-    f1, f2 = np.sort(g1, 1), np.sort(g2, 1)
-    _, p0 = lap(((f1[:, None, :] - f2[None, :, :]) ** 2).sum(-1))
-    found = {}
-    for r in range(restarts):
-        p = p0.copy() if r == 0 else rng.permutation(n)
-        fp = f(p)
-        improved = True
-        while improved:
-            improved = False
-            for a in range(n):
-                for b in range(a + 1, n):
-                    q = p.copy()
-                    q[a], q[b] = q[b], q[a]
-                    fq = f(q)
-                    if fq < fp - 1e-12:
-                        p, fp, improved = q, fq, True
-        found[tuple(p)] = fp
-    best, cost = None, None
-    for c in sorted(found, key=found.get)[:8]:
-        c = np.array(c)
-        dd = ((d1 ** 2).sum(1)[:, None] - 2 * d1 @ d2[:, c].T + (d2[:, c] ** 2).sum(1)[None, :])
-        cst = dd.min(1).sum()
-        if cost is None or cst < cost:
-            best, cost = c, cst
-    return best, cost
-
-
 def chain_links(mats: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Row and column frames (the first matrix's order) for a sequence of maskings of slowly
     changing weights, each linked to the one before (`link_matrices`)."""
@@ -988,25 +924,6 @@ def match_units(e: np.ndarray, a_next: np.ndarray, e_next: np.ndarray | None = N
     cost[dead] = 1e3 + (z2.all(0)[None, :] == 0) * 1.0  # dead units to dead columns when possible
     _, col2 = lap(cost)
     return row, col2, dead
-
-
-def class_frames_unlinked(mats: list[np.ndarray], back: int = 3) -> list[np.ndarray]:
-    """Column frames for a sequence of maskings of a slowly changing few-column matrix whose rows
-    are not linked (a classifier head): each step's columns matched (`_qap_columns`) to each of
-    the `back` steps before, keeping the best fitting match."""
-    ds = [double_centred(m) for m in mats]
-    out = [np.arange(mats[0].shape[1])]
-    for t in range(1, len(mats)):
-        best = None
-        for b in range(1, min(back, t) + 1):
-            col, cost = _qap_columns(ds[t - b], ds[t])  # column k of step t-b -> col[k] of step t
-            if best is None or cost < best[0]:
-                best = (cost, col, t - b)
-        _, col, ref = best
-        f = np.empty(len(col), np.int64)
-        f[col] = out[ref]
-        out.append(f)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1904,7 +1821,7 @@ def cnn_image_labels(view: RunView, public: Public, images: ImageRecovery, label
 
 
 ATTACKS = ("zeros_signs", "scale_invariant", "labels", "images", "structure", "steal", "distinguishing",
-           "mixing", "hidden")
+           "mixing", "batch_mixing", "hidden")
 
 
 def run_all(view: RunView, public: Public, truth=None, attacks: tuple[str, ...] | None = None,
@@ -2013,6 +1930,11 @@ def run_all(view: RunView, public: Public, truth=None, attacks: tuple[str, ...] 
             res = {f"g{g}": mixing_experiment(public, g) for g in mixing}
             return {k: {"recovered": r["recovered"], "recovered_all": r["recovered_all"]} for k, r in res.items()} | {"chance": 0.0}
         timed("mixing", mx)
+    if "batch_mixing" in todo:
+        def bm():
+            res = {f"k{k}": batch_mixing_experiment(public, k, batches=6) for k in (2, 4, 8)}
+            return {k: {"recovered": r["recovered"]} for k, r in res.items()} | {"chance": 0.0}
+        timed("batch_mixing", bm)
     if "hidden" in todo and public.model == "cnn":
         def hd():
             hr = recover_hidden(view, public, max_steps=hidden_steps)
@@ -2021,3 +1943,25 @@ def run_all(view: RunView, public: Public, truth=None, attacks: tuple[str, ...] 
         timed("hidden", hd)
     out["_cache"] = cache  # the attacks' outputs (for pictures), not numbers
     return out
+
+
+def batch_mixing_experiment(public: Public, k: int, batches: int = 16, noise_rows: int = 1, seed: int = 0) -> dict:
+    """Attack 7 against DarKnight-style batch mixing: `k` images and `noise_rows` dense Gaussian
+    rows are mixed by a random invertible matrix over the batch (what a relay would receive
+    as the first layer's input rows, here without any further masking); `sparse_in_span`
+    searches the mixed rows' span for grid-valued images. Returns the fraction of images
+    recovered exactly (up to scale), over `batches` mixed batches."""
+    rng = np.random.default_rng(seed)
+    g = public.grid().astype(np.float64)
+    hits = total = 0
+    for _ in range(batches):
+        x = g[rng.choice(len(g), k, replace=False)]
+        noise = rng.normal(size=(noise_rows, x.shape[1])) * x.std()
+        rows = np.concatenate([x, noise])
+        mix = rng.normal(size=(len(rows), len(rows)))
+        found = sparse_in_span((mix @ rows).T, public.levels, seed=seed)
+        for img in x:
+            total += 1
+            if found.shape[1] and (np.abs(found / found.max(0) - (img / img.max())[:, None]).max(0) < 1e-6).any():
+                hits += 1
+    return {"k": k, "noise_rows": noise_rows, "recovered": hits / max(total, 1), "chance": 0.0}
