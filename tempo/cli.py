@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -567,6 +568,61 @@ def infer(ctx: click.Context, checkpoint, model, width, dataset, data_dir, parti
     click.echo(f"private inference of {model} on {dataset}: accuracy {result['accuracy']:.4f} over "
                f"{result['images']} images, {result['images_per_s']:.1f} images/s with {relays} relay(s)")
     _emit_json(result, json_path)
+
+
+@main.command()
+@click.option("--model", type=click.Choice(["mlp", "cnn"]), default="mlp", show_default=True,
+              help="The model trained privately on the shipped digits, and attacked.")
+@MASKING
+@KEY_SPACE
+@MIX
+@KEEP
+@click.option("--key-refresh", type=click.Choice(["step", "epoch"]), default=None,
+              help="Fresh keys for every product, or one per layer for an epoch (default: the preset's).")
+@click.option("--epochs", default=3, show_default=True, type=click.IntRange(1), help="Epochs of the audited training.")
+@click.option("--relays", default=2, show_default=True, type=click.IntRange(0, 16),
+              help="Relay processes that record what they receive (0: the same view captured in-process).")
+@click.option("--attacks", default=None, help="Comma-separated subset of the attacks (default: all that apply).")
+@click.option("--out", default=None, help="Where audit.json, images.png and the relays' recording go "
+                                          "(default: runs/audit-MODEL-MASKING-<date-time>).")
+@JSON
+@click.pass_context
+def audit(ctx: click.Context, model, masking, key_space, mix, keep, key_refresh, epochs, relays, attacks, out,
+          json_path) -> None:
+    """What relays learn: train privately with relays that record what they receive, attack that
+    record alone (public knowledge, never the keys) and score each attack against the truth."""
+    import datetime
+
+    from tempo.audit.run import RUN_ATTACKS, SCHEME_EXPERIMENTS
+    from tempo.audit.run import audit as run_audit
+    from tempo.audit.run import table
+    from tempo.enclave.protection import parse_keep
+
+    log = _logger(ctx, "audit")
+    try:
+        import scipy  # noqa: F401
+    except ImportError:
+        raise click.ClickException("tempo audit needs scipy: pip install 'tempo-train[audit]'") from None
+    _masking(masking, key_space, mix, keep)  # a bad option fails before any work
+    chosen = None
+    if attacks:
+        chosen = tuple(a.strip() for a in attacks.split(",") if a.strip())
+        unknown = sorted(set(chosen) - set(RUN_ATTACKS) - set(SCHEME_EXPERIMENTS))
+        if unknown:
+            raise click.BadParameter(f"unknown attack(s) {unknown}; known: {', '.join(RUN_ATTACKS + SCHEME_EXPERIMENTS)}",
+                                     param_hint="--attacks")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    out = out or f"runs/audit-{model}-{masking}-{stamp}"
+    options = {"key_space": key_space, "mix": mix, "keep": parse_keep(keep), "key_refresh": key_refresh}
+    log.info("audit.start", model=model, masking=masking, epochs=epochs, relays=relays, out=out)
+    try:
+        figures = run_audit(model, masking, epochs, relays, out, chosen, options, log=log)
+    except (ValueError, RuntimeError) as exc:
+        raise click.ClickException(" ".join(str(exc).split())) from None
+    click.echo(table(figures))
+    click.echo(f"wrote {out}/audit.json" + (f", {out}/images.png" if (Path(out) / "images.png").exists() else "")
+               + (f", the relays' recording in {out}/recording/" if relays else ""))
+    _emit_json(figures, json_path)
 
 
 @main.group()

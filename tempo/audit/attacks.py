@@ -1456,7 +1456,7 @@ def zeros_and_signs(view: RunView, public: Public, max_steps: int = 4) -> list[Z
     steps = train_steps(view)
     if len(steps) > max_steps:
         steps = [steps[int(i)] for i in np.linspace(0, len(steps) - 1, max_steps)]
-    nl = len(view.layers())
+    nl = public.nlayers(view)
     out = []
     for p in view.products:
         if p.step not in steps:
@@ -1519,7 +1519,7 @@ def scale_invariant(view: RunView, public: Public, max_steps: int = 12) -> Invar
     out = {}
     for s in steps:
         for l in layers:
-            if operand_kind(public.model, l, "a", len(layers)) in ("input", "hidden"):
+            if operand_kind(public.model, l, "a", public.nlayers(view)) in ("input", "hidden"):
                 sim = invariant_similarity(_np(idx[(s, l)].a))
                 np.fill_diagonal(sim, -np.inf)
                 out[(s, l)] = sim.argmax(1)

@@ -23,6 +23,11 @@ class Public:
     levels: int = 16  # pixel values are k / levels
     key_space: str = "int:256"  # the scheme's key space (public: the code is)
     batch_size: int = 64
+    layers: int | None = None  # the model's offloadable layers (None: as many as the view has)
+
+    def nlayers(self, view) -> int:
+        """How many Linear/Conv2d layers the model has (the view may hold fewer: some kept in the enclave)."""
+        return self.layers if self.layers is not None else len(view.layers())
 
     @property
     def image_shape(self) -> tuple[int, ...]:

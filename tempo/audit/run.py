@@ -1,0 +1,185 @@
+"""`tempo audit`: a short private training whose relays record what they receive, the attacks
+run on that record alone, and one number each, scored against the enclave's truth.
+
+The view's products are numbered by the model's layers (a layer kept in the enclave leaves a
+gap), so every attack knows what it reads; an attack whose layers never leave the enclave under
+the masking is reported as not applicable, with the reason, not as a zero.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from tempo.audit.view import ProductTruth, ProductView, RunTruth, RunView
+
+# which of the model's offloadable layers each attack reads (None: the last one)
+NEEDS = {"images": (0,), "labels": (None,), "structure": (0, 1, None), "steal": (0, 1, None),
+         "distinguishing": (0,), "hidden": (1,)}
+RUN_ATTACKS = ("zeros_signs", "scale_invariant", "images", "labels", "structure", "steal", "distinguishing",
+               "hidden")  # what one run's relay view is attacked with
+SCHEME_EXPERIMENTS = ("mixing", "batch_mixing")  # what-if searches against other schemes, on the public sample
+
+
+def offloaded_layers(layers: int, keep: tuple[str, ...]) -> list[int]:
+    """The model's layers (0 … layers-1) that are offloaded when `keep` stays in the enclave."""
+    out = list(range(layers))
+    if "first" in keep and out:
+        out.pop(0)
+    if "last" in keep and out:
+        out.pop()
+    return out
+
+
+def by_model_layer(view: RunView, truth: RunTruth | None, offloaded: list[int]) -> tuple[RunView, RunTruth | None]:
+    """`view` (and `truth`) with each product's layer the model's layer, not its offload order."""
+    def layer(i: int) -> int:
+        return offloaded[i]
+
+    remapped = RunView([ProductView(p.step, layer(p.layer), p.part, p.a, p.b, p.e, p.relay) for p in view.products])
+    if truth is None:
+        return remapped, None
+    products = {(s, layer(l), part): ProductTruth(t.a, t.b, t.grad_c) for (s, l, part), t in truth.products.items()}
+    return remapped, RunTruth(truth.model, products, truth.steps, truth.final_state)
+
+
+def audit(model: str = "mlp", masking: str = "paper", epochs: int = 3, relays: int = 2, out: str | Path = "runs/audit",
+          attacks: tuple[str, ...] | None = None, options: dict | None = None, log=None) -> dict:
+    """Train `model` privately under `masking` (a preset, with `options`: key_space, key_refresh,
+    mix, keep), with `relays` recording relay processes (0: captured in-process), attack what the
+    relays received and score it. Writes ``audit.json``, the relays' ``recording/`` and
+    ``images.png`` (true, recovered, public mean) under `out`; returns the figures."""
+    from tempo.audit import attacks as at
+    from tempo.audit import score
+    from tempo.audit.capture import CaptureConfig, capture
+    from tempo.audit.public import Public
+    from tempo.enclave.protection import preset
+
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    chosen = preset(masking).with_options(**options)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    cfg = CaptureConfig(model=model, epochs=epochs, masking=masking, relays=relays, **options)
+    view, truth, split = capture(cfg, record_dir=out / "recording" if relays else None, log=log)
+    captured_s = time.perf_counter() - t0
+    layers = sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in _model(model, split).modules())
+    offloaded = offloaded_layers(layers, chosen.keep)
+    view, truth = by_model_layer(view, truth, offloaded)
+    public = Public.from_split(split, model, chosen.key_space, cfg.batch_size)
+    public.layers = layers
+    wanted = attacks or RUN_ATTACKS
+    runnable, skipped = [], {}
+    for name in wanted:
+        needs = [layers - 1 if layer is None else layer for layer in NEEDS.get(name, ())]
+        missing = [layer for layer in needs if layer not in offloaded]
+        if missing:
+            skipped[name] = {"applicable": False, "reason": f"reads layer(s) {missing}, which stay in the enclave "
+                                                             f"under masking {chosen.name}"}
+        else:
+            runnable.append(name)
+    if log:
+        log.info("audit.attacks", masking=chosen.name, run=runnable, not_applicable=sorted(skipped))
+    results = at.run_all(view, public, truth, attacks=tuple(runnable)) if runnable else {}
+    cache = results.pop("_cache", {})
+    results.update(skipped)
+    images = cache.get("images")
+    if images is not None and getattr(images, "images", None):
+        score.write_images_png(images, truth, str(out / "images.png"), public=public)
+    figures = {"model": model, "epochs": epochs, "relays": relays, "masking": chosen.describe(),
+               "offloaded_layers": offloaded, "layers": layers, "products": len(view.products),
+               "capture_s": round(captured_s, 2), "attack_s": round(time.perf_counter() - t0 - captured_s, 2),
+               "attacks": results}
+    (out / "audit.json").write_text(json.dumps(figures, indent=2, default=_plain) + "\n")
+    return figures
+
+
+def _model(name: str, split):
+    from tempo import models
+
+    return models.build(name, split.image_shape, split.classes)
+
+
+def _plain(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "__dataclass_fields__"):
+        return asdict(value)
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def headline(figures: dict) -> list[tuple[str, str, str]]:
+    """One line per attack: (attack, what it recovered, chance), for the table."""
+    rows = []
+    a = figures["attacks"]
+
+    def na(name):
+        return a.get(name, {}).get("applicable") is False
+
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.2f}%"
+
+    if "images" in a:
+        r = a["images"]
+        rows.append(("images: pixels rebuilt exact, in place", "not offloaded" if na("images") else pct(r.get("pixels_exact")),
+                     "public mean image: " + pct(r.get("baseline_exact", 0.3085))))
+    if "labels" in a:
+        r = a["labels"]
+        rows.append(("labels: samples grouped exactly by label", "not offloaded" if na("labels") else pct(r.get("grouped_exactly")),
+                     "0%"))
+        if not na("labels"):
+            rows.append(("labels: accuracy given 10 known labels", pct(r.get("label_accuracy_known")), "11.7%"))
+    if "scale_invariant" in a and not na("scale_invariant"):
+        best = max((v["nn_same_label"] for k, v in a["scale_invariant"].items() if isinstance(v, dict)), default=None)
+        rows.append(("same-label neighbours from scale invariants (best layer)", pct(best), "10.1%"))
+    if "zeros_signs" in a and not na("zeros_signs"):
+        zs = a["zeros_signs"]
+        kinds = [k for k in ("input", "hidden", "delta") if k in zs]
+        rows.append(("zeros that survive masking (" + ", ".join(kinds) + ")",
+                     ", ".join(pct(zs[k]["zeros_survive"]) for k in kinds), "0% with mixing"))
+    if "structure" in a:
+        r = a["structure"]
+        if na("structure"):
+            rows.append(("hidden units matched across layers", "not offloaded", ""))
+        elif "channels" in r:
+            rows.append(("conv1 channels matched to conv2 rows", pct(r.get("channels")), pct(r.get("chance"))))
+        else:
+            units = [v["units_active"] for k, v in r.items() if isinstance(v, dict) and "units_active" in v]
+            rows.append(("hidden units matched across layers (active units)", pct(min(units) if units else None),
+                         "0.8%"))
+    if "steal" in a:
+        r = a["steal"]
+        rows.append(("stolen model's accuracy (real / random init)",
+                     "not offloaded" if na("steal") else
+                     f"{pct(r.get('stolen_accuracy'))} ({pct(r.get('real_accuracy'))} / {pct(r.get('random_init_accuracy'))})",
+                     "12.5%"))
+    if "distinguishing" in a:
+        r = a["distinguishing"]
+        rows.append(("distinguishing game advantage (batch / one image / single)",
+                     "not offloaded" if na("distinguishing") else
+                     " / ".join(f"{r[v]['advantage']:.2f}" for v in ("batch", "one-image", "single") if v in r), "0"))
+    if "hidden" in a:
+        r = a["hidden"]
+        rows.append(("conv1 maps from conv2's input: correlation / digit named",
+                     "not offloaded" if na("hidden") else
+                     f"{r.get('map_correlation', 0):.2f} / {pct(r.get('digit_accuracy'))}", "— / 10%"))
+    return rows
+
+
+def table(figures: dict) -> str:
+    m = figures["masking"]
+    lines = [f"tempo audit: {figures['model']}, {figures['epochs']} epochs, masking {m['masking']} (keys {m['key_space']}, "
+             f"refresh {m['key_refresh']}, mix {m['mix']}, kept in the enclave: {', '.join(m['keep']) or 'none'}), "
+             f"{figures['products']} products seen by {figures['relays'] or 'in-process'} relay(s)"]
+    rows = headline(figures)
+    width = max((len(r[0]) for r in rows), default=10)
+    lines.append(f"  {'attack':<{width}}  {'recovered':<28}  chance / baseline")
+    for what, got, chance in rows:
+        lines.append(f"  {what:<{width}}  {got:<28}  {chance}")
+    return "\n".join(lines)
