@@ -283,7 +283,7 @@ SPLIT_MIN_MB = click.option("--split-min-mb", default=4.0, show_default=True, ty
 
 
 # what relays see: a preset, and options on top of it (tempo.enclave.protection)
-MASKING = click.option("--masking", type=click.Choice(["paper", "head", "edges", "mixed"]), default="paper",
+MASKING = click.option("--masking", type=click.Choice(["paper", "head", "edges", "mixed"]), default="edges",
                        show_default=True, help="Masking preset: paper (the paper's scheme), head (classifier in the "
                        "enclave), edges (first layer and head in the enclave), mixed (edges, and keys that mix "
                        "blocks of 16 positions). README: what a relay learns.")

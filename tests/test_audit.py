@@ -28,8 +28,8 @@ def test_layers_kept_in_the_enclave_leave_gaps_in_the_model_numbering():
 def test_the_paper_scheme_leaks_images_and_labels_through_real_recording_relays(tmp_path):
     """The audit's own bar: the attacks find what is known to leak under the paper's scheme."""
     out = tmp_path / "paper"
-    result = CliRunner().invoke(main, ["--log-level", "warning", "audit", "--model", "mlp", "--epochs", "1",
-                                       "--relays", "2", "--attacks", "images,labels,zeros_signs", "--out", str(out),
+    result = CliRunner().invoke(main, ["--log-level", "warning", "audit", "--model", "mlp", "--masking", "paper",
+                                       "--epochs", "1", "--relays", "2", "--attacks", "images,labels,zeros_signs", "--out", str(out),
                                        "--json"])
     assert result.exit_code == 0, result.output
     figures = json.loads(result.stdout.strip().splitlines()[-1])

@@ -10,7 +10,8 @@ from tempo.cli import main
 from tempo.enclave.train import TrainConfig, TrainingStopped, run
 from tempo.relay import FAULT_MODES, Fault
 
-FAST = dict(model="mlp", epochs=1, batch_size=256, seed=5, relays=2, part_timeout_s=2.0, heartbeat_timeout_s=1.0)
+FAST = dict(model="mlp", epochs=1, batch_size=256, seed=5, relays=2, part_timeout_s=2.0, heartbeat_timeout_s=1.0,
+            masking="paper")  # every layer offloaded: faults can strike any of them
 
 
 @pytest.fixture(scope="module")

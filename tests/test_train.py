@@ -11,7 +11,7 @@ from tempo.enclave.train import TrainConfig, run
 
 
 def test_private_training_matches_plain_training(tmp_path):
-    common = dict(model="mlp", epochs=1, batch_size=128, seed=3, lr=0.1)
+    common = dict(model="mlp", epochs=1, batch_size=128, seed=3, lr=0.1, masking="paper")  # every layer offloaded
     private = run(TrainConfig(mode="tempo", relays=2, out=str(tmp_path / "p"), **common))
     plain = run(TrainConfig(mode="plain", out=str(tmp_path / "q"), **common))
     assert private.steps == plain.steps == 11  # 1,294 training images (a tenth held out), 128 a batch
@@ -80,9 +80,10 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_key_refresh_epoch_reuses_one_key_per_layer_and_shape(tmp_path):
-    per_step = run(TrainConfig(model="mlp", epochs=2, batch_size=256, mode="tempo", out=str(tmp_path / "s")))
+    per_step = run(TrainConfig(model="mlp", epochs=2, batch_size=256, mode="tempo", masking="paper",
+                               out=str(tmp_path / "s")))
     per_epoch = run(TrainConfig(model="mlp", epochs=2, batch_size=256, mode="tempo", key_refresh="epoch",
-                                out=str(tmp_path / "e")))
+                                masking="paper", out=str(tmp_path / "e")))
     assert per_step.offload["keys_generated"] == (per_step.offload["forward_products"]
                                                   + per_step.offload["premasks_dropped"])
     # 3 layers × 2 parts (2 relays), 2 batch sizes per epoch (the last batch is smaller), 2
@@ -94,7 +95,8 @@ def test_key_refresh_epoch_reuses_one_key_per_layer_and_shape(tmp_path):
 def test_integrity_target_sets_the_freivalds_rounds(tmp_path):
     from tempo.enclave.verify import freivalds_rounds, training_alpha
 
-    s = run(TrainConfig(model="mlp", epochs=1, batch_size=512, integrity_t=1e-12, mode="tempo", out=str(tmp_path)))
+    s = run(TrainConfig(model="mlp", epochs=1, batch_size=512, integrity_t=1e-12, mode="tempo", masking="paper",
+                        out=str(tmp_path)))
     assert s.images["train"] == 1438 - 144  # a tenth held out for validation
     assert s.offload["freivalds_rounds"] == freivalds_rounds(1e-12, training_alpha(1, s.images["train"], 512), 2, 3)
 
@@ -124,7 +126,7 @@ def test_the_issue_command_reaches_95_percent_within_a_point_of_plain(tmp_path):
 
 
 def test_products_are_split_across_the_relays_pipelined_or_not(tmp_path):
-    common = dict(model="mlp", epochs=1, batch_size=512, relays=3, mode="tempo", split_min_mb=0.0)
+    common = dict(model="mlp", epochs=1, batch_size=512, relays=3, mode="tempo", split_min_mb=0.0, masking="paper")
     on = run(TrainConfig(out=str(tmp_path / "on"), **common))
     off = run(TrainConfig(out=str(tmp_path / "off"), pipeline=False, **common))
     plain = run(TrainConfig(out=str(tmp_path / "plain"), **{**common, "mode": "plain"}))

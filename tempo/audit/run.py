@@ -168,8 +168,12 @@ def headline(figures: dict) -> list[tuple[str, str, str]]:
         r = a["hidden"]
         rows.append(("conv1 maps from conv2's input: correlation / digit named",
                      "not offloaded" if na("hidden") else
-                     f"{r.get('map_correlation', 0):.2f} / {pct(r.get('digit_accuracy'))}", "— / 10%"))
+                     f"{_num(r.get('map_correlation'))} / {pct(r.get('digit_accuracy'))}", "— / 10%"))
     return rows
+
+
+def _num(x) -> str:
+    return "none found" if x is None else f"{x:.2f}"
 
 
 def table(figures: dict) -> str:

@@ -58,7 +58,7 @@ class TrainConfig:
     device: str = "cpu"
     mode: str = "tempo"
     key_refresh: str = "step"
-    masking: str = "paper"  # a preset of tempo.enclave.protection: paper, head, edges, mixed
+    masking: str = "edges"  # a preset of tempo.enclave.protection: paper, head, edges (the default), mixed
     key_space: str | None = None  # the preset's unless given: int:K, signed-int:K, continuous:K
     mix: int | None = None  # orthogonal mixing blocks on every key (the preset's unless given; 0: none)
     keep: str | None = None  # layers kept in the enclave: "first,last", "last", "none" (the preset's unless given)
@@ -448,7 +448,8 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
     n = len(split.train_x)
     steps_per_epoch = -(-n // cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
-    products = offloaded_products(model)
+    masking = cfg.protection()
+    products = max(1, offloaded_products(model) - len(masking.keep))  # L in Theorem V.2: what is offloaded
     rounds = 0
     if cfg.mode == "tempo":
         alpha = training_alpha(cfg.epochs, n, cfg.batch_size)
@@ -463,7 +464,6 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
     cluster = client = engine = None
     net = model
     pctx = None
-    masking = cfg.protection()
     keys = masking.keys()
     start = time.perf_counter()
     try:
