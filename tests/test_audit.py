@@ -29,8 +29,8 @@ def test_the_paper_scheme_leaks_images_and_labels_through_real_recording_relays(
     """The audit's own bar: the attacks find what is known to leak under the paper's scheme."""
     out = tmp_path / "paper"
     result = CliRunner().invoke(main, ["--log-level", "warning", "audit", "--model", "mlp", "--masking", "paper",
-                                       "--epochs", "1", "--relays", "2", "--attacks", "images,labels,zeros_signs", "--out", str(out),
-                                       "--json"])
+                                       "--epochs", "1", "--relays", "2", "--attacks", "images,labels,zeros_signs",
+                                       "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     attacks = figures["attacks"]
