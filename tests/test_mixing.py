@@ -92,3 +92,21 @@ def test_private_training_with_mixing_keys_matches_plain_training():
         loss.backward()
     for (name, p), q in zip(net.named_parameters(), plain.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
+
+
+@settings(max_examples=60, deadline=None)
+@given(m=st.integers(1, 70), n=st.integers(1, 70), row_mix=st.sampled_from([0, 2, 16]),
+       col_mix=st.sampled_from([0, 3, 16]), role=st.sampled_from(["mask", "unmask", "mask-t", "unmask-t"]),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_the_fast_mixed_gather_equals_the_reference_path(m, n, row_mix, col_mix, role, dtype):
+    from tempo.enclave.obfuscation import _keyed_gather, kernel_available
+    if not kernel_available():
+        pytest.skip("the C kernel is not built")
+    rk, ck = axis_keygen(m, mix=row_mix), axis_keygen(n, mix=col_mix)
+    x = torch.randn(m, n, dtype=dtype)
+    fast = _keyed_gather(x, rk, ck, role, None, "c")
+    ref = _keyed_gather(x, rk, ck, role, None, "torch")
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert fast.shape == ref.shape and torch.allclose(fast, ref, rtol=tol, atol=tol * float(ref.abs().max() + 1))
+    out = torch.full_like(x, float("nan"))
+    assert _keyed_gather(x, rk, ck, role, out, "c") is out and torch.allclose(out, fast, rtol=tol, atol=tol)

@@ -177,6 +177,9 @@ def _keyed_gather(
         return _gather(src, row_key, col_key, role, out, backend)
     index_role, _, _, row_role, col_role = _ROLES[role]
     dtype, dev = src.dtype, src.device
+    if (src.dim() == 2 and src.is_cpu and dtype in _KERNEL_DTYPES and _kernel is not None
+            and (backend or default_backend()) == "c" and not row_key.batch_shape and not col_key.batch_shape):
+        return _mixed_gather_2d(src, row_key, col_key, index_role, row_role, col_role, out)
     row_s = row_key.scales(row_role, dtype).to(dev).unsqueeze(-1)
     col_s = col_key.scales(col_role, dtype).to(dev).unsqueeze(-2)
     if index_role == "mask":
@@ -190,6 +193,109 @@ def _keyed_gather(
     if out is None:
         return t.contiguous()
     return out.copy_(t)
+
+
+def _folded_blocks(key: AxisKey, scale_role: str, dtype: torch.dtype) -> tuple:
+    """The key's orthogonal blocks with its scales of `scale_role` folded in, ``diag(s)·Q`` per
+    block (and the tail block's), cached per role and dtype."""
+    cache_key = ("folded", scale_role, dtype)
+    hit = key._cache.get(cache_key)
+    if hit is None:
+        s = key.scales(scale_role, dtype)
+        blocks, tail = key.mix_blocks(dtype)
+        n = 0 if blocks is None else blocks.shape[0] * blocks.shape[1]
+        hit = (None if blocks is None else (blocks * s[:n].reshape(blocks.shape[0], -1, 1)).contiguous(),
+               None if tail is None else (tail * s[n:].unsqueeze(-1)).contiguous())
+        key._cache[cache_key] = hit
+    return hit
+
+
+def _mix_rows_into(out: torch.Tensor, x: torch.Tensor, folded: tuple, transpose: bool) -> None:
+    """``out = blockdiag(F) · x`` (`transpose`: ``blockdiag(F)ᵀ · x``), one batched product."""
+    start = 0
+    for f in folded:
+        if f is None:
+            continue
+        f3 = f if f.dim() == 3 else f.unsqueeze(0)
+        k, g = f3.shape[0], f3.shape[-1]
+        rows = k * g
+        f3 = f3.transpose(1, 2) if transpose else f3
+        torch.bmm(f3, x.narrow(0, start, rows).reshape(k, g, x.shape[1]), out=out.narrow(0, start, rows).view(k, g, x.shape[1]))
+        start += rows
+
+
+def _mix_cols(x: torch.Tensor, folded: tuple, transpose: bool) -> torch.Tensor:
+    """``x · blockdiag(F)ᵀ`` (`transpose`: ``x · blockdiag(F)``), a new tensor."""
+    pieces, start = [], 0
+    eq = "kji,rkj->rki" if transpose else "kij,rkj->rki"
+    for f in folded:
+        if f is None:
+            continue
+        f3 = f if f.dim() == 3 else f.unsqueeze(0)
+        k, g = f3.shape[0], f3.shape[-1]
+        part = x.narrow(1, start, k * g).reshape(x.shape[0], k, g)
+        pieces.append(torch.einsum(eq, f3, part).reshape(x.shape[0], k * g))
+        start += k * g
+    return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+
+
+def _scale_axis(x: torch.Tensor, key: AxisKey, scale_role: str, dim: int) -> torch.Tensor:
+    s = key.scales(scale_role, x.dtype)
+    return x.mul_(s.unsqueeze(-1) if dim == 0 else s)
+
+
+def _mixed_gather_2d(src: torch.Tensor, row_key: AxisKey, col_key: AxisKey, index_role: str, row_role: str,
+                     col_role: str, out: torch.Tensor | None) -> torch.Tensor:
+    """`_keyed_gather` of a matrix on the CPU with shared keys, in three passes: the kernel's
+    permutation (unit scales), the column blocks, the row blocks (each block with its scales
+    folded in: ``S·Q = blockdiag(diag(s)·Q)``), the last written into `out`."""
+    rows, cols = src.shape
+    if row_key.size != rows or col_key.size != cols:
+        raise ValueError(f"key sizes ({row_key.size}, {col_key.size}) do not fit a {rows}×{cols} matrix")
+    out = _output_buffer(src, out)
+    if out.numel() == 0:
+        return out
+    dtype = src.dtype
+    if index_role == "mask":
+        t = _permute_2d(src, row_key, col_key, "mask")
+        t = _mix_cols(t, _folded_blocks(col_key, col_role, dtype), False) if col_key.block \
+            else _scale_axis(t, col_key, col_role, 1)
+        if row_key.block:
+            _mix_rows_into(out, t, _folded_blocks(row_key, row_role, dtype), False)
+        else:
+            torch.mul(t, row_key.scales(row_role, dtype).unsqueeze(-1), out=out)
+        return out
+    t = _mix_cols(src, _folded_blocks(col_key, col_role, dtype), True) if col_key.block \
+        else src * col_key.scales(col_role, dtype)
+    if row_key.block:
+        u = torch.empty_like(t)
+        _mix_rows_into(u, t, _folded_blocks(row_key, row_role, dtype), True)
+    else:
+        u = _scale_axis(t, row_key, row_role, 0)
+    return _permute_2d(u, row_key, col_key, "unmask", out)
+
+
+def _permute_2d(src: torch.Tensor, row_key: AxisKey, col_key: AxisKey, index_role: str,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[i, j] = src[ri[i], ci[j]]`` by the kernel, with unit scales (the mixed path scales
+    after, or before, the blocks)."""
+    dtype = src.dtype
+    if src.stride(1) != 1 and src.shape[1] > 1:
+        src = src.contiguous()
+    out = torch.empty(src.shape, dtype=dtype) if out is None else out
+    vecs = []
+    for key in (row_key, col_key):
+        cache_key = ("perm", index_role, dtype)
+        hit = key._cache.get(cache_key)
+        if hit is None:
+            hit = key._cache[cache_key] = (key.indices(index_role, torch.int32), torch.ones(key.size, dtype=dtype))
+        vecs.append(hit)
+    numel = out.numel()
+    _kernel.scaled_gather(_KERNEL_DTYPES[dtype], out.data_ptr(), src.data_ptr(), 1, src.shape[0], src.shape[1],
+                          src.shape[0] * src.stride(0), src.stride(0), 1, vecs[0][0].data_ptr(), vecs[0][1].data_ptr(),
+                          0, vecs[1][0].data_ptr(), vecs[1][1].data_ptr(), 0,
+                          torch.get_num_threads() if numel >= _PARALLEL_MIN_ELEMENTS else 1, False)
+    return out
 
 
 def _gather(
