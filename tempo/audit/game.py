@@ -93,6 +93,8 @@ def challenges(view: RunView, truth: RunTruth, variant: str = "batch", rounds: i
             for i in rng.choice(n, min(swap, n), replace=False):
                 ok = pool_step != own
                 ok &= (pool_y == y[i]) if variant == "swap-same-label" else (pool_y != y[i])
+                if not ok.any():  # no such image elsewhere in the run: this position stays
+                    continue
                 j = rng.choice(np.nonzero(ok)[0])
                 dx[i], dy[i] = pool_x[j], pool_y[j]
         bit = int(rng.integers(2))
@@ -192,11 +194,14 @@ def step_evidence(view: RunView, public: Public, step: int, hidden=None) -> Step
                 sims[f"{kind}{layer}"] = (conv_similarity(m), True)
             elif m.ndim == 2 and len(m) > 2:  # linear: rows are samples, in the key's order
                 sims[f"{kind}{layer}"] = (at.invariant_similarity(m), False)
+                nz = (m != 0).astype(np.float64)
+                if 0 < nz.mean() < 1:  # which units are active: zeros survive monomial keys
+                    sims[f"{kind}{layer}-zeros"] = (_cosine(nz), False)
     images = digits = None
     if public.model == "cnn" and 1 in view.layers():
         if hidden is not None and step in hidden.images:
             images, digits = hidden.images[step], hidden.labels[step]
-        elif hidden is None:
+        elif hidden is None or step not in hidden.maps:
             one = at.recover_hidden(RunView([p for p in view.products if p.step == step]), public, max_steps=1)
             if step in one.images:
                 images, digits = one.images[step], one.labels[step]
@@ -352,9 +357,10 @@ def guess(view: RunView, public: Public, ch: Challenge, nulls: int = 8, seed: in
 
 
 def hidden_distinguishing(view: RunView, public: Public, rounds: list[Challenge], nulls: int = 8,
-                          hidden=None) -> list[int]:
-    """The attacker's answers to `rounds` (one `guess` each; the evidence of a step computed once)."""
-    cache: dict[int, StepEvidence] = {}
+                          hidden=None, cache: dict | None = None) -> list[int]:
+    """The attacker's answers to `rounds` (one `guess` each; the evidence of a step computed once,
+    kept in `cache`)."""
+    cache = {} if cache is None else cache
     out = []
     for ch in rounds:
         if ch.step not in cache:
@@ -369,9 +375,9 @@ def play(view: RunView, public: Public, truth: RunTruth, variants: tuple[str, ..
     (from the view and public knowledge), scored (`score.score_game`)."""
     from tempo.audit import score as sc
 
-    out = {}
+    out, cache = {}, {}
     for v in variants:
         rounds_v, secrets = challenges(view, truth, v, rounds=rounds, swap=swap, seed=seed)
-        answers = hidden_distinguishing(view, public, rounds_v, nulls=nulls, hidden=hidden)
+        answers = hidden_distinguishing(view, public, rounds_v, nulls=nulls, hidden=hidden, cache=cache)
         out[v] = sc.score_game(answers, secrets)
     return out

@@ -406,4 +406,4 @@ def score_game(answers: list[int], secrets: list[int], z: float = 1.96) -> dict:
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
     lo, hi = max(0.0, mid - half), min(1.0, mid + half)
     return {"advantage": 2 * p - 1, "accuracy": p, "rounds": n, "wins": wins,
-            "interval": [round(2 * lo - 1, 4), round(2 * hi - 1, 4)], "chance": 0.0}
+            "interval": [round(float(2 * lo - 1), 4), round(float(2 * hi - 1), 4)], "chance": 0.0}
