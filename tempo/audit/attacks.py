@@ -1821,12 +1821,12 @@ def cnn_image_labels(view: RunView, public: Public, images: ImageRecovery, label
 
 
 ATTACKS = ("zeros_signs", "scale_invariant", "labels", "images", "structure", "steal", "distinguishing",
-           "mixing", "batch_mixing", "hidden")
+           "mixing", "batch_mixing", "hidden", "hidden_distinguishing")
 
 
 def run_all(view: RunView, public: Public, truth=None, attacks: tuple[str, ...] | None = None,
             known: list[tuple[int, int, int]] | None = None, trials: int = 60, mixing: tuple[int, ...] = (2, 4, 8, 16),
-            hidden_steps: int = 6) -> dict:
+            hidden_steps: int = 6, game_rounds: int = 40) -> dict:
     """Run the battery on one run's relay view: ``{attack: {numbers..., "seconds": ..., "chance": ...}}``.
 
     Without `truth` the numbers are what the attacker can report about itself (how much it
@@ -1941,6 +1941,13 @@ def run_all(view: RunView, public: Public, truth=None, attacks: tuple[str, ...] 
             cache["hidden"] = hr
             return sc.score_hidden(hr, truth) if truth is not None else {"steps": len(hr.maps)}
         timed("hidden", hd)
+    if "hidden_distinguishing" in todo and truth is not None:  # the challenger needs the truth
+        def hg():
+            from tempo.audit import game
+
+            res = game.play(view, public, truth, rounds=game_rounds, hidden=cache.get("hidden"))
+            return res | {"chance": 0.0}
+        timed("hidden_distinguishing", hg)
     out["_cache"] = cache  # the attacks' outputs (for pictures), not numbers
     return out
 

@@ -19,9 +19,9 @@ from tempo.audit.view import ProductTruth, ProductView, RunTruth, RunView
 
 # which of the model's offloadable layers each attack reads (None: the last one)
 NEEDS = {"images": (0,), "labels": (None,), "structure": (0, 1, None), "steal": (0, 1, None),
-         "distinguishing": (0,), "hidden": (1,)}
+         "distinguishing": (0,), "hidden": (1,), "hidden_distinguishing": ()}  # (): any offloaded layer
 RUN_ATTACKS = ("zeros_signs", "scale_invariant", "images", "labels", "structure", "steal", "distinguishing",
-               "hidden")  # what one run's relay view is attacked with
+               "hidden", "hidden_distinguishing")  # what one run's relay view is attacked with
 SCHEME_EXPERIMENTS = ("mixing", "batch_mixing")  # what-if searches against other schemes, on the public sample
 
 
@@ -77,7 +77,9 @@ def audit(model: str = "mlp", masking: str = "paper", epochs: int = 3, relays: i
     for name in wanted:
         needs = [layers - 1 if layer is None else layer for layer in NEEDS.get(name, ())]
         missing = [layer for layer in needs if layer not in offloaded]
-        if missing:
+        if name == "hidden_distinguishing" and not offloaded:
+            skipped[name] = {"applicable": False, "reason": f"no layer is offloaded under masking {chosen.name}"}
+        elif missing:
             skipped[name] = {"applicable": False, "reason": f"reads layer(s) {missing}, which stay in the enclave "
                                                              f"under masking {chosen.name}"}
         else:
@@ -164,12 +166,28 @@ def headline(figures: dict) -> list[tuple[str, str, str]]:
         rows.append(("distinguishing game advantage (batch / one image / single)",
                      "not offloaded" if na("distinguishing") else
                      " / ".join(f"{r[v]['advantage']:.2f}" for v in ("batch", "one-image", "single") if v in r), "0"))
+    if "hidden_distinguishing" in a:
+        r = a["hidden_distinguishing"]
+        rows.append(("distinguishing game on the run, any offloaded layer (" + " / ".join(GAME_VARIANTS) + ")",
+                     "not offloaded" if na("hidden_distinguishing") else
+                     " / ".join(_num(r.get(v, {}).get("advantage")) for v in GAME_VARIANTS),
+                     "0 (±" + _num(_half_width(r)) + ")" if not na("hidden_distinguishing") else "0"))
     if "hidden" in a:
         r = a["hidden"]
         rows.append(("conv1 maps from conv2's input: correlation / digit named",
                      "not offloaded" if na("hidden") else
                      f"{_num(r.get('map_correlation'))} / {pct(r.get('digit_accuracy'))}", "— / 10%"))
     return rows
+
+
+GAME_VARIANTS = ("batch", "swap-labels", "swap-same-label")  # tempo.audit.game.VARIANTS
+
+
+def _half_width(r: dict) -> float | None:
+    """The widest half-width of the game's 95% intervals (None: none)."""
+    widths = [(v["interval"][1] - v["interval"][0]) / 2 for v in r.values()
+              if isinstance(v, dict) and v.get("interval")]
+    return max(widths) if widths else None
 
 
 def _num(x) -> str:

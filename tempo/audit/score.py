@@ -391,3 +391,19 @@ def write_images_png(rec: at.ImageRecovery, truth: RunTruth, path: str, step: in
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def score_game(answers: list[int], secrets: list[int], z: float = 1.96) -> dict:
+    """A distinguishing game's advantage ``2·accuracy − 1`` with the number of rounds and a Wilson
+    95% interval (on the accuracy, mapped to the advantage). Chance: 0."""
+    n = len(secrets)
+    if n == 0:
+        return {"advantage": None, "rounds": 0, "interval": None, "chance": 0.0}
+    wins = int(sum(int(a) == int(s) for a, s in zip(answers, secrets)))
+    p = wins / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    lo, hi = max(0.0, mid - half), min(1.0, mid + half)
+    return {"advantage": 2 * p - 1, "accuracy": p, "rounds": n, "wins": wins,
+            "interval": [round(float(2 * lo - 1), 4), round(float(2 * hi - 1), 4)], "chance": 0.0}
