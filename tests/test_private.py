@@ -466,3 +466,29 @@ def test_layers_kept_in_the_enclave_are_never_offloaded_and_gradients_stay_exact
         assert torch.allclose(got[name], g, rtol=1e-4, atol=1e-6), name
     with pytest.raises(ValueError, match="keep takes"):
         to_private(net, pctx, keep=("middle",))
+
+
+@pytest.mark.parametrize("bias,stride,padding", [(True, 1, 1), (False, 2, 0), (True, 1, "same")])
+def test_convolutions_as_rows_of_the_whole_batch_match_autograd_and_hide_the_images(bias, stride, padding):
+    """`patch_rows` (masking `mixed`): the relay gets one (batch·positions × in·kh·kw) matrix
+    under one row key, not the images one by one; gradients are autograd's."""
+    from tempo.enclave.keys import KeySchedule
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 5, 3, stride=stride, padding=padding, bias=bias), nn.ReLU(), nn.Flatten(),
+                        nn.LazyLinear(4))
+    x, y = torch.randn(6, 3, 7, 7), torch.randint(0, 4, (6,))
+    net(x)  # materialise the lazy layer
+    seen = []
+    engine = InProcessEngine(keys=KeySchedule(mix=4), observer=lambda ev, bind, masked, product: seen.append(
+        (ev, bind.layer, [tuple(t.shape) for t in masked])))
+    reference = copy.deepcopy(net)
+    pctx = PrivateContext(engine, patch_rows=True)
+    loss_p, got = grads_of(to_private(net, pctx), x, y)
+    loss_r, want = grads_of(reference, x, y)
+    assert torch.allclose(loss_p, loss_r, rtol=1e-4)
+    for name, g in want.items():
+        assert float((got[name] - g).abs().max()) <= 1e-4 * max(float(g.abs().max()), 1e-12), name
+    positions = reference[0](x).shape[-2] * reference[0](x).shape[-1]
+    conv_forward = next(shapes for ev, layer, shapes in seen if ev == "forward" and layer == 0)
+    assert conv_forward == [(6 * positions, 27), (27, 5)]  # 2-D: no batch axis for the relay to read

@@ -1401,11 +1401,12 @@ def recover_hidden(view: RunView, public: Public, layer: int = 1, max_steps: int
 # 1. zeros and signs
 
 
-def operand_kind(model: str, layer: int, side: str, nlayers: int) -> str:
-    """What an operand holds: "input", "hidden" (activations), "weights" or "delta" (dL/dC)."""
+def operand_kind(model: str, layer: int, side: str, nlayers: int, patch_rows: bool = False) -> str:
+    """What an operand holds: "input", "hidden" (activations), "weights" or "delta" (dL/dC).
+    `patch_rows`: convolutions offloaded as ``patches @ Wᵀ`` (masking `mixed`)."""
     if side == "e":
         return "delta"
-    if model == "cnn" and layer < nlayers - 1:  # convolutions: A = weights, B = patches
+    if model == "cnn" and layer < nlayers - 1 and not patch_rows:  # convolutions: A = weights, B = patches
         data = "b"
     else:  # linear layers: A = x, B = Wᵀ
         data = "a"
@@ -1470,7 +1471,7 @@ def zeros_and_signs(view: RunView, public: Public, max_steps: int = 4) -> list[Z
                 m = _normalise_signs(m)
             rz, cz = _row_col_counts(m, lambda x: x == 0)
             rn, cn = _row_col_counts(m, lambda x: x < 0)
-            out.append(ZeroSignRecord(p.step, p.layer, side, operand_kind(public.model, p.layer, side, nl),
+            out.append(ZeroSignRecord(p.step, p.layer, side, operand_kind(public.model, p.layer, side, nl, public.patch_rows),
                                       float((m == 0).mean()), float((m < 0).mean()), rz, cz, rn, cn))
     return out
 
@@ -1519,7 +1520,8 @@ def scale_invariant(view: RunView, public: Public, max_steps: int = 12) -> Invar
     out = {}
     for s in steps:
         for l in layers:
-            if operand_kind(public.model, l, "a", public.nlayers(view)) in ("input", "hidden"):
+            conv_rows = public.model == "cnn" and l < public.nlayers(view) - 1  # rows: patches, not samples
+            if not conv_rows and operand_kind(public.model, l, "a", public.nlayers(view)) in ("input", "hidden"):
                 sim = invariant_similarity(_np(idx[(s, l)].a))
                 np.fill_diagonal(sim, -np.inf)
                 out[(s, l)] = sim.argmax(1)

@@ -66,7 +66,8 @@ def capture(cfg: CaptureConfig, record_dir: str | Path | None = None, log=None) 
                                                 keep=cfg.keep)
     keys = masking.keys()
     if not cfg.relays:
-        pctx = PrivateContext(InProcessEngine(rounds=8, keys=keys, observer=observe), job="audit")
+        pctx = PrivateContext(InProcessEngine(rounds=8, keys=keys, observer=observe), job="audit",
+                              patch_rows=masking.patch_rows)
         _train(model, pctx, keys, split, cfg, truth, log, masking.keep)
         return observed, truth, split
     if record_dir is None:
@@ -80,7 +81,7 @@ def capture(cfg: CaptureConfig, record_dir: str | Path | None = None, log=None) 
         client.observer = observe
         client.watchdog = cluster.check
         client.wait_for_relays(cfg.relays)
-        pctx = PrivateContext(ClientEngine(client, parts=cfg.relays), job="audit")
+        pctx = PrivateContext(ClientEngine(client, parts=cfg.relays), job="audit", patch_rows=masking.patch_rows)
         _train(model, pctx, keys, split, cfg, truth, log, masking.keep)
     recorded = load_recording(record_dir, job="audit")
     _check_same(recorded, observed)

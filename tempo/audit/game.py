@@ -157,7 +157,7 @@ def _matched_score(sv: np.ndarray, sc: np.ndarray, ordered: bool) -> float:
     _, col = at.lap(((za[:, None, :] - zb[None, :, :]) ** 2).sum(-1))
     best = -np.inf
     for p0 in (np.eye(len(a))[col], "barycenter"):
-        res = quadratic_assignment(a, b, method="faq", options={"maximize": True, "P0": p0, "maxiter": 40})
+        res = quadratic_assignment(a, b, method="faq", options={"maximize": True, "P0": p0, "maxiter": 40, "rng": 0})
         perm = res.col_ind
         best = max(best, _corr(_offdiag(sv), _offdiag(sc[np.ix_(perm, perm)])))
     return best
@@ -186,10 +186,12 @@ def step_evidence(view: RunView, public: Public, step: int, hidden=None) -> Step
             t = getattr(p, side)
             if t is None:
                 continue
-            kind = at.operand_kind(public.model, layer, side, public.nlayers(view))
+            kind = at.operand_kind(public.model, layer, side, public.nlayers(view), public.patch_rows)
             if kind not in ("input", "hidden", "delta"):
                 continue
             m = at._np(t)
+            if public.model == "cnn" and layer < public.nlayers(view) - 1 and m.ndim == 2:
+                continue  # a convolution as one matrix of the whole batch's patches: rows are not samples
             if m.ndim == 3:  # convolution: (batch, rows, cols), keys shared over the batch
                 sims[f"{kind}{layer}"] = (conv_similarity(m), True)
             elif m.ndim == 2 and len(m) > 2:  # linear: rows are samples, in the key's order
@@ -201,7 +203,7 @@ def step_evidence(view: RunView, public: Public, step: int, hidden=None) -> Step
     if public.model == "cnn" and 1 in view.layers():
         if hidden is not None and step in hidden.images:
             images, digits = hidden.images[step], hidden.labels[step]
-        elif hidden is None or step not in hidden.maps:
+        elif hidden is None:  # no run-level recovery given: this step's own (about 1.5 s)
             one = at.recover_hidden(RunView([p for p in view.products if p.step == step]), public, max_steps=1)
             if step in one.images:
                 images, digits = one.images[step], one.labels[step]
@@ -304,7 +306,7 @@ def _qap(sv: np.ndarray, sc: np.ndarray) -> np.ndarray:
     _, col = at.lap(((za[:, None, :] - zb[None, :, :]) ** 2).sum(-1))
     best, out = -np.inf, col
     for p0 in (np.eye(len(a))[col], "barycenter"):
-        res = quadratic_assignment(a, b, method="faq", options={"maximize": True, "P0": p0, "maxiter": 40})
+        res = quadratic_assignment(a, b, method="faq", options={"maximize": True, "P0": p0, "maxiter": 40, "rng": 0})
         perm = res.col_ind
         val = _corr(_offdiag(sv), _offdiag(sc[np.ix_(perm, perm)]))
         if val > best:

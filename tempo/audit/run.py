@@ -72,6 +72,7 @@ def audit(model: str = "mlp", masking: str = "paper", epochs: int = 3, relays: i
     view, truth = by_model_layer(view, truth, offloaded)
     public = Public.from_split(split, model, chosen.key_space, cfg.batch_size)
     public.layers = layers
+    public.patch_rows = chosen.patch_rows
     wanted = attacks or RUN_ATTACKS
     runnable, skipped = [], {}
     for name in wanted:

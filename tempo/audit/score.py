@@ -112,7 +112,7 @@ def score_zeros_signs(records: list, truth: RunTruth, public: Public) -> dict:
         d["plain_negative_fraction"] += float((plain < 0).mean())
     for d in out.values():
         n = d["operands"]
-        d["zeros_survive"] = d["wire_zeros"] / d["plain_zeros"] if d["plain_zeros"] else 1.0
+        d["zeros_survive"] = d["wire_zeros"] / d["plain_zeros"] if d["plain_zeros"] else None  # none to survive
         d["zero_multisets_match"] /= n
         d["signs_match"] /= n
         d["plain_negative_fraction"] /= n

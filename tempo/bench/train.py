@@ -127,7 +127,7 @@ def _tempo(model_name, shape, classes, width, batch, steps, warmup, relays, devi
                                max_attempts=relays + 1, timeout_s=600.0, keys=masking.keys())
         client.wait_for_relays(relays)
         engine = ClientEngine(client, parts=relays, pipeline=pipeline, split_min_mb=split_min_mb)
-        pctx = PrivateContext(engine, job=job)
+        pctx = PrivateContext(engine, job=job, patch_rows=masking.patch_rows)
         net = to_private(model, pctx, keep=masking.keep)
         rows: list[dict] = []
         for i in range(warmup + steps):

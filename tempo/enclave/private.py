@@ -242,6 +242,10 @@ class PrivateContext:
 
     engine: object
     job: str = "train"
+    # Convolutions as ``patches (batch·positions × in·kh·kw) @ Wᵀ``: one row key over the whole
+    # batch's patches, so the relay cannot tell which patch is whose image (masking `mixed`);
+    # else ``W @ patches`` batched over the images, one key shared by all of them (the paper's).
+    patch_rows: bool = False
     step: int = 0
     _layer: int = 0
     _open: set = field(default_factory=set)
@@ -381,7 +385,12 @@ class PrivateConv2d(nn.Module):
         ho = (h + 2 * ph - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
         wo = (w + 2 * pw - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
         patches = F.unfold(x, (kh, kw), dilation=self.dilation, padding=self.unfold_padding, stride=self.stride)
-        if g == 1:
+        if g == 1 and self.pctx.patch_rows:
+            rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (n·L, in·kh·kw)
+            y = private_matmul(rows, self.weight.reshape(out_ch, -1).t(), self.pctx,  # (n·L, out)
+                               weight=("b", lambda: self.weight.detach().reshape(out_ch, -1).t()))
+            y = y.view(n, -1, out_ch).transpose(1, 2)  # (n, out, L)
+        elif g == 1:
             y = private_matmul(self.weight.reshape(out_ch, -1), patches, self.pctx,  # (n, out, L)
                                weight=("a", lambda: self.weight.detach().reshape(out_ch, -1)))
         else:
@@ -392,7 +401,7 @@ class PrivateConv2d(nn.Module):
             y = y.reshape(n, out_ch, -1)
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1)
-        y = y.view(n, out_ch, ho, wo)
+        y = y.reshape(n, out_ch, ho, wo)
         return y.squeeze(0) if unbatched else y
 
 

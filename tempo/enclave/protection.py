@@ -10,7 +10,9 @@ verification are the same for all; they differ in what a relay can learn (measur
   enclave: the gradient that carries the labels never leaves.
 - ``edges``: ``head`` and the first layer (the one that sees the raw data) kept in the enclave.
 - ``mixed``: ``edges``, and every key mixes blocks of 16 positions with random orthogonal
-  matrices: zeros, signs and per-entry ratios of the operands do not survive masking.
+  matrices: zeros, signs and per-entry ratios of the operands do not survive masking; a
+  convolution's patches go as one matrix over the whole batch, rows keyed together, so which
+  patch belongs to which image is hidden too.
 
 Options on top of a preset (`Masking.with_options`): the key space, key refresh, mixing block
 and the layers kept.
@@ -30,6 +32,9 @@ class Masking:
     key_refresh: str = "step"  # or "epoch", the paper's reuse of one key per layer for an epoch
     mix: int = 0  # orthogonal mixing blocks on every axis key (0: none)
     keep: tuple[str, ...] = ()  # layers computed in the enclave: "first", "last"
+    # convolutions offloaded as one matrix of the whole batch's patches (rows keyed together), so
+    # a relay cannot group patches by image (`PrivateContext.patch_rows`)
+    patch_rows: bool = False
 
     def keys(self) -> KeySchedule:
         """The key schedule this masking draws every product's key from."""
@@ -47,14 +52,14 @@ class Masking:
 
     def describe(self) -> dict:
         return {"masking": self.name, "key_space": self.key_space, "key_refresh": self.key_refresh, "mix": self.mix,
-                "keep": list(self.keep)}
+                "keep": list(self.keep), "patch_rows": self.patch_rows}
 
 
 PRESETS: dict[str, Masking] = {
     "paper": Masking("paper"),
     "head": Masking("head", keep=("last",)),
     "edges": Masking("edges", keep=("first", "last")),
-    "mixed": Masking("mixed", mix=16, keep=("first", "last")),
+    "mixed": Masking("mixed", mix=16, keep=("first", "last"), patch_rows=True),
 }
 # The default: of the presets `tempo audit` measured, the one that leaks least at no more enclave
 # work than the paper's scheme (README: what a relay learns). It does not meet the goal of

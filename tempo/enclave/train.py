@@ -495,7 +495,7 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
                     log.info("train.waiting_for_relays", offloader=endpoint, relays=cfg.relays)
                 client.wait_for_relays(cfg.relays, timeout_s=cfg.relay_wait_s if cfg.offloader else 30.0)
                 engine = ClientEngine(client, parts=cfg.relays, pipeline=cfg.pipeline, split_min_mb=cfg.split_min_mb)
-                pctx = PrivateContext(engine, job=job)
+                pctx = PrivateContext(engine, job=job, patch_rows=masking.patch_rows)
                 net = to_private(model, pctx, keep=masking.keep)
             opt = _optimizer(cfg, model.parameters())
             sched = _schedule(cfg, opt, total_steps)
