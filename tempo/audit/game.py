@@ -157,7 +157,7 @@ def _matched_score(sv: np.ndarray, sc: np.ndarray, ordered: bool) -> float:
     _, col = at.lap(((za[:, None, :] - zb[None, :, :]) ** 2).sum(-1))
     best = -np.inf
     for p0 in (np.eye(len(a))[col], "barycenter"):
-        res = quadratic_assignment(a, b, method="faq", options={"maximize": True, "P0": p0, "maxiter": 40, "rng": 0})
+        res = quadratic_assignment(a, b, method="faq", options={"maximize": True, "P0": p0, "maxiter": 40, "rng": np.random.default_rng(0)})
         perm = res.col_ind
         best = max(best, _corr(_offdiag(sv), _offdiag(sc[np.ix_(perm, perm)])))
     return best
@@ -306,7 +306,7 @@ def _qap(sv: np.ndarray, sc: np.ndarray) -> np.ndarray:
     _, col = at.lap(((za[:, None, :] - zb[None, :, :]) ** 2).sum(-1))
     best, out = -np.inf, col
     for p0 in (np.eye(len(a))[col], "barycenter"):
-        res = quadratic_assignment(a, b, method="faq", options={"maximize": True, "P0": p0, "maxiter": 40, "rng": 0})
+        res = quadratic_assignment(a, b, method="faq", options={"maximize": True, "P0": p0, "maxiter": 40, "rng": np.random.default_rng(0)})
         perm = res.col_ind
         val = _corr(_offdiag(sv), _offdiag(sc[np.ix_(perm, perm)]))
         if val > best:
