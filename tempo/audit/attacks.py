@@ -1823,7 +1823,7 @@ def cnn_image_labels(view: RunView, public: Public, images: ImageRecovery, label
 
 
 ATTACKS = ("zeros_signs", "scale_invariant", "labels", "images", "structure", "steal", "distinguishing",
-           "mixing", "batch_mixing", "hidden", "hidden_distinguishing")
+           "mixing", "batch_mixing", "hidden", "hidden_distinguishing", "steal_offloaded")
 
 
 def run_all(view: RunView, public: Public, truth=None, attacks: tuple[str, ...] | None = None,
@@ -1950,6 +1950,18 @@ def run_all(view: RunView, public: Public, truth=None, attacks: tuple[str, ...] 
             res = game.play(view, public, truth, rounds=game_rounds, hidden=cache.get("hidden"))
             return res | {"chance": 0.0}
         timed("hidden_distinguishing", hg)
+    if "steal_offloaded" in todo:
+        def so():
+            from tempo.audit import theft
+
+            res = {}
+            for name, per_class in (("all", None), ("few", 5)):  # the whole public sample; 5 images per class
+                th = theft.steal_offloaded(view, public, per_class=per_class)
+                cache[f"steal_offloaded_{name}"] = th
+                res[name] = sc.score_theft(th, truth, public) if truth is not None else \
+                    {"own_held_out": th.own, "frozen_layers": th.frozen, "public_images": len(th.train)}
+            return res
+        timed("steal_offloaded", so)
     out["_cache"] = cache  # the attacks' outputs (for pictures), not numbers
     return out
 

@@ -19,9 +19,10 @@ from tempo.audit.view import ProductTruth, ProductView, RunTruth, RunView
 
 # which of the model's offloadable layers each attack reads (None: the last one)
 NEEDS = {"images": (0,), "labels": (None,), "structure": (0, 1, None), "steal": (0, 1, None),
-         "distinguishing": (0,), "hidden": (1,), "hidden_distinguishing": ()}  # (): any offloaded layer
+         "distinguishing": (0,), "hidden": (1,), "hidden_distinguishing": (),  # (): any offloaded layer
+         "steal_offloaded": (1,)}
 RUN_ATTACKS = ("zeros_signs", "scale_invariant", "images", "labels", "structure", "steal", "distinguishing",
-               "hidden", "hidden_distinguishing")  # what one run's relay view is attacked with
+               "hidden", "hidden_distinguishing", "steal_offloaded")  # what one run's relay view is attacked with
 SCHEME_EXPERIMENTS = ("mixing", "batch_mixing")  # what-if searches against other schemes, on the public sample
 
 
@@ -178,6 +179,17 @@ def headline(figures: dict) -> list[tuple[str, str, str]]:
         rows.append(("conv1 maps from conv2's input: correlation / digit named",
                      "not offloaded" if na("hidden") else
                      f"{_num(r.get('map_correlation'))} / {pct(r.get('digit_accuracy'))}", "— / 10%"))
+    if "steal_offloaded" in a:
+        r = a["steal_offloaded"]
+        for name, what in (("all", "all public images"), ("few", "5 public images per class")):
+            if na("steal_offloaded"):
+                rows.append((f"stolen layers + {what}: acc. (public-only / random frozen / real)", "not offloaded", ""))
+                break
+            q = r.get(name, {})
+            rows.append((f"stolen layers + {what}: acc. (public-only / random frozen / real)",
+                         f"{pct(q.get('stolen_accuracy'))} ({pct(q.get('public_only_accuracy'))} / "
+                         f"{pct(q.get('random_frozen_accuracy'))} / {pct(q.get('real_accuracy'))})",
+                         "worth " + ("n/a" if q.get("worth") is None else f"{100 * q['worth']:+.1f} pt")))
     return rows
 
 

@@ -282,6 +282,33 @@ def score_steal(stolen: at.StolenMLP, truth: RunTruth, public: Public) -> dict:
             "chance": float(np.bincount(public.y).max() / len(public.y))}
 
 
+def score_theft(theft, truth: RunTruth, public: Public) -> dict:
+    """`tempo.audit.theft.steal_offloaded`'s models and the victim's final model, scored on the
+    victim's test images (the run's evaluation batches: neither the victim nor the attacker
+    trained on them; the public sample's held-out part when the run has none). ``worth``:
+    stolen minus the better baseline (random frozen, public only); > 0 when the theft pays."""
+    test = [s for s in truth.steps.values() if not s.train]
+    if test:
+        x = np.concatenate([s.x.numpy() for s in test]).astype(np.float64)
+        y = np.concatenate([s.y.numpy() for s in test])
+        on = f"victim's test set ({len(y)} images)"
+    else:
+        x, y = public.x[theft.held], public.y[theft.held]
+        on = f"held-out public images ({len(y)})"
+    acc = theft.accuracy(x, y)
+    from tempo.audit.theft import accuracy
+
+    real = accuracy(_real_model(truth, public), x, y)
+    out = {f"{k}_accuracy": v for k, v in acc.items()} | {"real_accuracy": real, "scored_on": on,
+                                                           "frozen_layers": theft.frozen, "step": theft.step,
+                                                           "public_images": len(theft.train),
+                                                           "own_held_out": theft.own,
+                                                           "chance": float(np.bincount(y).max() / len(y))}
+    if "stolen" in acc:
+        out["worth"] = acc["stolen"] - max(acc.get("random_frozen", 0.0), acc.get("public_only", 0.0))
+    return out
+
+
 def score_hidden(hr: at.HiddenRecovery, truth: RunTruth, layer: int = 1) -> dict:
     """Correlation of the rebuilt maps with the true ones (channels matched, one scale per
     channel; in the attacker's chosen frame symmetry and in the best one), of the deconvolved
