@@ -1821,7 +1821,7 @@ def cnn_image_labels(view: RunView, public: Public, images: ImageRecovery, label
 
 
 ATTACKS = ("zeros_signs", "scale_invariant", "labels", "images", "structure", "steal", "distinguishing",
-           "mixing", "batch_mixing", "hidden")
+           "mixing", "batch_mixing", "hidden", "unmix")
 
 
 def run_all(view: RunView, public: Public, truth=None, attacks: tuple[str, ...] | None = None,
@@ -1941,6 +1941,17 @@ def run_all(view: RunView, public: Public, truth=None, attacks: tuple[str, ...] 
             cache["hidden"] = hr
             return sc.score_hidden(hr, truth) if truth is not None else {"steps": len(hr.maps)}
         timed("hidden", hd)
+    if "unmix" in todo:
+        def um():
+            from tempo.audit import unmix as um_
+
+            prof = um_.rank_profiles(view, public)
+            dead = um_.dead_units(view, public)
+            cache["unmix"] = (prof, dead)
+            if truth is not None:
+                return sc.score_unmix(prof, dead, view, truth)
+            return {"profiled_operands": len(prof.profiles), "dead_unit_operands": len(dead.per_block)}
+        timed("unmix", um)
     out["_cache"] = cache  # the attacks' outputs (for pictures), not numbers
     return out
 

@@ -24,6 +24,7 @@ class Public:
     key_space: str = "int:256"  # the scheme's key space (public: the code is)
     batch_size: int = 64
     layers: int | None = None  # the model's offloadable layers (None: as many as the view has)
+    mix: int = 0  # the masking's mixing block g (0: none); public, the preset says it
 
     def nlayers(self, view) -> int:
         """How many Linear/Conv2d layers the model has (the view may hold fewer: some kept in the enclave)."""

@@ -19,9 +19,9 @@ from tempo.audit.view import ProductTruth, ProductView, RunTruth, RunView
 
 # which of the model's offloadable layers each attack reads (None: the last one)
 NEEDS = {"images": (0,), "labels": (None,), "structure": (0, 1, None), "steal": (0, 1, None),
-         "distinguishing": (0,), "hidden": (1,)}
+         "distinguishing": (0,), "hidden": (1,), "unmix": (1,)}
 RUN_ATTACKS = ("zeros_signs", "scale_invariant", "images", "labels", "structure", "steal", "distinguishing",
-               "hidden")  # what one run's relay view is attacked with
+               "hidden", "unmix")  # what one run's relay view is attacked with
 SCHEME_EXPERIMENTS = ("mixing", "batch_mixing")  # what-if searches against other schemes, on the public sample
 
 
@@ -72,6 +72,7 @@ def audit(model: str = "mlp", masking: str = "paper", epochs: int = 3, relays: i
     view, truth = by_model_layer(view, truth, offloaded)
     public = Public.from_split(split, model, chosen.key_space, cfg.batch_size)
     public.layers = layers
+    public.mix = chosen.mix
     wanted = attacks or RUN_ATTACKS
     runnable, skipped = [], {}
     for name in wanted:
@@ -169,6 +170,19 @@ def headline(figures: dict) -> list[tuple[str, str, str]]:
         rows.append(("conv1 maps from conv2's input: correlation / digit named",
                      "not offloaded" if na("hidden") else
                      f"{_num(r.get('map_correlation'))} / {pct(r.get('digit_accuracy'))}", "— / 10%"))
+    if "unmix" in a:
+        r = a["unmix"]
+        if na("unmix"):
+            rows.append(("block ranks (mixing-proof): same-label neighbours / dead units", "not offloaded", ""))
+        else:
+            nn = [v for k, v in r.items() if k.startswith("layer") and isinstance(v, dict)]
+            best = max(nn, key=lambda v: v["nn_same_label"]) if nn else None
+            dead = r.get("dead_units")
+            got = (pct(best["nn_same_label"]) if best else "n/a (no per-sample slices)")
+            if dead:
+                got += f"; dead units counted exactly {pct(dead['count_exact'])}"
+            rows.append(("block ranks (mixing-proof): same-label neighbours / dead units", got,
+                         pct(best["chance"]) if best else "10%"))
     return rows
 
 
