@@ -143,16 +143,20 @@ def score_unmix(prof, dead, view: RunView, truth: RunTruth) -> dict:
     out: dict[str, dict] = {}
     per: dict[int, list] = {}
     chance: dict[int, list] = {}
+    per_profile: dict[int, list] = {}
     for (s, l), nn in prof.neighbours.items():
         y = truth.steps[s].y.numpy()
         if len(y) != len(nn):
             continue
         per.setdefault(l, []).append(float((y[nn] == y).mean()))
+        if (s, l) in prof.neighbours_profile:
+            per_profile.setdefault(l, []).append(float((y[prof.neighbours_profile[(s, l)]] == y).mean()))
         same = (y[:, None] == y[None, :]).sum(1) - 1
         chance.setdefault(l, []).append(float((same / max(len(y) - 1, 1)).mean()))
     for l, v in per.items():
         defi = [d for (s, ll), d in prof.deficient.items() if ll == l]
         out[f"layer{l}"] = {"nn_same_label": float(np.mean(v)), "chance": float(np.mean(chance[l])),
+                            "nn_same_label_profile_only": float(np.mean(per_profile[l])) if l in per_profile else None,
                             "singular_blocks": float(np.mean(defi))}
     exact, counted, plain = 0, 0, 0
     for (s, l), blocks in dead.per_block.items():

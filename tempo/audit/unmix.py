@@ -83,26 +83,81 @@ def block_ranks(m: np.ndarray, g: int, tol: float = 1e-5) -> np.ndarray:
 
 @dataclass
 class RankProfiles:
-    """Per step and layer: each sample's block-rank profile and its nearest other sample."""
+    """Per step and layer: each sample's block-rank profile and its nearest other sample, by the
+    profile alone (`neighbours_profile`) and by all the rank statistics together (`neighbours`)."""
 
     profiles: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (batch, blocks)
     neighbours: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    neighbours_profile: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     deficient: dict[tuple[int, int], float] = field(default_factory=dict)  # share of singular blocks
+
+
+def _nearest(sim: np.ndarray) -> np.ndarray:
+    s = sim.copy()
+    np.fill_diagonal(s, -np.inf)
+    return s.argmax(1)
+
+
+def profile_similarity(profiles: np.ndarray) -> np.ndarray:
+    """Minus the squared Euclidean distance of centred rank profiles (batch × batch)."""
+    f = profiles - profiles.mean(0, keepdims=True)
+    return -((f[:, None, :] - f[None, :, :]) ** 2).sum(-1)
 
 
 def rank_neighbours(profiles: np.ndarray) -> np.ndarray:
     """The nearest other sample of each sample by Euclidean distance of centred rank profiles."""
-    f = profiles - profiles.mean(0, keepdims=True)
-    d = ((f[:, None, :] - f[None, :, :]) ** 2).sum(-1)
-    np.fill_diagonal(d, np.inf)
-    return d.argmin(1)
+    return _nearest(profile_similarity(profiles))
 
 
-def rank_profiles(view: RunView, public: Public, g: int | None = None, max_steps: int = 8) -> RankProfiles:
-    """Attack ``unmix`` (i): block ranks of every operand whose leading axis is the batch in its
-    own order (a convolution's patches ``B'``, one slice per sample under one key), per sample,
-    and each sample's nearest neighbour by rank profile. `g`: the mixing block (public: the
-    preset says it; default ``public.mix`` or 16)."""
+def null_spaces(b: np.ndarray, tol: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
+    """Orthonormal bases of a block's left null space (``yᵀ b = 0``) and right null space (``b v = 0``)."""
+    r, c = balance(b)
+    u, sv, vt = np.linalg.svd(r[:, None] * b * c[None, :])
+    k = int((sv > tol * sv[0]).sum()) if len(sv) and sv[0] > 0 else 0
+    left, right = u[:, k:] * r[:, None], vt[k:].T * c[:, None]
+    return (np.linalg.qr(left)[0] if left.shape[1] else left), (np.linalg.qr(right)[0] if right.shape[1] else right)
+
+
+def null_space_similarity(m: np.ndarray, g: int, side: str = "left", tol: float = 1e-5) -> np.ndarray:
+    """For slices ``m[b] = L · M_b · R`` under one key: per pair of slices, the dimension of the
+    intersection of their blocks' null spaces, summed over blocks, over the union's (Jaccard).
+    A left null space of a block is spanned by the unmixing rows of the plaintext rows that are
+    zero there (a conv1 channel silent on the block's positions), in the same coordinates for
+    every slice: two samples share a dimension when they share a silent row."""
+    m = np.asarray(m, dtype=np.float64)
+    n = m.shape[0]
+    inter, dims = np.zeros((n, n)), np.zeros(n)
+    which = 0 if side == "left" else 1
+    for rs in block_slices(m.shape[1], g):
+        for cs in block_slices(m.shape[2], g):
+            bases = [null_spaces(s[rs, cs], tol)[which] for s in m]
+            k = np.array([x.shape[1] for x in bases])
+            dims += k
+            if k.max() == 0:
+                continue
+            stack = np.zeros((n, bases[0].shape[0], k.max()))
+            for i, x in enumerate(bases):
+                stack[i, :, :x.shape[1]] = x
+            cos = np.linalg.svd(np.einsum("aik,bil->abkl", stack, stack), compute_uv=False)
+            inter += (cos > 1 - tol).sum(-1)
+    np.fill_diagonal(inter, 0.0)
+    return inter / (dims[:, None] + dims[None, :] - inter + 1e-9)
+
+
+def _z(sim: np.ndarray) -> np.ndarray:
+    off = sim[~np.eye(len(sim), dtype=bool)]
+    return (sim - off.mean()) / (off.std() + 1e-12)
+
+
+def rank_profiles(view: RunView, public: Public, g: int | None = None, max_steps: int = 6,
+                  null_spaces_too: bool = True) -> RankProfiles:
+    """Attack ``unmix`` (i): on every product whose operands carry the batch as a leading axis in
+    its own order under one key (a convolution: patches ``B'`` and ``D'ᵀ``, one slice per sample),
+    each sample's block ranks (its profile), and with `null_spaces_too` the shared null-space
+    dimensions of every pair of samples (`null_space_similarity`: left and right for ``B'``,
+    left for ``D'ᵀ``). The similarities are standardised and summed; each sample's nearest
+    other sample is its neighbour. `g`: the mixing block (public: the preset says it; default
+    ``public.mix`` or 16)."""
     g = g or public.mix or 16
     idx = _index(view)
     steps = train_steps(view)
@@ -114,14 +169,23 @@ def rank_profiles(view: RunView, public: Public, g: int | None = None, max_steps
             p = idx.get((s, layer))
             if p is None or p.b.dim() != 3 or p.b.shape[0] < 2:
                 continue
-            r = block_ranks(_np(p.b), g)
-            rows = np.array([sl.stop - sl.start for sl in block_slices(p.b.shape[-2], g)])
-            cols = np.array([sl.stop - sl.start for sl in block_slices(p.b.shape[-1], g)])
-            full = np.minimum(rows[:, None], cols[None, :])
+            b = _np(p.b)
+            r = block_ranks(b, g)
+            rows = np.array([sl.stop - sl.start for sl in block_slices(b.shape[-2], g)])
+            cols = np.array([sl.stop - sl.start for sl in block_slices(b.shape[-1], g)])
             prof = r.reshape(r.shape[0], -1).astype(np.float64)
             out.profiles[(s, layer)] = prof
-            out.neighbours[(s, layer)] = rank_neighbours(prof)
-            out.deficient[(s, layer)] = float((r < full[None]).mean())
+            out.deficient[(s, layer)] = float((r < np.minimum(rows[:, None], cols[None, :])[None]).mean())
+            sim_p = profile_similarity(prof)
+            out.neighbours_profile[(s, layer)] = _nearest(sim_p)
+            sims = [sim_p]
+            if null_spaces_too:
+                sims += [null_space_similarity(b, g, "left"), null_space_similarity(b, g, "right")]
+                if p.e is not None and p.e.dim() == 3 and p.e.shape[0] == b.shape[0]:
+                    e = _np(p.e)
+                    sims += [profile_similarity(block_ranks(e, g).reshape(len(e), -1).astype(np.float64)),
+                             null_space_similarity(e, g, "left")]
+            out.neighbours[(s, layer)] = _nearest(sum(_z(x) for x in sims))
     return out
 
 
