@@ -40,14 +40,14 @@ from tempo.audit.view import RunView
 
 
 def block_slices(n: int, g: int) -> list[slice]:
-    """The mixing blocks of an axis of length `n`: consecutive runs of `g` (the last one shorter)."""
+    """The mixing blocks of an axis of length `n`: runs of `g` positions (the last one shorter)."""
     g = max(int(g), 1)
     return [slice(i, min(i + g, n)) for i in range(0, n, g)]
 
 
 def balance(b: np.ndarray, iters: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column factors ``r``, ``c`` with ``diag(r) · b · diag(c)`` of unit-norm rows and columns
-    (about): the keys' scales span 1…256 on each side, which would swamp a relative rank test."""
+    """Row and column factors ``r``, ``c`` with ``diag(r) · b · diag(c)`` of about unit-norm rows
+    and columns: the keys' scales span 1…256 on each side and would swamp a relative rank test."""
     r, c = np.ones(b.shape[0]), np.ones(b.shape[1])
     m = np.abs(b)
     for _ in range(iters):
@@ -68,7 +68,7 @@ def block_rank(b: np.ndarray, tol: float = 1e-5) -> int:
 
 
 def block_ranks(m: np.ndarray, g: int, tol: float = 1e-5) -> np.ndarray:
-    """Ranks of the g×g blocks of the last two axes of `m`: shape (*leading, row blocks, column blocks)."""
+    """Ranks of the g×g blocks of the last two axes of `m`: (*leading, row blocks, col blocks)."""
     m = np.asarray(m, dtype=np.float64)
     lead = m.shape[:-2]
     flat = m.reshape(-1, *m.shape[-2:])
@@ -89,7 +89,7 @@ class RankProfiles:
     profiles: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (batch, blocks)
     neighbours: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     neighbours_profile: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
-    deficient: dict[tuple[int, int], float] = field(default_factory=dict)  # share of singular blocks
+    deficient: dict[tuple[int, int], float] = field(default_factory=dict)  # singular blocks' share
 
 
 def _nearest(sim: np.ndarray) -> np.ndarray:
@@ -110,15 +110,18 @@ def rank_neighbours(profiles: np.ndarray) -> np.ndarray:
 
 
 def null_spaces(b: np.ndarray, tol: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
-    """Orthonormal bases of a block's left null space (``yᵀ b = 0``) and right null space (``b v = 0``)."""
+    """Orthonormal bases of a block's left (``yᵀ b = 0``) and right (``b v = 0``) null spaces."""
     r, c = balance(b)
     u, sv, vt = np.linalg.svd(r[:, None] * b * c[None, :])
     k = int((sv > tol * sv[0]).sum()) if len(sv) and sv[0] > 0 else 0
     left, right = u[:, k:] * r[:, None], vt[k:].T * c[:, None]
-    return (np.linalg.qr(left)[0] if left.shape[1] else left), (np.linalg.qr(right)[0] if right.shape[1] else right)
+    left = np.linalg.qr(left)[0] if left.shape[1] else left
+    right = np.linalg.qr(right)[0] if right.shape[1] else right
+    return left, right
 
 
-def null_space_similarity(m: np.ndarray, g: int, side: str = "left", tol: float = 1e-5) -> np.ndarray:
+def null_space_similarity(m: np.ndarray, g: int, side: str = "left",
+                          tol: float = 1e-5) -> np.ndarray:
     """For slices ``m[b] = L · M_b · R`` under one key: per pair of slices, the dimension of the
     intersection of their blocks' null spaces, summed over blocks, over the union's (Jaccard).
     A left null space of a block is spanned by the unmixing rows of the plaintext rows that are
@@ -175,7 +178,8 @@ def rank_profiles(view: RunView, public: Public, g: int | None = None, max_steps
             cols = np.array([sl.stop - sl.start for sl in block_slices(b.shape[-1], g)])
             prof = r.reshape(r.shape[0], -1).astype(np.float64)
             out.profiles[(s, layer)] = prof
-            out.deficient[(s, layer)] = float((r < np.minimum(rows[:, None], cols[None, :])[None]).mean())
+            full = np.minimum(rows[:, None], cols[None, :])[None]
+            out.deficient[(s, layer)] = float((r < full).mean())
             sim_p = profile_similarity(prof)
             out.neighbours_profile[(s, layer)] = _nearest(sim_p)
             sims = [sim_p]
@@ -183,8 +187,8 @@ def rank_profiles(view: RunView, public: Public, g: int | None = None, max_steps
                 sims += [null_space_similarity(b, g, "left"), null_space_similarity(b, g, "right")]
                 if p.e is not None and p.e.dim() == 3 and p.e.shape[0] == b.shape[0]:
                     e = _np(p.e)
-                    sims += [profile_similarity(block_ranks(e, g).reshape(len(e), -1).astype(np.float64)),
-                             null_space_similarity(e, g, "left")]
+                    prof_e = block_ranks(e, g).reshape(len(e), -1).astype(np.float64)
+                    sims += [profile_similarity(prof_e), null_space_similarity(e, g, "left")]
             out.neighbours[(s, layer)] = _nearest(sum(_z(x) for x in sims))
     return out
 
@@ -203,7 +207,8 @@ class DeadUnits:
         return int(self.per_block[key].sum())
 
 
-def dead_units(view: RunView, public: Public, g: int | None = None, max_steps: int = 8) -> DeadUnits:
+def dead_units(view: RunView, public: Public, g: int | None = None,
+               max_steps: int = 8) -> DeadUnits:
     """Attack ``unmix`` (ii): for every hidden linear input ``A'`` (samples × units), ``width −
     rank`` of each column block strip: the number of units of that block silent on the whole
     batch (exact, whatever the mixing)."""
@@ -216,12 +221,15 @@ def dead_units(view: RunView, public: Public, g: int | None = None, max_steps: i
     for s in steps:
         for layer in view.layers():
             p = idx.get((s, layer))
-            if p is None or p.a.dim() != 2 or operand_kind(public.model, layer, "a", public.nlayers(view)) != "hidden":
+            if p is None or p.a.dim() != 2:
+                continue
+            if operand_kind(public.model, layer, "a", public.nlayers(view)) != "hidden":
                 continue
             a = _np(p.a)
-            if a.shape[0] < 2 * g:
+            if a.shape[0] < g:
                 continue
-            out.per_block[(s, layer)] = np.array([sl.stop - sl.start - block_rank(a[:, sl]) for sl in block_slices(a.shape[1], g)])
+            out.per_block[(s, layer)] = np.array([sl.stop - sl.start - block_rank(a[:, sl])
+                                                  for sl in block_slices(a.shape[1], g)])
     return out
 
 
@@ -272,7 +280,8 @@ def cone_rays(y: np.ndarray, max_lps: int | None = None, seed: int = 0) -> np.nd
             continue
         w = w / np.abs(v).max()
         covered |= v > 1e-6
-        if not any(abs(abs(w @ f) / (np.linalg.norm(w) * np.linalg.norm(f)) - 1) < 1e-9 for f in found):
+        cos = [abs(w @ f) / (np.linalg.norm(w) * np.linalg.norm(f)) for f in found]
+        if not any(abs(c - 1) < 1e-9 for c in cos):
             found.append(w)
     return np.stack(found, 1) if found else np.zeros((g, 0))
 
@@ -310,14 +319,14 @@ def one_sided_experiment(public: Public, g: int, side: str = "rows", seed: int =
     t0 = time.perf_counter()
     if side == "rows":  # rows mixed: search each row block's row span (vectors over units)
         plain = x[:, kn.perm.numpy()] / kn.coef.numpy()[None, :]
-        truth_vecs, mixed_perm, strips = plain, km.perm.numpy(), [masked[sl].T for sl in block_slices(x.shape[0], g)]
-        slices = block_slices(x.shape[0], g)
+        mixed_perm, slices = km.perm.numpy(), block_slices(x.shape[0], g)
+        strips = [masked[sl].T for sl in slices]
     else:
         plain = (x[km.perm.numpy()] * km.coef.numpy()[:, None]).T
-        truth_vecs, mixed_perm, strips = plain, kn.perm.numpy(), [masked[:, sl] for sl in block_slices(x.shape[1], g)]
-        slices = block_slices(x.shape[1], g)
-    unit = truth_vecs / (np.linalg.norm(truth_vecs, axis=1, keepdims=True) + 1e-300)
-    live = np.linalg.norm(truth_vecs, axis=1) > 0
+        mixed_perm, slices = kn.perm.numpy(), block_slices(x.shape[1], g)
+        strips = [masked[:, sl] for sl in slices]
+    unit = plain / (np.linalg.norm(plain, axis=1, keepdims=True) + 1e-300)
+    live = np.linalg.norm(plain, axis=1) > 0
     hits = 0
     for sl, strip in zip(slices, strips):
         v = strip @ cone_rays(strip, seed=seed)
@@ -326,5 +335,6 @@ def one_sided_experiment(public: Public, g: int, side: str = "rows", seed: int =
         v = v / np.linalg.norm(v, axis=0, keepdims=True)
         rows = mixed_perm[sl]
         hits += int(((np.abs(unit[rows] @ v).max(1) > 0.99) & live[rows]).sum())
-    return {"g": g, "side": side, "recovered": hits / max(int(live.sum()), 1), "vectors": int(live.sum()),
+    return {"g": g, "side": side, "recovered": hits / max(int(live.sum()), 1),
+            "vectors": int(live.sum()),
             "seconds": round(time.perf_counter() - t0, 3), "chance": 0.0}
