@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from tempo import __version__
+from tempo.enclave import protection
 from tempo.log import LOG_FORMATS, configure_logging
 
 _DTYPES = {"float32": "float32", "float64": "float64"}
@@ -283,10 +284,10 @@ SPLIT_MIN_MB = click.option("--split-min-mb", default=4.0, show_default=True, ty
 
 
 # what relays see: a preset, and options on top of it (tempo.enclave.protection)
-MASKING = click.option("--masking", type=click.Choice(["paper", "head", "edges", "mixed"]), default="edges",
+MASKING = click.option("--masking", type=click.Choice(list(protection.PRESETS)), default=protection.DEFAULT,
                        show_default=True, help="Masking preset: paper (the paper's scheme), head (classifier in the "
-                       "enclave), edges (first layer and head in the enclave), mixed (edges, and keys that mix "
-                       "blocks of 16 positions). README: what a relay learns.")
+                       "enclave), edges (first layer and head in the enclave), mixed (edges, keys that mix "
+                       "blocks of 16 positions, a convolution's patches as one matrix). README: what a relay learns.")
 KEY_SPACE = click.option("--key-space", default=None,
                          help="Key coefficients: int:K (the paper's), signed-int:K, continuous:K (default: the preset's).")
 MIX = click.option("--mix", default=None, type=click.IntRange(0),

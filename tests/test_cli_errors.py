@@ -174,11 +174,11 @@ def test_nan_inputs_through_the_library_never_leave_the_enclave():
     x = torch.rand(8, 1, 8, 8)
     x[3, 0, 2, 2] = float("nan")
     with pytest.raises(NonFiniteError, match="layer 0"):
-        to_private(model, PrivateContext(InProcessEngine()))(x)
+        to_private(model, PrivateContext(InProcessEngine()), keep=())(x)
     with LocalCluster(relays=1) as cluster, OffloadClient(cluster.enclave_endpoint, "nan") as client:
         client.wait_for_relays(1)
         with pytest.raises(NonFiniteError, match="layer 0"):
-            to_private(model, PrivateContext(ClientEngine(client)))(x)
+            to_private(model, PrivateContext(ClientEngine(client)), keep=())(x)
         assert client.counters.forward == 0 and not client.relay_events  # nothing sent, nobody blamed
         assert client.arena.bytes_in_use == 0
 

@@ -138,7 +138,7 @@ def test_weights_masked_ahead_are_used_only_while_they_are_current(engine):
     net = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 6),
                               torch.nn.ReLU(), torch.nn.Linear(6, 4))
     pctx = PrivateContext(engine, job=engine.client.job)
-    private = to_private(net, pctx)
+    private = to_private(net, pctx, keep=())
     x = torch.randn(10, 12)
     used0 = engine.prefetch_used
     with torch.no_grad():
@@ -168,7 +168,7 @@ def test_weights_masked_ahead_are_shipped_to_their_relay_ahead(engine):
     torch.manual_seed(1)
     net = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 6))
     pctx = PrivateContext(engine, job=engine.client.job)
-    private = to_private(net, pctx)
+    private = to_private(net, pctx, keep=())
     x = torch.randn(10, 12)
     before = engine.client.counters.staged_forwards
     for _ in range(3):

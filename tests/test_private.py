@@ -31,7 +31,7 @@ def assert_parity(module, x, y, rel=1e-4):
     """One private step's gradients equal autograd's on the same module and batch."""
     reference = copy.deepcopy(module)
     pctx = PrivateContext(InProcessEngine())
-    loss_p, got = grads_of(to_private(module, pctx), x, y)
+    loss_p, got = grads_of(to_private(module, pctx, keep=()), x, y)
     loss_r, want = grads_of(reference, x, y)
     assert torch.allclose(loss_p, loss_r, rtol=rel)
     for name, g in want.items():
@@ -44,7 +44,7 @@ def assert_parity(module, x, y, rel=1e-4):
 def train_privately(net, x, y, opt, steps):
     """A few private training steps in-process: the loss must fall, and nothing stays open."""
     pctx = PrivateContext(InProcessEngine(rounds=8))
-    private = to_private(net, pctx)
+    private = to_private(net, pctx, keep=())
     losses = []
     for _ in range(steps):
         loss = nn.functional.cross_entropy(private(x), y)
@@ -146,7 +146,7 @@ def test_random_conv2d_configurations_match_torch_in_fp64(config):
     torch.manual_seed(0)
     conv = nn.Conv2d(**kwargs).double()
     reference = copy.deepcopy(conv)
-    private = to_private(conv, PrivateContext(InProcessEngine(rounds=4)))
+    private = to_private(conv, PrivateContext(InProcessEngine(rounds=4)), keep=())
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
     y, y_ref = private(x), reference(x_ref)
@@ -173,7 +173,7 @@ def test_padding_is_placed_where_torch_places_it(padding, kernel, dilation):
 def test_unbatched_input_as_torch_accepts_it():
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 8, 3, padding="same", groups=4, padding_mode="circular")
-    private = to_private(conv, PrivateContext(InProcessEngine()))
+    private = to_private(conv, PrivateContext(InProcessEngine()), keep=())
     x = torch.randn(4, 5, 6)
     with torch.no_grad():
         torch.testing.assert_close(private(x), conv(x), rtol=1e-5, atol=1e-5)
@@ -207,7 +207,7 @@ def test_a_mobilenet_block_has_autograd_gradients_and_trains():
     exact = mobilenet_block().double()
     exact.load_state_dict(net.state_dict())
     reference = copy.deepcopy(exact)
-    _, got = grads_of(to_private(exact, PrivateContext(InProcessEngine())), x.double(), y)
+    _, got = grads_of(to_private(exact, PrivateContext(InProcessEngine()), keep=()), x.double(), y)
     _, want = grads_of(reference, x.double(), y)
     assert max(rel_errors(got, want).values()) < 1e-9
     train_privately(net, x, y, torch.optim.Adam(net.parameters(), lr=1e-2), steps=4)
@@ -228,7 +228,7 @@ def test_every_packaged_model_has_exact_gradients_in_fp64(name):
     net = models.build(name, shape, 10, SMALL[name]).double()
     x, y = torch.rand(6, *shape, dtype=torch.float64), torch.randint(0, 10, (6,))
     reference = copy.deepcopy(net)
-    _, got = grads_of(to_private(net, PrivateContext(InProcessEngine())), x, y)
+    _, got = grads_of(to_private(net, PrivateContext(InProcessEngine()), keep=()), x, y)
     _, want = grads_of(reference, x, y)
     assert max(rel_errors(got, want).values()) < 1e-9
 
@@ -250,7 +250,7 @@ def test_resnet50_fp32_gradients_are_as_close_as_fp32_itself_allows():
     exact = copy.deepcopy(net).double()
     plain = copy.deepcopy(net)
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
-    _, g_private = grads_of(to_private(net, PrivateContext(InProcessEngine())), x, y)
+    _, g_private = grads_of(to_private(net, PrivateContext(InProcessEngine()), keep=()), x, y)
     _, g_plain = grads_of(plain, x, y)
     _, g_exact = grads_of(exact, x.double(), y)
     g_exact = {k: v.float() for k, v in g_exact.items()}
@@ -274,7 +274,7 @@ def test_one_encryption_per_product_backward_and_weights_never_reencrypted():
     net = models.build("cnn", (1, 8, 8), 10)
     products = 3  # two convolutions and one linear
     pctx = PrivateContext(InProcessEngine())
-    private = to_private(net, pctx)
+    private = to_private(net, pctx, keep=())
     for step in range(3):
         before = pctx.engine.counters.__dict__.copy()
         nn.functional.cross_entropy(private(torch.rand(8, 1, 8, 8)), torch.randint(0, 10, (8,))).backward()
@@ -289,7 +289,7 @@ def test_one_encryption_per_product_backward_and_weights_never_reencrypted():
 
 def test_no_grad_forward_releases_everything():
     pctx = PrivateContext(InProcessEngine())
-    private = to_private(models.build("mlp", (1, 8, 8), 10), pctx)
+    private = to_private(models.build("mlp", (1, 8, 8), 10), pctx, keep=())
     with torch.no_grad():
         private(torch.rand(4, 1, 8, 8))
     assert not pctx._open and not pctx.engine._cache
@@ -298,7 +298,7 @@ def test_no_grad_forward_releases_everything():
 def test_trained_weights_load_into_the_original_module():
     net = models.build("mlp", (1, 8, 8), 10)
     pctx = PrivateContext(InProcessEngine())
-    private = to_private(net, pctx)
+    private = to_private(net, pctx, keep=())
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
     nn.functional.cross_entropy(private(torch.rand(4, 1, 8, 8)), torch.randint(0, 10, (4,))).backward()
     opt.step()
@@ -355,7 +355,7 @@ class MyConv(nn.Conv2d):
 )
 def test_unsupported_layers_are_named(module, name):
     with pytest.raises(UnsupportedLayerError, match=name) as info:
-        to_private(module, PrivateContext(InProcessEngine()))
+        to_private(module, PrivateContext(InProcessEngine()), keep=())
     assert "Linear" in str(info.value)
     if "Conv" in name:
         assert "only nn.Conv2d itself is offloaded" in str(info.value)
@@ -396,7 +396,7 @@ def strided_same():
 )
 def test_the_refusal_names_the_layers_path_in_the_model(odd, why):
     with pytest.raises(UnsupportedLayerError) as info:
-        to_private(Net(odd), PrivateContext(InProcessEngine()))
+        to_private(Net(odd), PrivateContext(InProcessEngine()), keep=())
     message = str(info.value)
     assert message.startswith(f"layer 'Net.features.3' ({type(odd).__name__}) ")
     assert why in message and "supported: " in message
@@ -437,7 +437,7 @@ def test_grouped_convolutions_split_across_two_relay_processes_have_autograd_gra
         client.wait_for_relays(2)
         engine = ClientEngine(client, parts=2, split_min_mb=0.0)
         pctx = PrivateContext(engine, job="layers")
-        private = to_private(net, pctx)
+        private = to_private(net, pctx, keep=())
         for _ in range(2):  # the second step masks each next layer's weights ahead (the look-ahead)
             _, got = grads_of(private, x, y)
             pctx.end_step()
@@ -484,7 +484,7 @@ def test_convolutions_as_rows_of_the_whole_batch_match_autograd_and_hide_the_ima
         (ev, bind.layer, [tuple(t.shape) for t in masked])))
     reference = copy.deepcopy(net)
     pctx = PrivateContext(engine, patch_rows=True)
-    loss_p, got = grads_of(to_private(net, pctx), x, y)
+    loss_p, got = grads_of(to_private(net, pctx, keep=()), x, y)
     loss_r, want = grads_of(reference, x, y)
     assert torch.allclose(loss_p, loss_r, rtol=1e-4)
     for name, g in want.items():

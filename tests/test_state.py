@@ -31,7 +31,7 @@ def test_a_long_job_holds_only_what_is_in_flight():
         client.wait_for_relays(2)
         engine = ClientEngine(client)
         pctx = PrivateContext(engine, job="long")
-        private = to_private(model, pctx)
+        private = to_private(model, pctx, keep=())
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         for step in range(1, 401):
             x, y = torch.randn(4, 8), torch.randint(0, 4, (4,))

@@ -1823,7 +1823,7 @@ def cnn_image_labels(view: RunView, public: Public, images: ImageRecovery, label
 
 
 ATTACKS = ("zeros_signs", "scale_invariant", "labels", "images", "structure", "steal", "distinguishing",
-           "mixing", "batch_mixing", "hidden", "hidden_distinguishing", "steal_offloaded")
+           "mixing", "batch_mixing", "hidden", "hidden_distinguishing", "steal_offloaded", "unmix")
 
 
 def run_all(view: RunView, public: Public, truth=None, attacks: tuple[str, ...] | None = None,
@@ -1962,6 +1962,17 @@ def run_all(view: RunView, public: Public, truth=None, attacks: tuple[str, ...] 
                     {"own_held_out": th.own, "frozen_layers": th.frozen, "public_images": len(th.train)}
             return res
         timed("steal_offloaded", so)
+    if "unmix" in todo:
+        def um():
+            from tempo.audit import unmix as um_
+
+            prof = um_.rank_profiles(view, public)
+            dead = um_.dead_units(view, public)
+            cache["unmix"] = (prof, dead)
+            if truth is not None:
+                return sc.score_unmix(prof, dead, view, truth)
+            return {"profiled_operands": len(prof.profiles), "dead_unit_operands": len(dead.per_block)}
+        timed("unmix", um)
     out["_cache"] = cache  # the attacks' outputs (for pictures), not numbers
     return out
 

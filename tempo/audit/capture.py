@@ -32,6 +32,7 @@ class CaptureConfig:
     key_space: str | None = None
     mix: int | None = None
     keep: tuple[str, ...] | None = None
+    patch_rows: bool | None = None
     evaluate: bool = True  # evaluation batches (forward only) at the end, as a run makes them
     relays: int = 0  # 0: in-process; N: N real relay processes that record what they receive
 
@@ -63,7 +64,7 @@ def capture(cfg: CaptureConfig, record_dir: str | Path | None = None, log=None) 
             truth.products[key].grad_c = product.grad_c.detach().clone()
 
     masking = preset(cfg.masking).with_options(key_space=cfg.key_space, key_refresh=cfg.key_refresh, mix=cfg.mix,
-                                                keep=cfg.keep)
+                                                keep=cfg.keep, patch_rows=cfg.patch_rows)
     keys = masking.keys()
     if not cfg.relays:
         pctx = PrivateContext(InProcessEngine(rounds=8, keys=keys, observer=observe), job="audit",

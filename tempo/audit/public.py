@@ -25,6 +25,7 @@ class Public:
     batch_size: int = 64
     layers: int | None = None  # the model's offloadable layers (None: as many as the view has)
     patch_rows: bool = False  # convolutions offloaded as the whole batch's patches @ Wᵀ (masking mixed)
+    mix: int = 0  # the masking's mixing block g (0: none); public, the preset says it
 
     def nlayers(self, view) -> int:
         """How many Linear/Conv2d layers the model has (the view may hold fewer: some kept in the enclave)."""

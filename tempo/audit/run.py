@@ -20,9 +20,9 @@ from tempo.audit.view import ProductTruth, ProductView, RunTruth, RunView
 # which of the model's offloadable layers each attack reads (None: the last one)
 NEEDS = {"images": (0,), "labels": (None,), "structure": (0, 1, None), "steal": (0, 1, None),
          "distinguishing": (0,), "hidden": (1,), "hidden_distinguishing": (),  # (): any offloaded layer
-         "steal_offloaded": (1,)}
+         "steal_offloaded": (1,), "unmix": (1,)}
 RUN_ATTACKS = ("zeros_signs", "scale_invariant", "images", "labels", "structure", "steal", "distinguishing",
-               "hidden", "hidden_distinguishing", "steal_offloaded")  # what one run's relay view is attacked with
+               "hidden", "hidden_distinguishing", "steal_offloaded", "unmix")  # what one run's relay view is attacked with
 SCHEME_EXPERIMENTS = ("mixing", "batch_mixing")  # what-if searches against other schemes, on the public sample
 
 
@@ -74,6 +74,7 @@ def audit(model: str = "mlp", masking: str = "paper", epochs: int = 3, relays: i
     public = Public.from_split(split, model, chosen.key_space, cfg.batch_size)
     public.layers = layers
     public.patch_rows = chosen.patch_rows
+    public.mix = chosen.mix
     wanted = attacks or RUN_ATTACKS
     runnable, skipped = [], {}
     for name in wanted:
@@ -190,6 +191,19 @@ def headline(figures: dict) -> list[tuple[str, str, str]]:
                          f"{pct(q.get('stolen_accuracy'))} ({pct(q.get('public_only_accuracy'))} / "
                          f"{pct(q.get('random_frozen_accuracy'))} / {pct(q.get('real_accuracy'))})",
                          "worth " + ("n/a" if q.get("worth") is None else f"{100 * q['worth']:+.1f} pt")))
+    if "unmix" in a:
+        r = a["unmix"]
+        if na("unmix"):
+            rows.append(("block ranks (mixing-proof): same-label neighbours / dead units", "not offloaded", ""))
+        else:
+            nn = [v for k, v in r.items() if k.startswith("layer") and isinstance(v, dict)]
+            best = max(nn, key=lambda v: v["nn_same_label"]) if nn else None
+            dead = r.get("dead_units")
+            got = (pct(best["nn_same_label"]) if best else "n/a (no per-sample slices)")
+            if dead:
+                got += f"; dead units counted exactly {pct(dead['count_exact'])}"
+            rows.append(("block ranks (mixing-proof): same-label neighbours / dead units", got,
+                         pct(best["chance"]) if best else "10%"))
     return rows
 
 

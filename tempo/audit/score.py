@@ -135,6 +135,45 @@ def score_invariant(nb: at.InvariantNeighbours, view: RunView, truth: RunTruth) 
     return {f"layer{l}": {"nn_same_label": float(np.mean(v)), "chance": float(np.mean(chance[l]))} for l, v in per.items()}
 
 
+def score_unmix(prof, dead, view: RunView, truth: RunTruth) -> dict:
+    """Attack ``unmix``: per layer, the nearest neighbour by block-rank profile shares the label
+    (the sample axis of a conv's patches is the batch in its own order: no matching needed;
+    chance: the share of same-label others), the share of singular blocks; and the dead units
+    counted from ranks against the plaintext's zero columns (exact or not, per operand)."""
+    out: dict[str, dict] = {}
+    per: dict[int, list] = {}
+    chance: dict[int, list] = {}
+    per_profile: dict[int, list] = {}
+    for (s, l), nn in prof.neighbours.items():
+        y = truth.steps[s].y.numpy()
+        if len(y) != len(nn):
+            continue
+        per.setdefault(l, []).append(float((y[nn] == y).mean()))
+        if (s, l) in prof.neighbours_profile:
+            per_profile.setdefault(l, []).append(float((y[prof.neighbours_profile[(s, l)]] == y).mean()))
+        same = (y[:, None] == y[None, :]).sum(1) - 1
+        chance.setdefault(l, []).append(float((same / max(len(y) - 1, 1)).mean()))
+    for l, v in per.items():
+        defi = [d for (s, ll), d in prof.deficient.items() if ll == l]
+        out[f"layer{l}"] = {"nn_same_label": float(np.mean(v)), "chance": float(np.mean(chance[l])),
+                            "nn_same_label_profile_only": float(np.mean(per_profile[l])) if l in per_profile else None,
+                            "singular_blocks": float(np.mean(defi))}
+    exact, counted, plain = 0, 0, 0
+    for (s, l), blocks in dead.per_block.items():
+        t = truth.products.get((s, l, 0))
+        if t is None:
+            continue
+        a = at._np(t.a)
+        zero_cols = int((np.abs(a).max(0) == 0).sum())
+        exact += int(blocks.sum() == zero_cols)
+        counted += int(blocks.sum())
+        plain += zero_cols
+    if dead.per_block:
+        out["dead_units"] = {"operands": len(dead.per_block), "count_exact": exact / len(dead.per_block),
+                             "counted": counted, "plaintext": plain}
+    return out
+
+
 def _ari(a: np.ndarray, b: np.ndarray) -> float:
     """Adjusted Rand index of two partitions (label arrays)."""
     from math import comb

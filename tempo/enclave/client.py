@@ -21,6 +21,7 @@ import torch
 import zmq
 
 from tempo.arena import Arena, Descriptor
+from tempo.enclave import protection
 from tempo.enclave.keys import DEFAULT_KEY_SPACE, KeySchedule, KeySpace, MatmulKey
 from tempo.enclave.roundtrip import MaskedProduct, mask_operand
 from tempo.enclave.verify import IntegrityError
@@ -123,7 +124,8 @@ class OffloadClient:
         self.max_attempts = max_attempts
         self.relay_events: list[dict] = []  # relays quarantined (with evidence) or lost
         self.rounds = rounds
-        self.keys = keys or KeySchedule("step", key_space)
+        # default: fresh keys per product, mixing as the default masking does (tempo.enclave.protection)
+        self.keys = keys or KeySchedule("step", key_space, mix=protection.default().mix)
         self.log = log
         self.arena = Arena.create(job, arena_bytes)
         self._ctx = context or zmq.Context.instance()

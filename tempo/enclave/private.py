@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tempo.enclave import partition
+from tempo.enclave import partition, protection
 from tempo.enclave.keys import KeySchedule
 from tempo.enclave.roundtrip import MaskedProduct
 from tempo.layers import AddTokens, Matmul
@@ -58,7 +58,7 @@ class InProcessEngine:
 
     def __init__(self, rounds: int = 16, keys: KeySchedule | None = None, observer=None) -> None:
         self.rounds = rounds
-        self.keys = keys or KeySchedule()
+        self.keys = keys or protection.default().keys()
         self.observer = observer
         self.counters = EngineCounters()
         self._cache: dict[Binding, tuple[MaskedProduct, torch.Tensor, torch.Tensor]] = {}
@@ -245,7 +245,7 @@ class PrivateContext:
     # Convolutions as ``patches (batch·positions × in·kh·kw) @ Wᵀ``: one row key over the whole
     # batch's patches, so the relay cannot tell which patch is whose image (masking `mixed`);
     # else ``W @ patches`` batched over the images, one key shared by all of them (the paper's).
-    patch_rows: bool = False
+    patch_rows: bool = field(default_factory=lambda: protection.default().patch_rows)
     step: int = 0
     _layer: int = 0
     _open: set = field(default_factory=set)
@@ -440,17 +440,20 @@ def supported_layers() -> list[str]:
 KEEP_CHOICES = ("first", "last")
 
 
-def to_private(module: nn.Module, pctx: PrivateContext, keep: tuple[str, ...] = ()) -> nn.Module:
+def to_private(module: nn.Module, pctx: PrivateContext, keep: tuple[str, ...] | None = None) -> nn.Module:
     """A private twin of `module`: Linear and Conv2d offloaded, the rest unchanged, parameters
     shared with `module` (so ``module.state_dict()`` holds the trained weights).
 
     `keep` names layers that stay in the enclave, computed there in plaintext, although they
     could be offloaded: ``"first"`` (the first Linear or Conv2d, the one that sees the raw data)
-    and ``"last"`` (the last: a classifier head, whose gradient carries the labels).
+    and ``"last"`` (the last: a classifier head, whose gradient carries the labels). None: what
+    the default masking keeps (`tempo.enclave.protection.default`); ``()``: nothing.
 
     Raises `UnsupportedLayerError` naming the first layer that cannot run privately by its path
     in `module` (``'Net.features.3'``), its type, why, and what is supported.
     """
+    if keep is None:
+        keep = protection.default().keep
     unknown = set(keep) - set(KEEP_CHOICES)
     if unknown:
         raise ValueError(f"keep takes {', '.join(KEEP_CHOICES)}, not {sorted(unknown)}")

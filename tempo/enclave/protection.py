@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from tempo.enclave.keys import KeySchedule, KeySpace
 
 
 @dataclass(frozen=True)
@@ -36,15 +35,17 @@ class Masking:
     # a relay cannot group patches by image (`PrivateContext.patch_rows`)
     patch_rows: bool = False
 
-    def keys(self) -> KeySchedule:
-        """The key schedule this masking draws every product's key from."""
+    def keys(self):
+        """The key schedule (`keys.KeySchedule`) this masking draws every product's key from."""
+        from tempo.enclave.keys import KeySchedule, KeySpace
+
         return KeySchedule(self.key_refresh, KeySpace.parse(self.key_space), mix=self.mix)
 
     def with_options(self, key_space: str | None = None, key_refresh: str | None = None, mix: int | None = None,
-                     keep: tuple[str, ...] | None = None) -> Masking:
+                     keep: tuple[str, ...] | None = None, patch_rows: bool | None = None) -> Masking:
         """This preset with the options that are given (not None) replacing its own."""
         changes = {k: v for k, v in (("key_space", key_space), ("key_refresh", key_refresh), ("mix", mix),
-                                     ("keep", keep)) if v is not None and v != getattr(self, k)}
+                                     ("keep", keep), ("patch_rows", patch_rows)) if v is not None and v != getattr(self, k)}
         if not changes:
             return self
         masking = replace(self, **changes)
@@ -64,7 +65,12 @@ PRESETS: dict[str, Masking] = {
 # The default: of the presets `tempo audit` measured, the one that leaks least at no more enclave
 # work than the paper's scheme (README: what a relay learns). It does not meet the goal of
 # hiding the data from relays: hidden layers still leak (measured, and said in the README).
-DEFAULT = "edges"
+DEFAULT = "mixed"
+
+
+def default() -> Masking:
+    """The default masking, of `tempo train` and of the library (`to_private`, the engines)."""
+    return PRESETS[DEFAULT]
 
 
 def preset(name: str) -> Masking:

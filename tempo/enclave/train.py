@@ -58,7 +58,7 @@ class TrainConfig:
     device: str = "cpu"
     mode: str = "tempo"
     key_refresh: str = "step"
-    masking: str = "edges"  # a preset of tempo.enclave.protection: paper, head, edges (the default), mixed
+    masking: str = protection.DEFAULT  # a preset of tempo.enclave.protection: paper, head, edges, mixed
     key_space: str | None = None  # the preset's unless given: int:K, signed-int:K, continuous:K
     mix: int | None = None  # orthogonal mixing blocks on every key (the preset's unless given; 0: none)
     keep: str | None = None  # layers kept in the enclave: "first,last", "last", "none" (the preset's unless given)
