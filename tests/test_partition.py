@@ -64,6 +64,8 @@ def test_the_split_follows_the_layer_kind():
     assert linear.axis == "cols" and linear.bounds == ((0, 4), (4, 7), (7, 10))
     attention = partition.plan((8, 4, 65, 16), (8, 4, 16, 65), 4)
     assert attention.axis == "batch" and attention.parts == 4
+    rows = partition.plan((4096, 144), (144, 32), 2)  # patches of the whole batch @ Wᵀ: by patch rows
+    assert rows.axis == "rows" and rows.bounds == ((0, 2048), (2048, 4096))
     assert partition.plan((64, 512), (512, 10), 1).axis == "none"
     assert partition.plan((5, 3), (3, 1), 4).axis == "none"  # nothing to split
     assert partition.plan((2, 5, 3), (2, 3, 4), 8).parts == 2  # no more parts than slices
@@ -203,3 +205,23 @@ def test_a_relay_refuses_a_staged_forward_it_holds_nothing_for(relay_driven_by_t
         again = ask(encode("forward", [b], id="f3", bind=["j", 0, 1, 0], staged="a"))  # given up with f2
         assert again.op == "error"
     ctx.term()
+
+
+def test_patch_rows_split_by_rows_reassemble_the_product_and_both_gradients():
+    """``patches (m × K) @ Wᵀ (K × p)`` cut along m: C and dA concatenated, dB summed."""
+    from tempo.protocol import relay_backward
+
+    torch.manual_seed(1)
+    a = torch.randn(700, 9, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(9, 3, dtype=torch.float64, requires_grad=True)
+    plan = partition.plan(a.shape, b.shape, 3)
+    assert plan.axis == "rows" and plan.parts == 3
+    parts = partition.split(a.detach(), b.detach(), plan)
+    c = partition.gather_c([x @ y for x, y in parts], plan)
+    want = a @ b
+    assert torch.allclose(c, want.detach())
+    grad = torch.randn_like(want)
+    want.backward(grad)
+    grads = [relay_backward(x, y, g) for (x, y), g in zip(parts, partition.split_grad(grad, plan))]
+    da, db = partition.gather_grads(grads, plan, a.shape, b.shape)
+    assert torch.allclose(da, a.grad) and torch.allclose(db, b.grad)

@@ -9,6 +9,9 @@ into parts that are computed independently, each under its own key:
   weight) goes whole to every part, masked under each part's key.
 - ``"cols"``: along ``p``, the output features of a fully connected layer (``B = Wᵀ``), the
   paper's split by tensor; ``A`` (the activations) goes whole to every part.
+- ``"rows"``: along ``m``, when ``A`` is the larger operand (a convolution laid out as the whole
+  batch's patches, ``patches @ Wᵀ``, `PrivateContext.patch_rows`): ``B`` goes whole to every
+  part, so each part ships a slice of the big operand instead of all of it.
 
 `split` returns views (no copies: the masking kernel reads row-strided input). `gather_c`
 concatenates the parts' results; `gather_grads` concatenates the gradient of a split operand and
@@ -24,7 +27,7 @@ import torch
 
 @dataclass(frozen=True)
 class Plan:
-    axis: str  # "none" | "batch" | "cols"
+    axis: str  # "none" | "batch" | "cols" | "rows"
     bounds: tuple[tuple[int, int], ...]
     batch_dims: int  # broadcast batch dimensions of the product
 
@@ -51,9 +54,11 @@ def plan(a_shape: torch.Size | tuple, b_shape: torch.Size | tuple, parts: int) -
     if len(a_shape) < 2 or len(b_shape) < 2:
         raise ValueError("partitioning needs matrices (at least two dimensions)")
     batch = torch.broadcast_shapes(tuple(a_shape[:-2]), tuple(b_shape[:-2]))
-    p = b_shape[-1]
+    m, n, p = a_shape[-2], a_shape[-1], b_shape[-1]
     if parts > 1 and len(batch) and batch[0] >= 2:
         return Plan("batch", _ranges(batch[0], min(parts, batch[0])), len(batch))
+    if parts > 1 and not len(batch) and m > 64 * p:  # A far larger than B (patch rows): cut A's rows
+        return Plan("rows", _ranges(m, min(parts, m)), 0)
     if parts > 1 and not len(batch) and p >= 2:
         return Plan("cols", _ranges(p, min(parts, p)), 0)
     return Plan("none", ((0, 0),), len(batch))
@@ -71,6 +76,8 @@ def split(a: torch.Tensor, b: torch.Tensor, plan: Plan) -> list[tuple[torch.Tens
     if plan.axis == "batch":
         a_lead, b_lead = _has_lead(a.shape, plan), _has_lead(b.shape, plan)
         return [(a[lo:hi] if a_lead else a, b[lo:hi] if b_lead else b) for lo, hi in plan.bounds]
+    if plan.axis == "rows":
+        return [(a[lo:hi], b) for lo, hi in plan.bounds]
     return [(a, b[..., lo:hi]) for lo, hi in plan.bounds]
 
 
@@ -78,7 +85,7 @@ def split_grad(grad_c: torch.Tensor, plan: Plan) -> list[torch.Tensor]:
     """``dL/dC`` cut the way ``C`` was gathered."""
     if plan.axis == "none":
         return [grad_c]
-    if plan.axis == "batch":
+    if plan.axis in ("batch", "rows"):
         return [grad_c[lo:hi] for lo, hi in plan.bounds]
     return [grad_c[..., lo:hi] for lo, hi in plan.bounds]
 
@@ -86,7 +93,7 @@ def split_grad(grad_c: torch.Tensor, plan: Plan) -> list[torch.Tensor]:
 def gather_c(parts: list[torch.Tensor], plan: Plan) -> torch.Tensor:
     if plan.axis == "none":
         return parts[0]
-    return torch.cat(parts, dim=0 if plan.axis == "batch" else -1)
+    return torch.cat(parts, dim=0 if plan.axis in ("batch", "rows") else -1)
 
 
 def gather_grads(
@@ -101,6 +108,8 @@ def gather_grads(
     if plan.axis == "batch":
         da = torch.cat(das, dim=0) if _has_lead(a_shape, plan) else _sum(das)
         return da, torch.cat(dbs, dim=0) if _has_lead(b_shape, plan) else _sum(dbs)
+    if plan.axis == "rows":
+        return torch.cat(das, dim=0), _sum(dbs)
     return _sum(das), torch.cat(dbs, dim=-1)
 
 
