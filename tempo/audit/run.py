@@ -49,7 +49,7 @@ def by_model_layer(view: RunView, truth: RunTruth | None, offloaded: list[int]) 
 
 
 def audit(model: str = "mlp", masking: str = "paper", epochs: int = 3, relays: int = 2, out: str | Path = "runs/audit",
-          attacks: tuple[str, ...] | None = None, options: dict | None = None, log=None) -> dict:
+          attacks: tuple[str, ...] | None = None, options: dict | None = None, log=None, game_rounds: int = 40) -> dict:
     """Train `model` privately under `masking` (a preset, with `options`: key_space, key_refresh,
     mix, keep), with `relays` recording relay processes (0: captured in-process), attack what the
     relays received and score it. Writes ``audit.json``, the relays' ``recording/`` and
@@ -89,7 +89,7 @@ def audit(model: str = "mlp", masking: str = "paper", epochs: int = 3, relays: i
             runnable.append(name)
     if log:
         log.info("audit.attacks", masking=chosen.name, run=runnable, not_applicable=sorted(skipped))
-    results = at.run_all(view, public, truth, attacks=tuple(runnable)) if runnable else {}
+    results = at.run_all(view, public, truth, attacks=tuple(runnable), game_rounds=game_rounds) if runnable else {}
     cache = results.pop("_cache", {})
     results.update(skipped)
     images = cache.get("images")
