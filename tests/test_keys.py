@@ -140,3 +140,17 @@ def test_key_space_parse_round_trips():
 def test_keygen_rejects_empty_axes(bad):
     with pytest.raises(ValueError):
         keygen(bad, 2, 2)
+
+
+def test_keys_drawn_ahead_are_fresh_for_every_product_and_of_the_asked_shape():
+    from tempo.enclave.keys import KeySchedule
+
+    schedule = KeySchedule(mix=4, ahead=True)
+    keys = [schedule.key(0, 37, 9, 5) for _ in range(4)] + [schedule.key(1, 8, 6, 3) for _ in range(3)]
+    assert schedule.generated == 7
+    prints = {(k.m.fingerprint(), k.n.fingerprint(), k.p.fingerprint()) for k in keys}
+    assert len(prints) == 7  # never one key twice
+    assert [(k.m.size, k.n.size, k.p.size) for k in keys] == [(37, 9, 5)] * 4 + [(8, 6, 3)] * 3
+    assert all(k.m.block == 4 for k in keys)
+    epoch = KeySchedule("epoch", ahead=True)
+    assert epoch.key(0, 4, 4, 4) is epoch.key(0, 4, 4, 4)  # the paper's reuse is unchanged

@@ -125,7 +125,7 @@ class OffloadClient:
         self.relay_events: list[dict] = []  # relays quarantined (with evidence) or lost
         self.rounds = rounds
         # default: fresh keys per product, mixing as the default masking does (tempo.enclave.protection)
-        self.keys = keys or KeySchedule("step", key_space, mix=protection.default().mix)
+        self.keys = keys or KeySchedule("step", key_space, mix=protection.default().mix, ahead=True)
         self.log = log
         self.arena = Arena.create(job, arena_bytes)
         self._ctx = context or zmq.Context.instance()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
@@ -324,6 +325,17 @@ def keygen(
                        for size, g in zip((m, n, p), mixes)))
 
 
+_WORKER: ThreadPoolExecutor | None = None
+
+
+def _key_worker() -> ThreadPoolExecutor:
+    """The one thread that draws keys ahead (`KeySchedule(ahead=True)`), started on first use."""
+    global _WORKER
+    if _WORKER is None:
+        _WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tempo-keys")
+    return _WORKER
+
+
 class KeySchedule:
     """Which key a product gets: fresh for every product (``refresh="step"``, the default), or
     the paper's choice, one key per layer reused for a whole epoch (``refresh="epoch"``).
@@ -333,7 +345,7 @@ class KeySchedule:
     """
 
     def __init__(self, refresh: str = "step", key_space: KeySpace = DEFAULT_KEY_SPACE,
-                 random_bytes: RandomBytes = os.urandom, mix: int = 0) -> None:
+                 random_bytes: RandomBytes = os.urandom, mix: int = 0, ahead: bool = False) -> None:
         if refresh not in ("step", "epoch"):
             raise ValueError(f"key refresh must be 'step' or 'epoch', not {refresh!r}")
         if mix < 0 or mix == 1:
@@ -344,6 +356,11 @@ class KeySchedule:
         self.mix = mix  # orthogonal mixing blocks of this size on every axis (0: the paper's keys)
         self._epoch_keys: dict[tuple[int, int, int, int, int], MatmulKey] = {}
         self.generated = 0
+        # `ahead`: after handing out a key of a shape, draw the next one of that shape on a worker
+        # thread (keys depend on nothing but the CSPRNG, and the next step asks for the same
+        # shapes), so mixing keys' orthogonal blocks are drawn while the enclave waits on relays
+        self.ahead = ahead
+        self._next: dict[tuple[int, int, int], Future] = {}
 
     def key(self, layer: int, m: int, n: int, p: int, part: int = 0) -> MatmulKey:
         """The key of one part of one layer's product (every part of a product has its own)."""
@@ -356,6 +373,15 @@ class KeySchedule:
 
     def _new(self, m: int, n: int, p: int) -> MatmulKey:
         self.generated += 1
+        if not self.ahead:
+            return self._draw(m, n, p)
+        shape = (m, n, p)
+        pending = self._next.pop(shape, None)
+        key = pending.result() if pending is not None else self._draw(m, n, p)
+        self._next[shape] = _key_worker().submit(self._draw, m, n, p)  # never handed out twice
+        return key
+
+    def _draw(self, m: int, n: int, p: int) -> MatmulKey:
         return keygen(m, n, p, key_space=self.key_space, random_bytes=self.random_bytes, mix=self.mix)
 
     def new_epoch(self) -> None:

@@ -384,16 +384,17 @@ class PrivateConv2d(nn.Module):
         ph, pw = self.unfold_padding
         ho = (h + 2 * ph - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
         wo = (w + 2 * pw - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
-        patches = F.unfold(x, (kh, kw), dilation=self.dilation, padding=self.unfold_padding, stride=self.stride)
         if g == 1 and self.pctx.patch_rows:
-            rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (n·L, in·kh·kw)
+            rows = _patch_rows(x, (kh, kw), self.dilation, self.unfold_padding, self.stride)  # (n·L, in·kh·kw)
             y = private_matmul(rows, self.weight.reshape(out_ch, -1).t(), self.pctx,  # (n·L, out)
                                weight=("b", lambda: self.weight.detach().reshape(out_ch, -1).t()))
             y = y.view(n, -1, out_ch).transpose(1, 2)  # (n, out, L)
         elif g == 1:
+            patches = F.unfold(x, (kh, kw), dilation=self.dilation, padding=self.unfold_padding, stride=self.stride)
             y = private_matmul(self.weight.reshape(out_ch, -1), patches, self.pctx,  # (n, out, L)
                                weight=("a", lambda: self.weight.detach().reshape(out_ch, -1)))
         else:
+            patches = F.unfold(x, (kh, kw), dilation=self.dilation, padding=self.unfold_padding, stride=self.stride)
             # unfold orders rows channel-major (c, ki, kj): group j's rows are one contiguous block
             y = private_matmul(self.weight.reshape(g, out_ch // g, -1),  # (n, g, out/g, L)
                                patches.view(n, g, cin_g * kh * kw, -1), self.pctx,
@@ -403,6 +404,19 @@ class PrivateConv2d(nn.Module):
             y = y + self.bias.view(1, -1, 1)
         y = y.reshape(n, out_ch, ho, wo)
         return y.squeeze(0) if unbatched else y
+
+
+def _patch_rows(x: torch.Tensor, kernel: tuple, dilation: tuple, padding: tuple, stride: tuple) -> torch.Tensor:
+    """``F.unfold(x, …).transpose(1, 2)`` flattened to (batch·positions × in·kh·kw), in one copy:
+    windows as strided views of the (zero-padded) input, then one reshape."""
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = kernel, dilation, padding, stride
+    if ph or pw:
+        x = F.pad(x, (pw, pw, ph, ph))
+    u = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)  # n, C, Ho, Wo, span_h, span_w
+    if dh > 1 or dw > 1:
+        u = u[..., ::dh, ::dw]
+    n, c, ho, wo = u.shape[:4]
+    return u.permute(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
 
 
 class PrivateMatmul(nn.Module):

@@ -39,7 +39,7 @@ class Masking:
         """The key schedule (`keys.KeySchedule`) this masking draws every product's key from."""
         from tempo.enclave.keys import KeySchedule, KeySpace
 
-        return KeySchedule(self.key_refresh, KeySpace.parse(self.key_space), mix=self.mix)
+        return KeySchedule(self.key_refresh, KeySpace.parse(self.key_space), mix=self.mix, ahead=True)
 
     def with_options(self, key_space: str | None = None, key_refresh: str | None = None, mix: int | None = None,
                      keep: tuple[str, ...] | None = None, patch_rows: bool | None = None) -> Masking:
