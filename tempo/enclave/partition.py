@@ -54,7 +54,7 @@ def plan(a_shape: torch.Size | tuple, b_shape: torch.Size | tuple, parts: int) -
     if len(a_shape) < 2 or len(b_shape) < 2:
         raise ValueError("partitioning needs matrices (at least two dimensions)")
     batch = torch.broadcast_shapes(tuple(a_shape[:-2]), tuple(b_shape[:-2]))
-    m, n, p = a_shape[-2], a_shape[-1], b_shape[-1]
+    m, p = a_shape[-2], b_shape[-1]
     if parts > 1 and len(batch) and batch[0] >= 2:
         return Plan("batch", _ranges(batch[0], min(parts, batch[0])), len(batch))
     if parts > 1 and not len(batch) and m > 64 * p:  # A far larger than B (patch rows): cut A's rows
