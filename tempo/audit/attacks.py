@@ -69,6 +69,13 @@ def train_steps(view: RunView, last_layer: int | None = None) -> list[int]:
     return sorted(s for (s, l), p in idx.items() if l == last and p.e is not None)
 
 
+def spread_steps(steps: list[int], most: int) -> list[int]:
+    """At most `most` of `steps`, evenly spread from the first to the last."""
+    if len(steps) <= most:
+        return steps
+    return [steps[int(i)] for i in np.linspace(0, len(steps) - 1, most)]
+
+
 def double_centred(m: np.ndarray, floor: float = 1e-30) -> np.ndarray:
     """``log|M| - row mean - column mean + mean``: invariant to row and column scaling (and
     equivariant to their permutations). Zeros are floored (`floor`)."""
@@ -1378,8 +1385,7 @@ def recover_hidden(view: RunView, public: Public, layer: int = 1, max_steps: int
     sample (`classify_like_public`). `max_steps` training steps, evenly spread."""
     idx = _index(view)
     steps = train_steps(view)
-    if len(steps) > max_steps:
-        steps = [steps[int(i)] for i in np.linspace(0, len(steps) - 1, max_steps)]
+    steps = spread_steps(steps, max_steps)
     out = HiddenRecovery({}, {}, {})
     for s in steps:
         p = idx.get((s, layer))
@@ -1455,8 +1461,7 @@ def zeros_and_signs(view: RunView, public: Public, max_steps: int = 4) -> list[Z
 
     signed = KeySpace.parse(public.key_space).signed
     steps = train_steps(view)
-    if len(steps) > max_steps:
-        steps = [steps[int(i)] for i in np.linspace(0, len(steps) - 1, max_steps)]
+    steps = spread_steps(steps, max_steps)
     nl = public.nlayers(view)
     out = []
     for p in view.products:
@@ -1515,8 +1520,7 @@ def scale_invariant(view: RunView, public: Public, max_steps: int = 12) -> Invar
     idx = _index(view)
     layers = view.layers()
     steps = train_steps(view)
-    if len(steps) > max_steps:
-        steps = [steps[int(i)] for i in np.linspace(0, len(steps) - 1, max_steps)]
+    steps = spread_steps(steps, max_steps)
     out = {}
     for s in steps:
         for l in layers:
@@ -1802,8 +1806,7 @@ def cnn_image_labels(view: RunView, public: Public, images: ImageRecovery, label
     (batch order) are labelled by a public classifier and carried to the classifier's rows by
     `cnn_links`; votes over the steps, then one label per frame."""
     steps = [s for s in labels.columns if s in images.images]
-    if len(steps) > max_steps:
-        steps = [steps[int(i)] for i in np.linspace(0, len(steps) - 1, max_steps)]
+    steps = spread_steps(steps, max_steps)
     nc = len(next(iter(labels.class_frames.values())))
     votes = np.zeros((nc, public.classes))
     for s in steps:
@@ -1899,7 +1902,7 @@ def run_all(view: RunView, public: Public, truth=None, attacks: tuple[str, ...] 
     if "structure" in todo and public.model == "cnn":
         def cst():
             steps = train_steps(view)
-            steps = [steps[int(i)] for i in np.linspace(0, len(steps) - 1, min(4, len(steps)))]
+            steps = spread_steps(steps, 4)
             links = {s: cnn_links(view, public, s) for s in steps}
             links = {s: l for s, l in links.items() if l is not None}
             if truth is None:

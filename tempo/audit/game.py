@@ -144,23 +144,8 @@ def _matched_score(sv: np.ndarray, sc: np.ndarray, ordered: bool) -> float:
     best row matching (a quadratic assignment from two starts)."""
     if ordered:
         return _corr(_offdiag(sv), _offdiag(sc))
-    from scipy.optimize import quadratic_assignment
-
-    a = sv - _offdiag(sv).mean()
-    b = sc - _offdiag(sc).mean()
-    np.fill_diagonal(a, 0.0)
-    np.fill_diagonal(b, 0.0)
-    # a start: rows matched by their sorted similarity profiles
-    ra, rb = np.sort(a, 1), np.sort(b, 1)
-    za = (ra - ra.mean(1, keepdims=True)) / (ra.std(1, keepdims=True) + 1e-12)
-    zb = (rb - rb.mean(1, keepdims=True)) / (rb.std(1, keepdims=True) + 1e-12)
-    _, col = at.lap(((za[:, None, :] - zb[None, :, :]) ** 2).sum(-1))
-    best = -np.inf
-    for p0 in (np.eye(len(a))[col], "barycenter"):
-        res = quadratic_assignment(a, b, method="faq", options={"maximize": True, "P0": p0, "maxiter": 40, "rng": np.random.default_rng(0)})
-        perm = res.col_ind
-        best = max(best, _corr(_offdiag(sv), _offdiag(sc[np.ix_(perm, perm)])))
-    return best
+    perm = _qap(sv, sc)
+    return _corr(_offdiag(sv), _offdiag(sc[np.ix_(perm, perm)]))
 
 
 @dataclass
@@ -306,7 +291,8 @@ def _qap(sv: np.ndarray, sc: np.ndarray) -> np.ndarray:
     _, col = at.lap(((za[:, None, :] - zb[None, :, :]) ** 2).sum(-1))
     best, out = -np.inf, col
     for p0 in (np.eye(len(a))[col], "barycenter"):
-        res = quadratic_assignment(a, b, method="faq", options={"maximize": True, "P0": p0, "maxiter": 40, "rng": np.random.default_rng(0)})
+        res = quadratic_assignment(a, b, method="faq", options={"maximize": True, "P0": p0, "maxiter": 40,
+                                                                "rng": np.random.default_rng(0)})
         perm = res.col_ind
         val = _corr(_offdiag(sv), _offdiag(sc[np.ix_(perm, perm)]))
         if val > best:

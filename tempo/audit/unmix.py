@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tempo.audit.attacks import _index, _np, operand_kind, train_steps
+from tempo.audit.attacks import _index, _np, operand_kind, spread_steps, train_steps
 from tempo.audit.public import Public
 from tempo.audit.view import RunView
 
@@ -162,34 +162,28 @@ def rank_profiles(view: RunView, public: Public, g: int | None = None, max_steps
     other sample is its neighbour. `g`: the mixing block (public: the preset says it; default
     ``public.mix`` or 16)."""
     g = g or public.mix or 16
-    idx = _index(view)
-    steps = train_steps(view)
-    if len(steps) > max_steps:
-        steps = [steps[int(i)] for i in np.linspace(0, len(steps) - 1, max_steps)]
     out = RankProfiles()
-    for s in steps:
-        for layer in view.layers():
-            p = idx.get((s, layer))
-            if p is None or p.b.dim() != 3 or p.b.shape[0] < 2:
-                continue
-            b = _np(p.b)
-            r = block_ranks(b, g)
-            rows = np.array([sl.stop - sl.start for sl in block_slices(b.shape[-2], g)])
-            cols = np.array([sl.stop - sl.start for sl in block_slices(b.shape[-1], g)])
-            prof = r.reshape(r.shape[0], -1).astype(np.float64)
-            out.profiles[(s, layer)] = prof
-            full = np.minimum(rows[:, None], cols[None, :])[None]
-            out.deficient[(s, layer)] = float((r < full).mean())
-            sim_p = profile_similarity(prof)
-            out.neighbours_profile[(s, layer)] = _nearest(sim_p)
-            sims = [sim_p]
-            if null_spaces_too:
-                sims += [null_space_similarity(b, g, "left"), null_space_similarity(b, g, "right")]
-                if p.e is not None and p.e.dim() == 3 and p.e.shape[0] == b.shape[0]:
-                    e = _np(p.e)
-                    prof_e = block_ranks(e, g).reshape(len(e), -1).astype(np.float64)
-                    sims += [profile_similarity(prof_e), null_space_similarity(e, g, "left")]
-            out.neighbours[(s, layer)] = _nearest(sum(_z(x) for x in sims))
+    for s, layer, p in _spread_products(view, max_steps):
+        if p.b.dim() != 3 or p.b.shape[0] < 2:
+            continue
+        b = _np(p.b)
+        r = block_ranks(b, g)
+        rows = np.array([sl.stop - sl.start for sl in block_slices(b.shape[-2], g)])
+        cols = np.array([sl.stop - sl.start for sl in block_slices(b.shape[-1], g)])
+        prof = r.reshape(r.shape[0], -1).astype(np.float64)
+        out.profiles[(s, layer)] = prof
+        full = np.minimum(rows[:, None], cols[None, :])[None]
+        out.deficient[(s, layer)] = float((r < full).mean())
+        sim_p = profile_similarity(prof)
+        out.neighbours_profile[(s, layer)] = _nearest(sim_p)
+        sims = [sim_p]
+        if null_spaces_too:
+            sims += [null_space_similarity(b, g, "left"), null_space_similarity(b, g, "right")]
+            if p.e is not None and p.e.dim() == 3 and p.e.shape[0] == b.shape[0]:
+                e = _np(p.e)
+                prof_e = block_ranks(e, g).reshape(len(e), -1).astype(np.float64)
+                sims += [profile_similarity(prof_e), null_space_similarity(e, g, "left")]
+        out.neighbours[(s, layer)] = _nearest(sum(_z(x) for x in sims))
     return out
 
 
@@ -207,29 +201,32 @@ class DeadUnits:
         return int(self.per_block[key].sum())
 
 
+def _spread_products(view: RunView, max_steps: int):
+    """(step, layer, product) of every whole product of at most `max_steps` training steps."""
+    idx = _index(view)
+    for s in spread_steps(train_steps(view), max_steps):
+        for layer in view.layers():
+            if (s, layer) in idx:
+                yield s, layer, idx[(s, layer)]
+
+
 def dead_units(view: RunView, public: Public, g: int | None = None,
                max_steps: int = 8) -> DeadUnits:
     """Attack ``unmix`` (ii): for every hidden linear input ``A'`` (samples × units), ``width −
     rank`` of each column block strip: the number of units of that block silent on the whole
     batch (exact, whatever the mixing)."""
     g = g or public.mix or 16
-    idx = _index(view)
-    steps = train_steps(view)
-    if len(steps) > max_steps:
-        steps = [steps[int(i)] for i in np.linspace(0, len(steps) - 1, max_steps)]
     out = DeadUnits()
-    for s in steps:
-        for layer in view.layers():
-            p = idx.get((s, layer))
-            if p is None or p.a.dim() != 2:
-                continue
-            if operand_kind(public.model, layer, "a", public.nlayers(view)) != "hidden":
-                continue
-            a = _np(p.a)
-            if a.shape[0] < g:
-                continue
-            out.per_block[(s, layer)] = np.array([sl.stop - sl.start - block_rank(a[:, sl])
-                                                  for sl in block_slices(a.shape[1], g)])
+    for s, layer, p in _spread_products(view, max_steps):
+        if p.a.dim() != 2:
+            continue
+        if operand_kind(public.model, layer, "a", public.nlayers(view)) != "hidden":
+            continue
+        a = _np(p.a)
+        if a.shape[0] < g:
+            continue
+        out.per_block[(s, layer)] = np.array([sl.stop - sl.start - block_rank(a[:, sl])
+                                              for sl in block_slices(a.shape[1], g)])
     return out
 
 
