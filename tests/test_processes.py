@@ -14,6 +14,7 @@ from conftest import ask_relay
 from tempo import arena as arena_mod
 from tempo.cluster import LocalCluster
 from tempo.enclave.client import NoHealthyRelay, OffloadClient, OffloadError
+from tempo.enclave.keys import KeySchedule
 from tempo.enclave.verify import rounding_bound
 from tempo.protocol import (
     PROTOCOL_VERSION,
@@ -51,6 +52,9 @@ def cluster():
 
 
 def new_client(cluster, job, **kw):
+    # the paper's keys: these tests check the processes, and `close_enough` is the rounding
+    # bound of unmixed keys (mixing keys have their own, checked in tests/test_mixing.py)
+    kw.setdefault("keys", KeySchedule())
     client = OffloadClient(cluster.enclave_endpoint, job, arena_bytes=64 << 20, timeout_s=30, **kw)
     client.wait_for_relays(len([r for r in cluster.relays if r.alive()]))
     return client
