@@ -66,3 +66,54 @@ def test_bad_audit_options_are_refused():
     assert bad.exit_code != 0 and "unknown attack" in bad.output
     bad = CliRunner().invoke(main, ["audit", "--mix", "1"])
     assert bad.exit_code != 0 and "at least 2" in bad.output
+
+
+def _audit(tmp_path, model, masking, attacks, rounds=10):
+    result = CliRunner().invoke(main, ["--log-level", "warning", "audit", "--model", model, "--masking", masking,
+                                       "--epochs", "1", "--relays", "0", "--attacks", attacks,
+                                       "--game-rounds", str(rounds), "--out", str(tmp_path / masking), "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout.strip().splitlines()[-1])["attacks"]
+
+
+def test_the_default_masking_passes_the_data_thresholds_on_the_mlp_where_edges_does_not(tmp_path):
+    """The goal's bar for the default (`mixed`), with the attacks that break `edges`: nothing
+    alike found between the hidden layer's samples, no zero survives, images and labels kept."""
+    from tempo.enclave.protection import DEFAULT
+
+    attacks = "zeros_signs,scale_invariant,images,labels"
+    got, edges = (_audit(tmp_path, "mlp", m, attacks) for m in (DEFAULT, "edges"))
+    for name in ("images", "labels"):  # the first layer and the classifier never leave the enclave
+        assert got[name]["applicable"] is False
+    assert got["zeros_signs"]["hidden"]["wire_zeros"] == 0 < edges["zeros_signs"]["hidden"]["wire_zeros"]
+    best = max(v["nn_same_label"] for v in got["scale_invariant"].values() if isinstance(v, dict))
+    best_edges = max(v["nn_same_label"] for v in edges["scale_invariant"].values() if isinstance(v, dict))
+    assert best < 0.25 < 0.5 < best_edges  # chance: about 0.10
+
+
+def test_the_default_masking_passes_the_data_thresholds_on_the_cnn_where_edges_does_not():
+    """The CNN: no hidden maps rebuilt, no image's block to take ranks of, the run's game near 0,
+    where `edges` loses all three (attacks on 2 steps each, to stay fast)."""
+    from tempo.audit import attacks as at
+    from tempo.audit import game, score
+    from tempo.audit import unmix as um
+    from tempo.audit.capture import CaptureConfig, capture
+    from tempo.audit.public import Public
+    from tempo.enclave.protection import DEFAULT, preset
+
+    out = {}
+    for name in (DEFAULT, "edges"):
+        m = preset(name)
+        view, truth, split = capture(CaptureConfig(model="cnn", epochs=1, masking=name))
+        view, truth = by_model_layer(view, truth, offloaded_layers(3, m.keep))
+        public = Public.from_split(split, "cnn")
+        public.layers, public.mix, public.patch_rows = 3, m.mix, m.patch_rows
+        hidden = at.recover_hidden(view, public, max_steps=2)
+        ranks = score.score_unmix(um.rank_profiles(view, public, max_steps=2, null_spaces_too=False), um.DeadUnits(),
+                                  view, truth)
+        played = game.play(view, public, truth, variants=("batch",), rounds=12, hidden=hidden)
+        out[name] = (score.score_hidden(hidden, truth), ranks, played["batch"]["advantage"])
+    (maps, ranks, adv), (maps_e, ranks_e, adv_e) = out[DEFAULT], out["edges"]
+    assert maps["map_correlation"] is None and maps_e["map_correlation"] > 0.9
+    assert "layer1" not in ranks and ranks_e["layer1"]["nn_same_label"] > 0.25
+    assert adv < 0.6 < adv_e  # 12 rounds: about ±0.5 around 0 (measured 0.05 at 40 rounds); edges: 1.0

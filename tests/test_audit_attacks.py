@@ -108,9 +108,9 @@ def test_match_zero_patterns_recovers_both_permutations():
 
 def test_sparse_in_span_finds_mixed_pixel_columns(mlp_run):
     _, _, public = mlp_run
-    g2 = at.mixing_experiment(public, 2, n_images=48)
+    g2 = at.mixing_experiment(public, 2, n_images=32)
     assert g2["recovered"] > 0.6  # measured ~0.9 (chance: 0)
-    g8 = at.mixing_experiment(public, 8, n_images=48)
+    g8 = at.mixing_experiment(public, 8, n_images=32)
     assert g8["recovered"] > 0.2  # measured ~0.5
 
 

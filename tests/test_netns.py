@@ -17,7 +17,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parent.parent / "ops" / "netns" / "tempo-n"
 JOB = """[job]
 model = "mlp"
-epochs = 2
+epochs = 1
 batch_size = 128
 relays = 2
 seed = 7
@@ -63,7 +63,7 @@ def test_training_across_relays_in_their_own_namespaces_matches_the_local_run(tm
     assert all(v > 0 for v in remote["offload"]["parts_by_relay"].values())
 
     local = subprocess.run([sys.executable, "-m", "tempo", "--log-level", "warning", "train", "--model", "mlp",
-                            "--epochs", "2", "--batch-size", "128", "--relays", "2", "--seed", "7",
+                            "--epochs", "1", "--batch-size", "128", "--relays", "2", "--seed", "7",
                             "--out", str(tmp_path / "l")], capture_output=True, text=True, timeout=240)
     assert local.returncode == 0, local.stderr[-3000:]
     here = json.loads((tmp_path / "l" / "summary.json").read_text())
