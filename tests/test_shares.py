@@ -95,3 +95,27 @@ def test_products_that_would_wrap_are_refused():
     with pytest.raises(sh.RingOverflow):
         sh.encode(torch.tensor([float("nan")]))
     sh.split_product(torch.full((2, 64), 30.0), torch.full((64, 2), 30.0))  # well inside
+
+
+def test_each_pools_answer_is_verified_exactly_and_any_change_is_caught():
+    torch.manual_seed(3)
+    a, b = torch.randn(2, 7, 9), torch.randn(9, 5)
+    product = sh.split_product(a, b)
+    for pool, ops in product.requests().items():
+        honest = sh.pool_product(pool, ops)
+        assert sh.verify_pool(pool, ops, honest, rounds=4)
+        for delta in (1, -1, 1 << 40, -(1 << 63)):  # 2^63: a round catches it only half the time
+            lie = honest.clone()
+            lie.view(-1)[5] += delta
+            assert not sh.verify_pool(pool, ops, lie, rounds=40, rng=sh.Randomness(bytes(16)))
+        assert not sh.verify_pool(pool, ops, honest[..., :3, :], rounds=4)  # wrong shape
+        assert not sh.verify_pool(pool, ops, honest.double(), rounds=4)
+    caught = sum(not sh.verify_pool(1, product.pool1, honest_plus_top(product), rounds=1,
+                                    rng=sh.Randomness(i.to_bytes(16, "little"))) for i in range(200))
+    assert 60 < caught < 140  # one round catches a change of 2^63 with probability 1/2
+
+
+def honest_plus_top(product):
+    r = sh.pool_product(1, product.pool1)
+    r.view(-1)[0] += -(1 << 63)  # 2^63, the ring element of largest 2-adic valuation
+    return r

@@ -35,6 +35,14 @@ and summed modulo 2⁶⁴ (CrypTen's construction for CUDA, where int64 matmuls 
 
 **Randomness at memory speed**: a Philox counter-based generator keyed from the CSPRNG
 (`Randomness`), one key per product.
+
+**Integrity, exact.** `verify_pool` checks a pool's answer ``R`` against what the enclave sent
+with Freivalds over the ring: ``R r = E(F r) + E(V₁ r) + U₁(F r)`` (pool 1; likewise the others)
+for ``r`` uniform over the ring, with no rounding tolerance. A wrong answer ``R = R* + D``,
+``D ≠ 0``, passes one round only if ``D r = 0``: for a row of ``D`` whose entry of smallest
+2-adic valuation ``v`` is ``d``, ``D_i r`` is uniform over ``2^v Z/2⁶⁴``, so it is 0 with
+probability ``2^v / 2⁶⁴ ≤ 1/2`` (``d = 2⁶³``, the worst case) and ``2⁻⁶⁴`` for an odd ``d``:
+k rounds miss with probability at most ``2⁻ᵏ``.
 """
 
 from __future__ import annotations
@@ -189,3 +197,34 @@ def encoding_error_bound(a: torch.Tensor, b: torch.Tensor, frac_bits: int = FRAC
     b_cols = b.double().abs().sum(-2, keepdim=True)  # (…, 1, p)
     ref = torch.matmul(a.double().abs(), b.double().abs())
     return h * (a_rows + b_cols + n * h) + 4 * torch.finfo(a.dtype).eps * ref + 2.0 ** -(2 * frac_bits)
+
+
+def pool_times(pool: int, operands: tuple[torch.Tensor, ...], r: torch.Tensor) -> torch.Tensor:
+    """``R r`` for the honest answer ``R`` of `pool`, from its operands, in matrix-vector work."""
+    if pool == 1:
+        e, f, u1, v1 = operands
+        fr = ring_matmul(f, r)
+        return ring_matmul(e, fr + ring_matmul(v1, r)) + ring_matmul(u1, fr)
+    if pool == 2:
+        e, f, u2, v2 = operands
+        return ring_matmul(e, ring_matmul(v2, r)) + ring_matmul(u2, ring_matmul(f, r))
+    if pool == 3:
+        u, v = operands
+        return ring_matmul(u, ring_matmul(v, r))
+    raise ValueError(f"pools are 1, 2 and 3, not {pool}")
+
+
+def verify_pool(pool: int, operands: tuple[torch.Tensor, ...], result: torch.Tensor, rounds: int,
+                rng: Randomness | None = None) -> bool:
+    """Freivalds over the ring: whether `result` is `pool`'s exact answer to `operands`, each
+    round with a fresh uniform vector (a wrong answer passes with probability ≤ 2^-rounds)."""
+    if rounds < 1:
+        raise ValueError("verification needs at least one round")
+    rng = rng or Randomness()
+    left, right = operands[0], operands[1]
+    p = right.shape[-1]
+    want = tuple(torch.broadcast_shapes(left.shape[:-2], right.shape[:-2])) + (left.shape[-2], p)
+    if result.dtype != torch.int64 or tuple(result.shape) != want:
+        return False
+    r = rng.uniform((p, rounds))
+    return bool(torch.equal(ring_matmul(result, r), pool_times(pool, operands, r)))
