@@ -297,6 +297,13 @@ KEEP = click.option("--keep", default=None,
                     help="Layers computed in the enclave instead of offloaded: first, last, first,last or none "
                          "(default: the preset's).")
 
+
+def masking_options(command):
+    """--masking and the options on top of it, in that order, for every command that masks."""
+    for option in (KEEP, MIX, KEY_SPACE, MASKING):
+        command = option(command)
+    return command
+
 @bench.command("train")
 @click.option("--model", type=MODEL_CHOICES, default="resnet18", show_default=True, help="The model to time.")
 @click.option("--width", default=None, type=click.IntRange(1), help="Model width (as for train).")
@@ -310,10 +317,7 @@ KEEP = click.option("--keep", default=None,
 @SPLIT_MIN_MB
 @click.option("--image-shape", default="3x32x32", show_default=True, help="C×H×W of the synthetic batch (CIFAR's by default).")
 @click.option("--arena-mb", default=4096, show_default=True, type=click.IntRange(16), help="Shared-memory arena for masked operands.")
-@MASKING
-@KEY_SPACE
-@MIX
-@KEEP
+@masking_options
 @JSON
 @click.option("--plot", "plot_path", default=None, help="Draw the breakdown as a PNG (needs matplotlib).")
 @click.pass_context
@@ -398,13 +402,10 @@ PARTIAL_DATA = click.option("--partial-data", is_flag=True, default=None,
 @SPLIT_MIN_MB
 @click.option("--device", default="cpu", show_default=True, help="Relays' device (tempo) or the training device (plain): cpu, cuda, cuda:i.")
 @click.option("--mode", type=click.Choice(["tempo", "plain"]), default="tempo", show_default=True,
-              help="tempo: offload every product masked; plain: no offload (pure-TEE baseline on cpu, non-private on cuda).")
+              help="tempo: offload the products masked (--masking says which and how); plain: no offload (pure-TEE baseline on cpu, non-private on cuda).")
 @click.option("--key-refresh", type=click.Choice(["step", "epoch"]), default="step", show_default=True,
               help="Fresh keys for every product, or one key per layer for an epoch (the paper's).")
-@MASKING
-@KEY_SPACE
-@MIX
-@KEEP
+@masking_options
 @click.option("--integrity-t", default=1e-6, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Target probability that any wrong result goes undetected in the run (Theorem V.2 sets the Freivalds rounds).")
 @click.option("--out", default=None,
@@ -574,10 +575,7 @@ def infer(ctx: click.Context, checkpoint, model, width, dataset, data_dir, parti
 @main.command()
 @click.option("--model", type=click.Choice(["mlp", "cnn"]), default="mlp", show_default=True,
               help="The model trained privately on the shipped digits, and attacked.")
-@MASKING
-@KEY_SPACE
-@MIX
-@KEEP
+@masking_options
 @click.option("--key-refresh", type=click.Choice(["step", "epoch"]), default=None,
               help="Fresh keys for every product, or one per layer for an epoch (default: the preset's).")
 @click.option("--epochs", default=3, show_default=True, type=click.IntRange(1), help="Epochs of the audited training.")
