@@ -80,7 +80,7 @@ def audit(model: str = "mlp", masking: str = "paper", epochs: int = 3, relays: i
     for name in wanted:
         needs = [layers - 1 if layer is None else layer for layer in NEEDS.get(name, ())]
         missing = [layer for layer in needs if layer not in offloaded]
-        if name == "hidden_distinguishing" and not offloaded:
+        if not needs and not offloaded:  # () in NEEDS: any offloaded layer will do
             skipped[name] = {"applicable": False, "reason": f"no layer is offloaded under masking {chosen.name}"}
         elif missing:
             skipped[name] = {"applicable": False, "reason": f"reads layer(s) {missing}, which stay in the enclave "

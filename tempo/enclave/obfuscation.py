@@ -116,14 +116,15 @@ _ROLES = {
 def _kernel_vectors(key: AxisKey, index_role: str, scale_role: str, dtype: torch.dtype) -> tuple:
     """``(int32 indices, scales, key stride)`` for the kernel, looked up once per key and role.
 
-    The stride is 0 for a key shared by all slices, else the axis size.
+    The stride is 0 for a key shared by all slices, else the axis size. Scale role ``"unit"``:
+    ones (the permutation alone, for the mixed path, which scales around its blocks).
     """
     cache_key = ("kernel", index_role, scale_role, dtype)
     hit = key._cache.get(cache_key)
     if hit is None:
         hit = (
             key.indices(index_role, torch.int32),
-            key.scales(scale_role, dtype),
+            torch.ones(key.coef.shape, dtype=dtype) if scale_role == "unit" else key.scales(scale_role, dtype),
             key.size if key.batch_shape else 0,
         )
         key._cache[cache_key] = hit
@@ -279,22 +280,40 @@ def _permute_2d(src: torch.Tensor, row_key: AxisKey, col_key: AxisKey, index_rol
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """``out[i, j] = src[ri[i], ci[j]]`` by the kernel, with unit scales (the mixed path scales
     after, or before, the blocks)."""
-    dtype = src.dtype
-    if src.stride(1) != 1 and src.shape[1] > 1:
-        src = src.contiguous()
-    out = torch.empty(src.shape, dtype=dtype) if out is None else out
-    vecs = []
-    for key in (row_key, col_key):
-        cache_key = ("perm", index_role, dtype)
-        hit = key._cache.get(cache_key)
-        if hit is None:
-            hit = key._cache[cache_key] = (key.indices(index_role, torch.int32), torch.ones(key.size, dtype=dtype))
-        vecs.append(hit)
+    out = torch.empty(src.shape, dtype=src.dtype) if out is None else out
+    return _kernel_gather(out, src, _kernel_vectors(row_key, index_role, "unit", src.dtype),
+                          _kernel_vectors(col_key, index_role, "unit", src.dtype), stream=False)
+
+
+def _kernel_gather(out: torch.Tensor, src: torch.Tensor, row_vecs: tuple, col_vecs: tuple, stream: bool) -> torch.Tensor:
+    """The C kernel: ``out[..., i, j] = rs[i]·cs[j]·src[..., ri[i], ci[j]]`` with `row_vecs` and
+    `col_vecs` = ``(int32 indices, scales, key stride)`` (`_kernel_vectors`)."""
+    rows, cols = src.shape[-2], src.shape[-1]
+    s3 = src if src.dim() == 3 else src.reshape(-1, rows, cols)  # a view in practice
+    if s3.stride(2) != 1 and cols > 1:
+        # Column-strided (e.g. a transpose): one cache-blocked copy, then the fast gather.
+        s3 = s3.contiguous()
+    strides = s3.stride()
     numel = out.numel()
-    _kernel.scaled_gather(_KERNEL_DTYPES[dtype], out.data_ptr(), src.data_ptr(), 1, src.shape[0], src.shape[1],
-                          src.shape[0] * src.stride(0), src.stride(0), 1, vecs[0][0].data_ptr(), vecs[0][1].data_ptr(),
-                          0, vecs[1][0].data_ptr(), vecs[1][1].data_ptr(), 0,
-                          torch.get_num_threads() if numel >= _PARALLEL_MIN_ELEMENTS else 1, False)
+    _kernel.scaled_gather(
+        _KERNEL_DTYPES[src.dtype],
+        out.data_ptr(),
+        s3.data_ptr(),
+        s3.shape[0],
+        rows,
+        cols,
+        strides[0],
+        strides[1],
+        1,  # unit column stride (with one column, torch may report any stride)
+        row_vecs[0].data_ptr(),
+        row_vecs[1].data_ptr(),
+        row_vecs[2],
+        col_vecs[0].data_ptr(),
+        col_vecs[1].data_ptr(),
+        col_vecs[2],
+        torch.get_num_threads() if numel >= _PARALLEL_MIN_ELEMENTS else 1,
+        stream,
+    )
     return out
 
 
@@ -339,36 +358,11 @@ def _gather(
     index_role, row_role, col_role, _, _ = _ROLES[role]
 
     if backend == "c" and dtype in _KERNEL_DTYPES and src.is_cpu:
-        s3 = src if len(shape) == 3 else src.reshape(-1, rows, cols)  # a view in practice
-        strides = s3.stride()
-        if strides[2] != 1 and cols > 1:
-            # Column-strided (e.g. a transpose): one cache-blocked copy, then the fast gather.
-            s3 = s3.contiguous()
-            strides = s3.stride()
-        row_idx, row_scale, row_stride = _kernel_vectors(row_key, index_role, row_role, dtype)
-        col_idx, col_scale, col_stride = _kernel_vectors(col_key, index_role, col_role, dtype)
-        _kernel.scaled_gather(
-            _KERNEL_DTYPES[dtype],
-            out.data_ptr(),
-            s3.data_ptr(),
-            s3.shape[0],
-            rows,
-            cols,
-            strides[0],
-            strides[1],
-            1,  # unit column stride (with one column, torch may report any stride)
-            row_idx.data_ptr(),
-            row_scale.data_ptr(),
-            row_stride,
-            col_idx.data_ptr(),
-            col_scale.data_ptr(),
-            col_stride,
-            torch.get_num_threads() if numel >= _PARALLEL_MIN_ELEMENTS else 1,
-            # An encrypted operand leaves for the relays and is not read back here: stream it
-            # past the cache when it is large. A decrypted result is read next: keep it cached.
-            index_role == "mask" and numel * dtype.itemsize >= _STREAM_MIN_BYTES,
-        )
-        return out
+        # An encrypted operand leaves for the relays and is not read back here: stream it past
+        # the cache when it is large. A decrypted result is read next: keep it cached.
+        return _kernel_gather(out, src, _kernel_vectors(row_key, index_role, row_role, dtype),
+                              _kernel_vectors(col_key, index_role, col_role, dtype),
+                              stream=index_role == "mask" and numel * dtype.itemsize >= _STREAM_MIN_BYTES)
 
     # Pure torch; `(r * c) * x` in the same order as the kernel, so results are bit-identical.
     dev = src.device

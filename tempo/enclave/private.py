@@ -134,7 +134,7 @@ class ClientEngine:
         """Split only products whose operands and result add up to `split_min_mb`: below that a
         part's fixed costs (a round trip, a key, a verification) outweigh what it saves."""
         batch = torch.broadcast_shapes(a_shape[:-2], b_shape[:-2])
-        m, n, p = a_shape[-2], a_shape[-1], b_shape[-1]
+        m, p = a_shape[-2], b_shape[-1]
         rows = math.prod(batch)
         nbytes = itemsize * (math.prod(a_shape) + math.prod(b_shape) + rows * m * p)
         return partition.plan(a_shape, b_shape, self.parts if nbytes >= self.split_min_bytes else 1)
@@ -390,11 +390,10 @@ class PrivateConv2d(nn.Module):
                                weight=("b", lambda: self.weight.detach().reshape(out_ch, -1).t()))
             y = y.view(n, -1, out_ch).transpose(1, 2)  # (n, out, L)
         elif g == 1:
-            patches = F.unfold(x, (kh, kw), dilation=self.dilation, padding=self.unfold_padding, stride=self.stride)
-            y = private_matmul(self.weight.reshape(out_ch, -1), patches, self.pctx,  # (n, out, L)
+            y = private_matmul(self.weight.reshape(out_ch, -1), self._patches(x), self.pctx,  # (n, out, L)
                                weight=("a", lambda: self.weight.detach().reshape(out_ch, -1)))
         else:
-            patches = F.unfold(x, (kh, kw), dilation=self.dilation, padding=self.unfold_padding, stride=self.stride)
+            patches = self._patches(x)
             # unfold orders rows channel-major (c, ki, kj): group j's rows are one contiguous block
             y = private_matmul(self.weight.reshape(g, out_ch // g, -1),  # (n, g, out/g, L)
                                patches.view(n, g, cin_g * kh * kw, -1), self.pctx,
@@ -404,6 +403,11 @@ class PrivateConv2d(nn.Module):
             y = y + self.bias.view(1, -1, 1)
         y = y.reshape(n, out_ch, ho, wo)
         return y.squeeze(0) if unbatched else y
+
+    def _patches(self, x: torch.Tensor) -> torch.Tensor:
+        """im2col: (batch × in·kh·kw × positions)."""
+        return F.unfold(x, tuple(self.weight.shape[-2:]), dilation=self.dilation, padding=self.unfold_padding,
+                        stride=self.stride)
 
 
 def _patch_rows(x: torch.Tensor, kernel: tuple, dilation: tuple, padding: tuple, stride: tuple) -> torch.Tensor:
