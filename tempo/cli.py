@@ -216,11 +216,15 @@ def offloader(ctx: click.Context, relay_bind: str, enclave_bind: str, heartbeat_
 @click.option("--record", "record_dir", default=None, type=click.Path(file_okay=False),
               help="Write every request's op, binding and tensors to DIR/<name>/ (audits: what the cloud "
                    "receives; off by default).")
+@click.option("--pool", default=None, help="Serve the shares mode as a member of this pool (with --pool-key); "
+                                         "a pool member serves nothing else.")
+@click.option("--pool-key", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="The pool's key file (hex, 16 bytes): requests are sealed under it.")
 @PARENT_PID
 @click.pass_context
 def relay(ctx: click.Context, connect: str, device: str, cache_mb: int, heartbeat: float, max_frame_mb: int,
           name: str | None, fault: str | None, curve_secret: str | None, curve_server_key: str | None,
-          record_dir: str | None, parent_pid: int | None) -> None:
+          record_dir: str | None, pool: str | None, pool_key: str | None, parent_pid: int | None) -> None:
     """Run a relay: multiply masked operands on DEVICE for the off-loader at CONNECT."""
     import os
 
@@ -230,10 +234,14 @@ def relay(ctx: click.Context, connect: str, device: str, cache_mb: int, heartbea
     log = _logger(ctx, "relay", relay=name)
     stop = _install_signal_handlers(parent_pid)
     try:
+        from tempo.protocol.sealed import read_key
+
+        if (pool is None) != (pool_key is None):
+            raise ValueError("--pool and --pool-key go together")
         injected = Fault.parse(fault) if fault else None
         worker = Relay(connect, device, cache_mb << 20, heartbeat, max_frame_mb << 20, log=log, name=name,
                        fault=injected, curve_secret=curve_secret, curve_server_key=curve_server_key,
-                       record_dir=record_dir)
+                       record_dir=record_dir, pool=pool, pool_key=read_key(pool_key) if pool_key else None)
     except (RuntimeError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     worker.run(stop=stop)
@@ -406,6 +414,9 @@ PARTIAL_DATA = click.option("--partial-data", is_flag=True, default=None,
 @click.option("--key-refresh", type=click.Choice(["step", "epoch"]), default="step", show_default=True,
               help="Fresh keys for every product, or one key per layer for an epoch (the paper's).")
 @masking_options
+@click.option("--protection", type=click.Choice(["masking", "shares"]), default="masking", show_default=True,
+              help="masking: the --masking preset; shares: every product secret-shared across three relay pools "
+                   "that must not collude (--relays is then relays per pool). README: the shares mode.")
 @click.option("--integrity-t", default=1e-6, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Target probability that any wrong result goes undetected in the run (Theorem V.2 sets the Freivalds rounds).")
 @click.option("--out", default=None,

@@ -63,7 +63,11 @@ class LocalCluster:
         faults: dict[int, str] | None = None,
         offloader_args: list[str] | None = None,
         record_dir: str | None = None,
+        pools: dict[str, int] | None = None,
     ) -> None:
+        # the shares mode: relays per pool name, each pool with a fresh key (in the work directory)
+        self.pools = pools or {}
+        self.pool_keys: dict[str, bytes] = {}
         self.offloader_args = offloader_args or []
         self.n_relays = relays
         self.device = device
@@ -130,6 +134,9 @@ class LocalCluster:
             self.relay_endpoint, self.enclave_endpoint = m.group(1), m.group(2)
             for i in range(self.n_relays):
                 self.add_relay(fault=self.faults.get(i))
+            for pool, count in self.pools.items():
+                for _ in range(count):
+                    self.add_pool_relay(pool, fault=self.faults.get(len(self.relays)))
         except BaseException:
             self.stop()
             raise
@@ -140,8 +147,9 @@ class LocalCluster:
         if self.offloader is not None and not self.offloader.alive():
             raise ClusterDied(f"the off-loader exited ({exit_status(self.offloader.popen.returncode)})")
 
-    def add_relay(self, device: str | None = None, fault: str | None = None, extra_args: list[str] | None = None) -> Proc:
-        name = f"relay{len(self.relays)}-{os.getpid()}"
+    def add_relay(self, device: str | None = None, fault: str | None = None, extra_args: list[str] | None = None,
+                  name: str | None = None) -> Proc:
+        name = name or f"relay{len(self.relays)}-{os.getpid()}"
         args = ["relay", "--connect", self.relay_endpoint, "--device", device or self.device,
                 "--heartbeat", str(self.heartbeat_s), "--cache-mb", str(self.cache_mb), "--name", name]
         if fault:
@@ -152,6 +160,16 @@ class LocalCluster:
         proc, _ = self._spawn(name, args)
         self.relays.append(proc)
         return proc
+
+    def add_pool_relay(self, pool: str, fault: str | None = None, extra_args: list[str] | None = None) -> Proc:
+        """A relay of `pool` (the shares mode), holding the pool's key (made on first use)."""
+        from tempo.protocol.sealed import new_key, write_key
+
+        if pool not in self.pool_keys:
+            self.pool_keys[pool] = new_key()
+        path = write_key(os.path.join(self.workdir, f"{pool}.key"), self.pool_keys[pool])
+        return self.add_relay(fault=fault, extra_args=["--pool", pool, "--pool-key", str(path), *(extra_args or [])],
+                              name=f"{pool}-relay{len(self.relays)}-{os.getpid()}")
 
     def kill_relay(self, index: int, sig: int = signal.SIGKILL) -> None:
         self.relays[index].popen.send_signal(sig)

@@ -237,6 +237,7 @@ def offloader_seeds():
     release), with the right digests."""
     bind = ["fuzzjob", 0, 0, 0]
     a, b, d = torch.randn(3, 4), torch.randn(4, 2), torch.randn(3, 2)
+    blob = torch.randint(0, 256, (64,), dtype=torch.uint8)  # a sealed blob (unopenable: fuzz)
 
     def digest(*ts):
         return inputs_digest([t.numpy().tobytes() for t in ts])
@@ -250,6 +251,7 @@ def offloader_seeds():
         "release binding": encode("release", bind=bind),
         "release job": encode("release", job="fuzzjob", bind=["-", 0, 0, 0]),
         "ping": encode("ping", id="o5", bind=bind),
+        "sealed": encode("sealed", [blob], id="o6", bind=bind, pool="fuzzpool", digest=digest(blob)),
     }
     assert {decode_header(f[0])["op"] for f in seeds.values()} == OFFLOADER_TO_RELAY_OPS
     return seeds

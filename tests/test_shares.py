@@ -22,12 +22,13 @@ def as_ints(t: torch.Tensor) -> np.ndarray:
 @given(m=st.integers(1, 6), n=st.integers(1, 7), p=st.integers(1, 5), batch=st.sampled_from([(), (2,)]),
        seed=st.integers(0, 2**31))
 def test_ring_matmul_is_exact_modulo_two_to_the_64(m, n, p, batch, seed):
+    """Both ways: integer matmuls (CPU) and float64 products of 16-bit limbs (CUDA)."""
     rng = sh.Randomness(seed.to_bytes(16, "little"))
     a, b = rng.uniform((*batch, m, n)), rng.uniform((*batch, n, p))
-    got = as_ints(sh.ring_matmul(a, b))
     ia, ib = as_ints(a), as_ints(b)
     want = np.vectorize(lambda v: v % MOD, otypes=[object])(np.matmul(ia, ib))
-    assert (got == want).all()
+    for limbs in (False, True):
+        assert (as_ints(sh.ring_matmul(a, b, limbs=limbs)) == want).all()
 
 
 def test_encodings_round_trip_and_products_decode_within_the_stated_bound():

@@ -80,6 +80,7 @@ class Pending:
     bind: Binding
     outputs: list[Descriptor] = field(default_factory=list)
     relay: str = ""  # which relay computed it (from the off-loader's done)
+    kind_pool: str = ""  # a sealed part's pool
 
 
 @dataclass
@@ -375,6 +376,62 @@ class OffloadClient:
         self._send(id=rid, bind=bind.to_wire(), kind="forward", inputs=[d.to_wire() for d in inputs],
                    outputs=[d.to_wire() for d in outputs])
         return pending
+
+    # -- sealed parts: the shares mode (tempo.enclave.pools) --
+    def put_blob(self, blob: bytes) -> Descriptor:
+        """Copy a sealed blob into the arena; free it with `free_blob`."""
+        desc, buf = self._alloc((len(blob),), torch.uint8)
+        buf.numpy()[:] = memoryview(blob)
+        return desc
+
+    def free_blob(self, *descs: Descriptor | None) -> None:
+        self._free(*descs)
+
+    def submit_sealed(self, pool: str, bind: Binding, inputs: list[Descriptor], answer_nbytes: int) -> Pending:
+        """Send one pool's sealed request (forward: one blob; backward: the forward's and the
+        backward's); the off-loader gives it to a relay of `pool` only. `finish_sealed` waits."""
+        out, _ = self._alloc((answer_nbytes,), torch.uint8)
+        rid = new_request_id()
+        pending = Pending(rid, "sealed", bind, [*inputs, out], kind_pool=pool)
+        self._pending[rid] = pending
+        self._send(id=rid, bind=bind.to_wire(), kind="sealed", pool=pool, inputs=[d.to_wire() for d in inputs],
+                   outputs=[out.to_wire()])
+        return pending
+
+    def finish_sealed(self, pending: Pending) -> bytes:
+        """Wait for a sealed part (a silent relay is quarantined and the part sent to another of
+        its pool); return the sealed answer's bytes (its region freed, the inputs kept)."""
+        self._wait_or_quarantine(pending)
+        out = pending.outputs[-1]
+        blob = bytes(self.arena.buffer(out))
+        self._free(out)
+        return blob
+
+    def blame(self, pending: Pending, evidence: str) -> Pending:
+        """Quarantine the relay that answered `pending` (its answer failed verification) and send
+        the same request again: the off-loader picks another member of the same pool."""
+        self._quarantine(pending, evidence)
+        *inputs, out = pending.outputs  # the answer's region was freed when it was read
+        pool = pending.kind_pool
+        return self.submit_sealed(pool, pending.bind, inputs, out.nbytes)
+
+    def pools(self, timeout_s: float = 5.0) -> dict[str, int]:
+        """Relays per pool at the off-loader (protocol 2.2)."""
+        return dict(self._ping(timeout_s).get("pools", {}))
+
+    def wait_for_pools(self, names: list[str], timeout_s: float = 30.0) -> None:
+        """Wait until every pool in `names` has a relay; then a clear error naming the missing."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            have = self.pools()
+            missing = [n for n in names if have.get(n, 0) < 1]
+            if not missing:
+                return
+            if time.monotonic() >= deadline:
+                raise OffloadError(f"the shares mode needs a relay in each of the pools {', '.join(names)}; none "
+                                   f"joined for {', '.join(missing)} within {timeout_s:g}s (start them with "
+                                   f"`tempo relay --pool NAME --pool-key FILE`)")
+            time.sleep(0.05)
 
     # -- replies --
     def wait(self, pending: Pending, timeout_s: float | None = None) -> None:

@@ -1,6 +1,6 @@
 """Secret-shared products over the ring Z/2⁶⁴: the arithmetic of the shares mode (issue 15).
 
-Pure functions, no I/O; the relay pools, routing and the training mode are not built yet.
+Pure functions, no I/O (the engine, relays and routing are in `tempo.enclave.pools`).
 
 **Encoding.** A real ``x`` is the ring element ``round(x · 2^f) mod 2⁶⁴``, held as int64 (two's
 complement: the ring's addition and multiplication are int64's, wrapping). ``f = FRAC_BITS`` =
@@ -28,13 +28,15 @@ depend on ``(A, B)``. Pool 2 is the same with indices swapped; pool 3 holds ``(U
 uniform. **Any two pools together learn A and B** (1+2: ``E + U₁ + U₂``; 1+3 or 2+3:
 ``E + U``): the guarantee needs three trust domains that do not collude.
 
-**Exact products on float hardware.** `ring_matmul` splits each operand into four 16-bit limbs
+**Exact products on float hardware.** On a CPU `ring_matmul` is torch's int64 matmul (it wraps
+modulo 2⁶⁴); elsewhere it splits each operand into four 16-bit limbs
 and multiplies them in float64: a limb product summed over ``n ≤ 2²¹`` terms stays below 2⁵³,
 so every partial product is exact; the ten partial products with ``i + j ≤ 3`` are shifted
 and summed modulo 2⁶⁴ (CrypTen's construction for CUDA, where int64 matmuls do not exist).
 
-**Randomness at memory speed**: a Philox counter-based generator keyed from the CSPRNG
-(`Randomness`), one key per product.
+**Randomness at memory speed**: the AES-CTR keystream of a 128-bit key (`Randomness`), each
+key fresh from the CSPRNG; pools expand their own randomness from such keys (seeds), so only
+``E`` and ``F`` travel in full.
 
 **Integrity, exact.** `verify_pool` checks a pool's answer ``R`` against what the enclave sent
 with Freivalds over the ring: ``R r = E(F r) + E(V₁ r) + U₁(F r)`` (pool 1; likewise the others)
@@ -90,16 +92,34 @@ def check_range(a: torch.Tensor, b: torch.Tensor, frac_bits: int = FRAC_BITS) ->
 
 
 class Randomness:
-    """Uniform ring tensors from Philox keyed by the CSPRNG (a fresh 128-bit key per instance)."""
+    """Uniform ring tensors from a counter-based generator: the AES-128-CTR keystream of a key
+    (fresh from the CSPRNG unless given), at memory speed (about 3 GB/s on one core with AES-NI,
+    ten times numpy's Philox). Successive calls continue the stream."""
 
     def __init__(self, key: bytes | None = None) -> None:
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
         key = key if key is not None else os.urandom(16)
-        self._bits = np.random.Philox(key=int.from_bytes(key, "little"))
+        if len(key) != 16:
+            raise ValueError("a generator key is 16 bytes")
+        self._stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
 
     def uniform(self, shape: tuple[int, ...]) -> torch.Tensor:
         count = int(np.prod(shape)) if shape else 1
-        raw = self._bits.random_raw(count).astype(np.uint64, copy=False)
-        return torch.from_numpy(raw.view(np.int64).reshape(shape).copy())
+        out = np.empty(count + 2, dtype=np.int64)  # update_into wants a block's slack
+        self._stream.update_into(_zeros(8 * count), memoryview(out).cast("B"))
+        return torch.from_numpy(out[:count]).reshape(shape)
+
+
+_ZEROS = bytearray()
+
+
+def _zeros(nbytes: int) -> memoryview:
+    """A read-only view of `nbytes` zero bytes (the keystream's plaintext), grown as needed."""
+    global _ZEROS
+    if len(_ZEROS) < nbytes:
+        _ZEROS = bytearray(max(nbytes, 2 * len(_ZEROS)))
+    return memoryview(_ZEROS)[:nbytes]
 
 
 def share(x: torch.Tensor, rng: Randomness) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,11 +133,17 @@ def _limbs(x: torch.Tensor) -> list[torch.Tensor]:
     return [((x >> (LIMB_BITS * k)) & mask).double() for k in range(64 // LIMB_BITS)]
 
 
-def ring_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``A·B mod 2⁶⁴`` for int64 ring tensors (any broadcast batch), exact, through float64
-    products of 16-bit limbs."""
+def ring_matmul(a: torch.Tensor, b: torch.Tensor, limbs: bool | None = None) -> torch.Tensor:
+    """``A·B mod 2⁶⁴`` for int64 ring tensors (any broadcast batch), exact. On a CPU, torch's
+    int64 matmul (integer multiply-adds, which wrap modulo 2⁶⁴: about ten times faster than
+    limbs there); on devices without integer matmuls (CUDA), or with `limbs`, float64 products
+    of 16-bit limbs."""
     if a.dtype != torch.int64 or b.dtype != torch.int64:
         raise TypeError("ring_matmul multiplies int64 ring tensors")
+    if limbs is None:
+        limbs = a.device.type != "cpu"
+    if not limbs:
+        return torch.matmul(a, b)
     if a.shape[-1] > MAX_INNER:
         raise RingOverflow(f"inner dimension {a.shape[-1]} exceeds {MAX_INNER}")
     la, lb = _limbs(a), _limbs(b)
@@ -228,3 +254,278 @@ def verify_pool(pool: int, operands: tuple[torch.Tensor, ...], result: torch.Ten
         return False
     r = rng.uniform((p, rounds))
     return bool(torch.equal(ring_matmul(result, r), pool_times(pool, operands, r)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The mode: one product's requests to the three pools, their answers, and the enclave's checks.
+#
+# Differences from `split_product` above, for training:
+#
+# - **Seeds, not random tensors.** Pool 1 expands ``U₁, V₁`` from its seed ``s₁``, pool 2
+#   ``U₂, V₂`` from ``s₂``, pool 3 both (``U = U₁ + U₂``, ``V = V₁ + V₂``): only ``E`` and
+#   ``F`` travel in full, and the proof above holds with the generator's output in place of
+#   uniform tensors (computationally: AES-CTR is a pseudorandom generator).
+# - **Private scales.** Each operand is encoded with its own power-of-two scale, chosen in the
+#   enclave from its largest entry and never sent: pools compute in the ring without it, and the
+#   enclave decodes with the sum of the scales. Products are exact; each operand keeps about
+#   ``(61 − log₂ n) / 2`` bits below its largest entry (24 for n = 1024: fp32's mantissa).
+# - **Backward reuses the forward's E and F.** ``Δ`` is shared as ``G = Δ − W`` (``W = W₁ + W₂``
+#   from fresh seeds ``t₁, t₂``) and, with ``A = E + U`` and ``B = F + V``:
+#   ``dA = Δ Bᵀ = G Fᵀ + G Vᵀ + W Fᵀ + W Vᵀ`` and ``dB = Aᵀ Δ = Eᵀ G + Eᵀ W + Uᵀ G + Uᵀ W``,
+#   split among the pools as the forward is. The rule that keeps the proof: a pool sees each
+#   opened value at most once per secret operand value: ``E`` and ``F`` belong to this
+#   product's ``A`` and ``B`` and are never reused for another product (fresh seeds for every
+#   product), and ``G`` is opened under a fresh ``W``. Pool 1 then holds ``(E, F, G, s₁, t₁)``:
+#   ``E``, ``F``, ``G`` each carry an independent uniform share it lacks (``U₂``, ``V₂``,
+#   ``W₂``), so they are uniform and independent given everything else it holds.
+# - **Integrity on the sum, blame per pool.** The enclave checks the three answers' ring sum
+#   against its own encodings (Freivalds, exact); only when that fails does it check each pool's
+#   answer against what that pool was sent, to quarantine the liar.
+# ---------------------------------------------------------------------------------------------
+
+ROLES = (1, 2, 3)
+SEED_BYTES = 16
+RING_BITS = 61  # products stay within ±2⁶¹: headroom for the rounding of the encodings
+
+
+def _log2_ceil(x: float) -> int:
+    return int(np.ceil(np.log2(x))) if x > 0 else 0
+
+
+def scale_for(t: torch.Tensor, bits: int) -> int:
+    """The power-of-two scale that puts `t`'s largest entry just below ``2^bits``."""
+    top = float(t.abs().max()) if t.numel() else 0.0
+    if not np.isfinite(top):
+        raise RingOverflow("an operand is not finite")
+    if top == 0.0:
+        return bits
+    return bits - int(np.floor(np.log2(top))) - 1
+
+
+def encode_scaled(t: torch.Tensor, scale: int) -> torch.Tensor:
+    """``round(t · 2^scale)`` as ring elements (int64), for any integer `scale`."""
+    return torch.round(torch.ldexp(t.double(), torch.tensor(float(scale), dtype=torch.float64))).to(torch.int64)
+
+
+def decode_scaled(c: torch.Tensor, scale: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.ldexp(c.double(), torch.tensor(float(-scale), dtype=torch.float64)).to(dtype)
+
+
+def sum_to(t: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """`t` summed (in the ring: int64 wraps) over the leading axes it was broadcast across."""
+    shape = tuple(shape)
+    if tuple(t.shape) == shape:
+        return t
+    lead = t.dim() - len(shape)
+    t = t.sum(dim=tuple(range(lead))) if lead > 0 else t
+    dims = tuple(i for i, (x, y) in enumerate(zip(t.shape, shape)) if y == 1 and x != 1)
+    return t.sum(dim=dims, keepdim=True) if dims else t
+
+
+def _expand(seed: bytes, *shapes: tuple) -> list[torch.Tensor]:
+    rng = Randomness(seed)
+    return [rng.uniform(tuple(s)) for s in shapes]
+
+
+def _batch(a_shape: tuple, b_shape: tuple) -> int:
+    return int(np.prod(torch.broadcast_shapes(torch.Size(a_shape[:-2]), torch.Size(b_shape[:-2])))) or 1
+
+
+@dataclass
+class Opened:
+    """One product as the enclave holds it: encodings and their private scales, the seeds, and
+    what each pool was sent (header fields and tensors: what a relay of that pool sees)."""
+
+    a_shape: tuple
+    b_shape: tuple
+    enc_a: torch.Tensor
+    enc_b: torch.Tensor
+    scale_a: int
+    scale_b: int
+    seeds: tuple[bytes, bytes]
+    dtype: torch.dtype
+    requests: dict[int, tuple[dict, tuple[torch.Tensor, ...]]]
+    # backward, once `open_backward` ran
+    enc_d: torch.Tensor | None = None
+    scale_d: int = 0
+    grad_seeds: tuple[bytes, bytes] | None = None
+    grad_requests: dict[int, tuple[dict, tuple[torch.Tensor, ...]]] | None = None
+
+
+def open_forward(a: torch.Tensor, b: torch.Tensor, seeds: tuple[bytes, bytes] | None = None) -> Opened:
+    """Encode ``A`` and ``B`` under private scales and open ``E = A − U``, ``F = B − V``: the
+    three pools' requests for ``C = A·B`` (pools 1, 2: seed and ``E, F``; pool 3: both seeds)."""
+    n = a.shape[-1]
+    if b.shape[-2] != n:
+        raise ValueError(f"A {tuple(a.shape)} and B {tuple(b.shape)} do not multiply")
+    if n > MAX_INNER:
+        raise RingOverflow(f"inner dimension {n} exceeds {MAX_INNER}")
+    half = (RING_BITS - _log2_ceil(n)) // 2
+    if half < 8:
+        raise RingOverflow(f"inner dimension {n} leaves fewer than 8 bits per operand")
+    sa, sb = scale_for(a, half), scale_for(b, half)
+    ea, eb = encode_scaled(a, sa), encode_scaled(b, sb)
+    s1, s2 = seeds if seeds is not None else (os.urandom(SEED_BYTES), os.urandom(SEED_BYTES))
+    u1, v1 = _expand(s1, ea.shape, eb.shape)
+    u2, v2 = _expand(s2, ea.shape, eb.shape)
+    e, f = ea - u1 - u2, eb - v1 - v2
+    shapes = {"a": list(ea.shape), "b": list(eb.shape)}
+    requests = {1: ({"role": 1, "seeds": [s1], **shapes}, (e, f)),
+                2: ({"role": 2, "seeds": [s2], **shapes}, (e, f)),
+                3: ({"role": 3, "seeds": [s1, s2], **shapes}, ())}
+    return Opened(tuple(a.shape), tuple(b.shape), ea, eb, sa, sb, (s1, s2), a.dtype, requests)
+
+
+def open_backward(op: Opened, grad_c: torch.Tensor, seeds: tuple[bytes, bytes] | None = None) -> None:
+    """Encode ``Δ = dL/dC`` under its own private scale and open ``G = Δ − W``: each pool's
+    backward request (pools 1, 2: seed and ``G``, with the forward's ``E, F``; pool 3: seeds)."""
+    m, p = op.a_shape[-2], op.b_shape[-1]
+    if tuple(grad_c.shape[-2:]) != (m, p):
+        raise ValueError(f"dL/dC has shape {tuple(grad_c.shape)}; the forward made (…, {m}, {p})")
+    # dA = Δ Bᵀ sums p terms (times the slices A was broadcast across), dB = Aᵀ Δ sums m (times B's)
+    batch = _batch(op.a_shape, op.b_shape)
+    slices_a, slices_b = int(np.prod(op.a_shape[:-2])), int(np.prod(op.b_shape[:-2]))
+    terms = max(p * batch // slices_a, m * batch // slices_b)
+    top_a = _log2_ceil(float(op.enc_a.abs().max()) + 1) if op.enc_a.numel() else 0
+    top_b = _log2_ceil(float(op.enc_b.abs().max()) + 1) if op.enc_b.numel() else 0
+    bits = RING_BITS - max(top_a, top_b) - _log2_ceil(terms)
+    if bits < 8:
+        raise RingOverflow(f"the backward of a {op.a_shape} × {op.b_shape} product leaves {bits} bits for dL/dC")
+    sd = scale_for(grad_c, bits)
+    ed = encode_scaled(grad_c, sd)
+    t1, t2 = seeds if seeds is not None else (os.urandom(SEED_BYTES), os.urandom(SEED_BYTES))
+    (w1,), (w2,) = _expand(t1, ed.shape), _expand(t2, ed.shape)
+    g = ed - w1 - w2
+    shape = {"d": list(ed.shape)}
+    op.enc_d, op.scale_d, op.grad_seeds = ed, sd, (t1, t2)
+    op.grad_requests = {1: ({"role": 1, "seeds": [t1], **shape}, (g,)),
+                        2: ({"role": 2, "seeds": [t2], **shape}, (g,)),
+                        3: ({"role": 3, "seeds": [t1, t2], **shape}, ())}
+
+
+def _pool_masks(header: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The U-part and V-part a pool expands from the seeds it was given (pool 3: the sums)."""
+    parts = [_expand(s, header["a"], header["b"]) for s in header["seeds"]]
+    return sum(p[0] for p in parts[1:]) + parts[0][0], sum(p[1] for p in parts[1:]) + parts[0][1]
+
+
+def _pool_grad_mask(header: dict) -> torch.Tensor:
+    parts = [_expand(s, header["d"])[0] for s in header["seeds"]]
+    return sum(parts[1:]) + parts[0] if len(parts) > 1 else parts[0]
+
+
+def pool_answer(forward: tuple[dict, tuple], backward: tuple[dict, tuple] | None = None) -> tuple[torch.Tensor, ...]:
+    """What a relay of a pool computes from its requests (pure; the same for every pool member).
+
+    Forward: pool 1 ``E(F + V₁) + U₁F``, pool 2 ``E V₂ + U₂ F``, pool 3 ``U V``. Backward (with
+    the forward's request): pool 1 ``(G(F + V₁)ᵀ + W₁Fᵀ, Eᵀ(G + W₁) + U₁ᵀG)``, pool 2
+    ``(G V₂ᵀ + W₂ Fᵀ, Eᵀ W₂ + U₂ᵀ G)``, pool 3 ``(W Vᵀ, Uᵀ W)``, each summed to its operand's
+    shape."""
+    header, tensors = forward
+    role = header["role"]
+    u, v = _pool_masks(header)
+    a_shape, b_shape = tuple(header["a"]), tuple(header["b"])
+    if role == 3:
+        if backward is None:
+            return (ring_matmul(u, v),)
+        w = _pool_grad_mask(backward[0])
+        return sum_to(ring_matmul(w, v.mT), a_shape), sum_to(ring_matmul(u.mT, w), b_shape)
+    e, f = tensors
+    if backward is None:
+        if role == 1:
+            return (ring_matmul(e, f + v) + ring_matmul(u, f),)
+        return (ring_matmul(e, v) + ring_matmul(u, f),)
+    (g,) = backward[1]
+    w = _pool_grad_mask(backward[0])
+    if role == 1:
+        da = ring_matmul(g, (f + v).mT) + ring_matmul(w, f.mT)
+        db = ring_matmul(e.mT, g + w) + ring_matmul(u.mT, g)
+    else:
+        da = ring_matmul(g, v.mT) + ring_matmul(w, f.mT)
+        db = ring_matmul(e.mT, w) + ring_matmul(u.mT, g)
+    return sum_to(da, a_shape), sum_to(db, b_shape)
+
+
+def answer_shapes(op: Opened, backward: bool) -> list[tuple]:
+    """The shapes every pool's answer has (int64)."""
+    if not backward:
+        batch = tuple(torch.broadcast_shapes(torch.Size(op.a_shape[:-2]), torch.Size(op.b_shape[:-2])))
+        return [(*batch, op.a_shape[-2], op.b_shape[-1])]
+    return [op.a_shape, op.b_shape]
+
+
+def _fits(answers: dict[int, tuple], shapes: list[tuple]) -> bool:
+    return set(answers) == set(ROLES) and all(
+        len(ans) == len(shapes) and all(t.dtype == torch.int64 and tuple(t.shape) == s for t, s in zip(ans, shapes))
+        for ans in answers.values())
+
+
+def _freivalds(result: torch.Tensor, left: torch.Tensor, right: torch.Tensor, shape: tuple, rounds: int,
+               rng: Randomness) -> bool:
+    """Whether ``result == sum_to(left · right, shape)`` in the ring, `rounds` uniform vectors."""
+    r = rng.uniform((right.shape[-1], rounds))
+    return bool(torch.equal(ring_matmul(result, r), sum_to(ring_matmul(left, ring_matmul(right, r)), shape[:-1] + (rounds,))))
+
+
+def combine_forward(op: Opened, answers: dict[int, tuple], rounds: int = 16) -> torch.Tensor | None:
+    """``C = A·B`` from the pools' answers, or None when their ring sum is not exactly the
+    product of the enclave's encodings (Freivalds over the ring, `rounds` rounds)."""
+    shapes = answer_shapes(op, False)
+    if not _fits(answers, shapes):
+        return None
+    total = answers[1][0] + answers[2][0] + answers[3][0]
+    if not _freivalds(total, op.enc_a, op.enc_b, shapes[0], rounds, Randomness()):
+        return None
+    return decode_scaled(total, op.scale_a + op.scale_b, op.dtype)
+
+
+def combine_backward(op: Opened, answers: dict[int, tuple], rounds: int = 16) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(dL/dA, dL/dB)`` from the pools' backward answers, or None unless both sums are exact."""
+    if op.enc_d is None:
+        raise ValueError("no backward was opened for this product")
+    shapes = answer_shapes(op, True)
+    if not _fits(answers, shapes):
+        return None
+    da = answers[1][0] + answers[2][0] + answers[3][0]
+    db = answers[1][1] + answers[2][1] + answers[3][1]
+    rng = Randomness()
+    if not (_freivalds(da, op.enc_d, op.enc_b.mT, shapes[0], rounds, rng)
+            and _freivalds(db, op.enc_a.mT, op.enc_d, shapes[1], rounds, rng)):
+        return None
+    return (decode_scaled(da, op.scale_d + op.scale_b, op.dtype), decode_scaled(db, op.scale_a + op.scale_d, op.dtype))
+
+
+def honest_answer_check(op: Opened, role: int, answer: tuple, backward: bool, rounds: int = 16) -> bool:
+    """Whether one pool's answer is exactly what that pool owes for what it was sent (Freivalds
+    against its own requests): who lied, once a sum failed. Costs a pool's work in matrix-vector
+    products."""
+    shapes = answer_shapes(op, backward)
+    if len(answer) != len(shapes) or any(t.dtype != torch.int64 or tuple(t.shape) != s for t, s in zip(answer, shapes)):
+        return False
+    fwd = op.requests[role]
+    u, v = _pool_masks(fwd[0])
+    e, f = fwd[1] if role != 3 else (None, None)
+    rng = Randomness()
+    if not backward:
+        r = rng.uniform((shapes[0][-1], rounds))
+        vr, fr = ring_matmul(v, r), (ring_matmul(f, r) if f is not None else None)
+        want = {1: lambda: ring_matmul(e, fr + vr) + ring_matmul(u, fr), 2: lambda: ring_matmul(e, vr) + ring_matmul(u, fr),
+                3: lambda: ring_matmul(u, vr)}[role]()
+        return bool(torch.equal(ring_matmul(answer[0], r), want))
+    bwd = op.grad_requests[role]
+    w = _pool_grad_mask(bwd[0])
+    g = bwd[1][0] if role != 3 else None
+    # dA (…, m, n): right-multiply by r (n); dB (…, n, p): by r (p)
+    ra, rb = rng.uniform((shapes[0][-1], rounds)), rng.uniform((shapes[1][-1], rounds))
+    a_sh, b_sh = shapes[0][:-1] + (rounds,), shapes[1][:-1] + (rounds,)
+    mm = ring_matmul
+    if role == 1:
+        want_a = mm(g, mm((f + v).mT, ra)) + mm(w, mm(f.mT, ra))
+        want_b = mm(e.mT, mm(g + w, rb)) + mm(u.mT, mm(g, rb))
+    elif role == 2:
+        want_a = mm(g, mm(v.mT, ra)) + mm(w, mm(f.mT, ra))
+        want_b = mm(e.mT, mm(w, rb)) + mm(u.mT, mm(g, rb))
+    else:
+        want_a, want_b = mm(w, mm(v.mT, ra)), mm(u.mT, mm(w, rb))
+    return (bool(torch.equal(mm(answer[0], ra), sum_to(want_a, a_sh)))
+            and bool(torch.equal(mm(answer[1], rb), sum_to(want_b, b_sh))))

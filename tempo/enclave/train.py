@@ -59,6 +59,10 @@ class TrainConfig:
     mode: str = "tempo"
     key_refresh: str = "step"
     masking: str = protection.DEFAULT  # a preset of tempo.enclave.protection: paper, head, edges, mixed
+    # "masking" (the preset above) or "shares": every product secret-shared across three relay
+    # pools (tempo.enclave.pools); `relays` is then relays per pool
+    protection: str = "masking"
+    pool_keys: str | None = None  # shares with a separately started off-loader: DIR/p1.key, p2.key, p3.key
     key_space: str | None = None  # the preset's unless given: int:K, signed-int:K, continuous:K
     mix: int | None = None  # orthogonal mixing blocks on every key (the preset's unless given; 0: none)
     keep: str | None = None  # layers kept in the enclave: "first,last", "last", "none" (the preset's unless given)
@@ -88,7 +92,7 @@ class TrainConfig:
         if self.dataset != "cifar10" and self.data_dir is not None:
             raise ConfigError("data_dir", f"data_dir (--data-dir) is for cifar10 only; {self.dataset} needs none")
         try:
-            self.protection()
+            self.masking_preset()
         except ValueError as exc:
             raise ConfigError("masking", str(exc)) from None
         if self.inject_fault is not None:
@@ -100,7 +104,7 @@ class TrainConfig:
                 raise ConfigError("inject_fault", str(exc)) from None
         return self
 
-    def protection(self) -> protection.Masking:
+    def masking_preset(self) -> protection.Masking:
         """The masking this run uses: its preset with the options given on top."""
         masking = protection.preset(self.masking).with_options(
             key_space=self.key_space, key_refresh=self.key_refresh, mix=self.mix, keep=protection.parse_keep(self.keep))
@@ -190,6 +194,8 @@ FIELDS: dict[str, Field] = {
     "mode": Field(str, choices=("tempo", "plain")),
     "key_refresh": Field(str, choices=("step", "epoch")),
     "masking": Field(str, choices=tuple(protection.PRESETS)),
+    "protection": Field(str, choices=("masking", "shares")),
+    "pool_keys": Field(str, optional=True),
     "key_space": Field(str, optional=True),
     "mix": _int(0, optional=True),
     "keep": Field(str, optional=True),
@@ -210,7 +216,7 @@ FIELDS: dict[str, Field] = {
 # What a job file may set (`tempo enclave --config`): the job, not the test hooks.
 JOB_KEYS = ("model", "width", "dataset", "data_dir", "partial_data", "epochs", "batch_size", "lr", "optimizer",
             "schedule", "momentum", "weight_decay", "seed", "val_fraction", "val_every", "relays", "pipeline",
-            "split_min_mb", "device", "key_refresh", "masking", "key_space", "mix", "keep", "integrity_t", "out",
+            "split_min_mb", "device", "key_refresh", "masking", "protection", "pool_keys", "key_space", "mix", "keep", "integrity_t", "out",
             "resume", "overwrite",
             "checkpoint_every", "arena_mb", "part_timeout_s")
 
@@ -410,6 +416,17 @@ def _diverged(step: int, what: str, last_ckpt: tuple[int, Path] | None) -> Diver
                     "Try a lower learning rate (--lr) or check the inputs for NaN")
 
 
+def _read_pool_keys(directory: str | None) -> dict[str, bytes]:
+    """The three pools' keys from DIR/<pool>.key (the shares mode with a separate off-loader)."""
+    from tempo.enclave.pools import POOL_NAMES
+    from tempo.protocol.sealed import read_key
+
+    if directory is None:
+        raise ConfigError("pool_keys", "the shares mode with a separately started off-loader needs pool_keys "
+                                       "(--pool-keys DIR holding p1.key, p2.key and p3.key, the keys its pools' relays use)")
+    return {name: read_key(Path(directory) / f"{name}.key") for name in POOL_NAMES}
+
+
 def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=None) -> Summary:
     """Train as `cfg` says; returns the `Summary` it also writes to ``out/summary.json``.
 
@@ -448,8 +465,10 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
     n = len(split.train_x)
     steps_per_epoch = -(-n // cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
-    masking = cfg.protection()
-    products = max(1, offloaded_products(model) - len(masking.keep))  # L in Theorem V.2: what is offloaded
+    masking = cfg.masking_preset()
+    shared = cfg.protection == "shares"
+    kept = () if shared else masking.keep  # shares hide every product: nothing need stay in the enclave
+    products = max(1, offloaded_products(model) - len(kept))  # L in Theorem V.2: what is offloaded
     rounds = 0
     if cfg.mode == "tempo":
         alpha = training_alpha(cfg.epochs, n, cfg.batch_size)
@@ -471,7 +490,9 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
             if cfg.mode == "tempo":
                 from tempo.cluster import LocalCluster
                 from tempo.enclave.client import OffloadClient, default_job_id
+                from tempo.enclave.pools import POOL_NAMES, RelayPools, SharesEngine
                 from tempo.enclave.private import ClientEngine, PrivateContext, to_private
+                from tempo.enclave.shares import ROLES
 
                 if cfg.offloader:  # Tempo as deployed: off-loader and relays started on their own
                     if cfg.inject_fault:
@@ -480,9 +501,10 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
                     endpoint = cfg.offloader
                 else:  # Tempo-l in one command: start them here
                     faults = {0: cfg.inject_fault} if cfg.inject_fault else {}
-                    cluster = LocalCluster(relays=cfg.relays, device=cfg.device, faults=faults,
+                    cluster = LocalCluster(relays=0 if shared else cfg.relays, device=cfg.device, faults=faults,
                                            heartbeat_timeout_s=cfg.heartbeat_timeout_s,
-                                           heartbeat_s=min(0.5, cfg.heartbeat_timeout_s / 4))
+                                           heartbeat_s=min(0.5, cfg.heartbeat_timeout_s / 4),
+                                           pools=dict.fromkeys(POOL_NAMES, cfg.relays) if shared else None)
                     cluster.start()
                     endpoint = cluster.enclave_endpoint
                 job = default_job_id()
@@ -492,11 +514,20 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
                 if cluster is not None:
                     client.watchdog = cluster.check  # the off-loader's exit is noticed within a second
                 if log:
-                    log.info("train.waiting_for_relays", offloader=endpoint, relays=cfg.relays)
-                client.wait_for_relays(cfg.relays, timeout_s=cfg.relay_wait_s if cfg.offloader else 30.0)
-                engine = ClientEngine(client, parts=cfg.relays, pipeline=cfg.pipeline, split_min_mb=cfg.split_min_mb)
-                pctx = PrivateContext(engine, job=job, patch_rows=masking.patch_rows)
-                net = to_private(model, pctx, keep=masking.keep)
+                    log.info("train.waiting_for_relays", offloader=endpoint, relays=cfg.relays,
+                             **({"pools": list(POOL_NAMES)} if shared else {}))
+                wait_s = cfg.relay_wait_s if cfg.offloader else 30.0
+                if shared:
+                    keys_by_pool = cluster.pool_keys if cluster is not None else _read_pool_keys(cfg.pool_keys)
+                    engine = SharesEngine(RelayPools(client, {r: (name, keys_by_pool[name])
+                                                              for r, name in zip(ROLES, POOL_NAMES)}, wait_s),
+                                          rounds=rounds, max_attempts=cfg.relays + 1)
+                else:
+                    client.wait_for_relays(cfg.relays, timeout_s=wait_s)
+                    engine = ClientEngine(client, parts=cfg.relays, pipeline=cfg.pipeline,
+                                          split_min_mb=cfg.split_min_mb)
+                pctx = PrivateContext(engine, job=job, patch_rows=True if shared else masking.patch_rows)
+                net = to_private(model, pctx, keep=kept)
             opt = _optimizer(cfg, model.parameters())
             sched = _schedule(cfg, opt, total_steps)
             g = torch.Generator().manual_seed(cfg.seed)
@@ -631,19 +662,27 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
         this_run = time.perf_counter() - start
         breakdown = Breakdown()
         offload = {}
-        if client is not None:
+        if client is not None and shared:
+            s = engine.shares
+            breakdown = Breakdown(s.open_s + s.seal_s, 0.0, s.combine_s + s.blame_s, s.wait_s,
+                                  max(0.0, this_run - s.open_s - s.seal_s - s.combine_s - s.blame_s - s.wait_s))
+            offload = {**asdict(engine.counters), "freivalds_rounds": rounds, "protection": "shares",
+                       "pools": list(POOL_NAMES), "bytes_sent": s.bytes_sent, "bytes_received": s.bytes_received,
+                       "failed_sums": s.failed_sums, "blamed_by_pool": {str(k): v for k, v in s.blamed.items()}}
+        elif client is not None:
             c = client.counters
             breakdown = Breakdown(c.encrypt_s, c.decrypt_s, c.verify_s, c.wait_s,
                                   max(0.0, this_run - c.encrypt_s - c.decrypt_s - c.verify_s - c.wait_s))
             offload = {**asdict(engine.counters), "freivalds_rounds": rounds, "keys_generated": keys.generated,
-                       **masking.describe()}
+                       "protection": "masking", **masking.describe()}
         else:
             breakdown.enclave_other = this_run
         events = client.relay_events if client is not None else []
         if client is not None:
             offload.update(failed_verifications=client.counters.failed_verifications,
                            part_timeouts=client.counters.timeouts, pipeline=cfg.pipeline,
-                           weights_masked_ahead=engine.prefetch_used, premasks_dropped=client.counters.premasks_dropped,
+                           weights_masked_ahead=getattr(engine, "prefetch_used", 0),
+                           premasks_dropped=client.counters.premasks_dropped,
                            weights_shipped_ahead=client.counters.staged_forwards,
                            parts_by_relay=dict(sorted(client.counters.parts_by_relay.items())))
         summary = Summary(

@@ -61,6 +61,7 @@ class RelayState:
     last_seen: float
     inflight: set[str] = field(default_factory=set)
     given: int = 0  # parts dispatched to it so far (ties go to the least used)
+    pool: str | None = None  # the shares mode: the pool it announced when it joined (never changes)
 
 
 @dataclass
@@ -69,7 +70,7 @@ class Part:
 
     client: bytes  # the enclave's ROUTER identity
     client_id: str  # the enclave's request id
-    kind: str  # forward | backward
+    kind: str  # forward | backward | sealed
     bind: Binding
     arena: Arena
     inputs: list[Descriptor]
@@ -83,6 +84,7 @@ class Part:
     sent_at: float = 0.0  # when the part last left for a relay (turnaround = transfer + compute)
     staged: str | None = None  # a forward whose weight operand (slot a or b) was staged ahead
     used_staged: bool = False
+    pool: str | None = None  # a sealed part goes only to a relay of this pool
 
 
 def _expected_outputs(kind: str, inputs: list[Descriptor], operands: list[Descriptor]) -> list[tuple]:
@@ -176,6 +178,14 @@ class Offloader:
                 "arena_owners": len(self.arena_owners), "relays": len(self.relays),
                 "quarantined": len(self.quarantined)}
 
+    def pools(self) -> dict[str, int]:
+        """Relays per pool (the shares mode), for the enclave's check that every pool is there."""
+        counts: dict[str, int] = {}
+        for r in self.relays.values():
+            if r.pool is not None:
+                counts[r.pool] = counts.get(r.pool, 0) + 1
+        return counts
+
     # -- enclave side --
     def _claim(self, client: bytes, job: str, name: str) -> Arena:
         """The arena `name` for `client`'s work on `job`, attached on first use; refused when
@@ -198,6 +208,16 @@ class Offloader:
 
         kind = header["kind"]
         inputs, operands, outputs = descs("inputs"), descs("operands"), descs("outputs")
+        if kind == "sealed":  # the shares mode: blobs this process cannot open, for one pool's relays
+            if "pool" not in header:
+                raise ProtocolError("a sealed submit names its pool")
+            if (len(inputs) not in (1, 2) or operands or len(outputs) != 1
+                    or any(d.dtype != "uint8" or len(d.shape) != 1 for d in inputs + outputs)):
+                raise ProtocolError("a sealed submit has one or two sealed inputs and one sealed output (uint8)")
+            self._dispatch(Part(client, header["id"], kind, bind, arena, inputs, [], outputs, pool=header["pool"]))
+            return
+        if "pool" in header:
+            raise ProtocolError("only a sealed submit names a pool")
         expected = _expected_outputs(kind, inputs, operands)
         if [tuple(o.shape) for o in outputs] != expected:
             raise ProtocolError(f"outputs must have shapes {expected}")
@@ -283,7 +303,7 @@ class Offloader:
     def _ping(self, client: bytes, header: dict) -> None:
         rid = {"id": header["id"]} if "id" in header else {}
         self.enclave_sock.send_multipart(
-            [client, *encode("pong", relays=len(self.relays), tables=self.tables(), **rid)], copy=False
+            [client, *encode("pong", relays=len(self.relays), tables=self.tables(), pools=self.pools(), **rid)], copy=False
         )
 
     def _reply_error(self, part: Part, reason: str) -> None:
@@ -356,6 +376,9 @@ class Offloader:
         return held
 
     def _pick_relay(self, part: Part, held: tuple[bytes, str, Descriptor] | None) -> bytes | None:
+        if part.kind == "sealed":  # the routing invariant: a pool's parts reach its relays only
+            relay = self._least_loaded(part.pool)
+            return relay.identity if relay is not None else None
         if held is not None:  # the relay that holds the weight, when it has room
             return held[0] if len(self.relays[held[0]].inflight) < self.max_inflight else None
         if part.kind == "backward" and not part.full:
@@ -366,9 +389,11 @@ class Offloader:
         relay = self._least_loaded()
         return relay.identity if relay is not None else None
 
-    def _least_loaded(self) -> RelayState | None:
-        """The relay with room and the fewest parts in flight (ties: the least used so far)."""
-        free = [r for r in self.relays.values() if len(r.inflight) < self.max_inflight]
+    def _least_loaded(self, pool: str | None = None) -> RelayState | None:
+        """The relay of `pool` (None: relays in no pool) with room and the fewest parts in flight
+        (ties: the least used so far). Every dispatch path picks relays here or reuses a relay
+        picked here for the same binding and kind, so a pool's parts never leave its relays."""
+        free = [r for r in self.relays.values() if r.pool == pool and len(r.inflight) < self.max_inflight]
         return min(free, key=lambda r: (len(r.inflight), r.given)) if free else None
 
     def _dispatch(self, part: Part) -> None:
@@ -388,7 +413,10 @@ class Offloader:
         if part.kind == "forward":
             self._unstage(part.bind, keep=relay)  # a relay keeps a staged operand until this forward
         part.used_staged = held is not None
-        if part.used_staged:  # only the activation travels now
+        if part.kind == "sealed":
+            op, descs = "sealed", part.inputs
+            extra["pool"] = part.pool
+        elif part.used_staged:  # only the activation travels now
             op, descs = "forward", [part.inputs[1 if part.staged == "a" else 0]]
             extra["staged"] = part.staged
             self.stats["staged_used"] += 1
@@ -425,10 +453,12 @@ class Offloader:
         state.device = msg.header.get("device", "")
         state.free_memory = msg.header.get("free_memory", 0)
         state.last_seen = time.monotonic()
+        if not known:
+            state.pool = msg.header.get("pool")
         self.relays[identity] = state
         if not known:
             self._info("offloader.relay_joined", relay=identity.decode("utf-8", "replace"), device=state.device,
-                       relays=len(self.relays))
+                       relays=len(self.relays), **({"pool": state.pool} if state.pool else {}))
             self._drain_waiting()
 
     def _held(self, identity: bytes, rid: str | None) -> Part | None:

@@ -23,9 +23,14 @@ Ops (``op``), by direction:
   or quarantined).
 - off-loader → relay: ``forward`` (A', B' → C'), ``backward`` (D' with the cached A', B' →
   T1', T2'), ``backward_full`` (A', B', D' → T1', T2', for when the relay holding the cache
-  died), ``release``, ``ping``.
-- relay → off-loader: ``ready`` (device, free memory), ``heartbeat``, ``result``, ``error``,
-  ``pong``.
+  died), ``release``, ``ping``, ``sealed`` (the shares mode: one or two blobs sealed for the
+  relay's pool → one sealed answer; `tempo.protocol.sealed`).
+- relay → off-loader: ``ready`` (device, free memory, and ``pool`` for a pool member),
+  ``heartbeat``, ``result``, ``error``, ``pong``.
+
+A ``submit`` of kind ``sealed`` names a ``pool``; the off-loader gives it only to a relay that
+announced that pool, and gives a pool's relays nothing else. It cannot read what it routes: each
+blob is sealed (AES-GCM) under the pool's key, which only the enclave and the pool's relays hold.
 """
 
 from __future__ import annotations
@@ -40,8 +45,9 @@ from typing import Any
 import msgpack
 import torch
 
-# 2: backward sends D'ᵀ and returns T1'ᵀ, T2'ᵀ summed (grad_shapes); 2.1: pong carries `tables`
-PROTOCOL_VERSION = (2, 1)
+# 2: backward sends D'ᵀ and returns T1'ᵀ, T2'ᵀ summed (grad_shapes); 2.1: pong carries `tables`;
+# 2.2: sealed parts for relay pools (kind and op ``sealed``, ``pool``; pong carries ``pools``)
+PROTOCOL_VERSION = (2, 2)
 
 # dtype names on the wire -> torch dtypes. Nothing else is ever built from a frame.
 DTYPES: dict[str, torch.dtype] = {
@@ -49,6 +55,7 @@ DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
+    "uint8": torch.uint8,  # sealed blobs of the shares mode (`tempo.protocol.sealed`): opaque here
 }
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -59,7 +66,7 @@ DEFAULT_MAX_FRAME_BYTES = 2 << 30  # 2 GiB per tensor frame
 
 ENCLAVE_OPS = frozenset({"submit", "release", "ping", "quarantine", "stage"})
 OFFLOADER_TO_ENCLAVE_OPS = frozenset({"done", "error", "pong", "relay_event"})
-OFFLOADER_TO_RELAY_OPS = frozenset({"forward", "backward", "backward_full", "release", "ping", "stage"})
+OFFLOADER_TO_RELAY_OPS = frozenset({"forward", "backward", "backward_full", "release", "ping", "stage", "sealed"})
 RELAY_OPS = frozenset({"ready", "heartbeat", "result", "error", "pong"})
 
 
@@ -222,7 +229,9 @@ FIELDS: dict[str, Check] = {
     "bind": Binding.from_wire,
     "digest": _text(64),
     "arena": _text(255),  # an arena's segment name (Arena.attach checks its form)
-    "kind": _choice("forward", "backward"),
+    "kind": _choice("forward", "backward", "sealed"),
+    "pool": _text(64),  # a relay pool's name (the shares mode)
+    "pools": _tables,  # relays per pool (pong)
     "inputs": _descriptors,
     "operands": _descriptors,
     "outputs": _descriptors,
@@ -252,6 +261,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "forward": ("id", "bind"),
     "backward": ("id", "bind"),
     "backward_full": ("id", "bind"),
+    "sealed": ("id", "bind", "pool"),
     "result": ("id", "bind"),
     "done": ("id", "bind"),
     "relay_event": ("relay", "event"),

@@ -140,7 +140,13 @@ class Relay:
         curve_secret: str | None = None,
         curve_server_key: str | None = None,
         record_dir: str | None = None,
+        pool: str | None = None,
+        pool_key: bytes | None = None,
     ) -> None:
+        if (pool is None) != (pool_key is None):
+            raise ValueError("a pool member needs both its pool's name and its key")
+        # the shares mode: a member of `pool` opens blobs sealed under `pool_key` and serves only them
+        self.pool, self._pool_key = pool, pool_key
         if (curve_secret is None) != (curve_server_key is None):
             raise ValueError("CURVE needs both the relay's secret key and the off-loader's public key")
         self.curve_secret, self.curve_server_key = curve_secret, curve_server_key
@@ -174,6 +180,7 @@ class Relay:
             "release": self._release,
             "ping": self._ping,
             "stage": self._stage,
+            "sealed": self._sealed,
         }
         assert set(self.handlers) == OFFLOADER_TO_RELAY_OPS
         # operands shipped ahead of their forward (the pipeline), by binding: (slot, tensor)
@@ -256,6 +263,36 @@ class Relay:
         self.cache.pop(msg.binding)
         return self._backward_from(a, b, d)
 
+    def _sealed(self, msg: Message):
+        """The shares mode: open the pool's request (a forward's, and for a backward the
+        backward's too), compute this pool's share of the product, seal the answer."""
+        from tempo.enclave.shares import pool_answer
+        from tempo.protocol import sealed
+
+        if self.pool is None:
+            raise ProtocolError("this relay is in no pool")
+        if msg.header["pool"] != self.pool:
+            raise ProtocolError(f"a part for pool {msg.header['pool'][:64]!r} reached a member of {self.pool!r}")
+        if len(msg.tensors) not in (1, 2) or any(t.dtype != torch.uint8 or t.dim() != 1 for t in msg.tensors):
+            raise ProtocolError("sealed takes one or two sealed blobs (uint8)")
+        bind = msg.binding
+        blobs = [memoryview(t.numpy()) for t in msg.tensors]
+        forward = sealed.open_request(self._pool_key, sealed.associated(self.pool, bind, "request-forward"), blobs[0])
+        backward = (sealed.open_request(self._pool_key, sealed.associated(self.pool, bind, "request-backward"), blobs[1])
+                    if len(blobs) == 2 else None)
+        if self.recorder is not None:  # a pool member's view: the opened requests
+            for what, (header, tensors) in (("forward", forward), ("backward", backward)) if backward else (("forward", forward),):
+                self.recorder.write("sealed", {"bind": msg.header.get("bind"), "pool": self.pool, "part": what,
+                                               "request": header}, list(tensors))
+        try:
+            out = pool_answer(forward, backward)
+        except (KeyError, TypeError, IndexError) as exc:
+            raise ProtocolError(f"a sealed request does not describe a pool product ({type(exc).__name__})") from None
+        out = self._ring_lie(list(out))
+        what = "answer-backward" if backward else "answer-forward"
+        blob = sealed.seal_answer(self._pool_key, sealed.associated(self.pool, bind, what), out)
+        return [torch.frombuffer(bytearray(blob), dtype=torch.uint8)]
+
     def _release(self, msg: Message):
         job = msg.header.get("job")
         if isinstance(job, str):
@@ -273,7 +310,7 @@ class Relay:
     # -- the loop --
     def _ready_frames(self, op: str = "ready") -> list:
         return encode(op, device=str(self.device), free_memory=_free_memory(self.device),
-                      cache_bytes=self.cache.nbytes, name=self.name[:255])
+                      cache_bytes=self.cache.nbytes, name=self.name[:255], **({"pool": self.pool} if self.pool else {}))
 
     def handle(self, frames: list) -> list | None:
         """Decode one request and produce the reply frames (``None``: nothing to send back).
@@ -293,10 +330,10 @@ class Relay:
             if msg.op != "release" or "job" not in msg.header:
                 msg.binding  # validates bind  # noqa: B018
             digest = msg.header.get("digest")
-            if msg.op in ("forward", "backward", "backward_full", "stage") and digest is not None:
+            if msg.op in ("forward", "backward", "backward_full", "stage", "sealed") and digest is not None:
                 if digest != inputs_digest(frames[1:]):
                     raise ProtocolError("inputs do not match the request's digest")
-            if self.recorder is not None:
+            if self.recorder is not None and msg.op != "sealed":  # sealed: recorded opened
                 self.recorder.write(msg.op, msg.header, msg.tensors)
             t0 = time.perf_counter()
             out = self.handlers[msg.op](msg)
@@ -306,7 +343,8 @@ class Relay:
             self.served += 1
             if msg.op == "ping":
                 return encode("pong", out, **echo)
-            out = self._misbehave(out)
+            if msg.op != "sealed" or (self.fault is not None and self.fault.mode not in self.RING_LIES):
+                out = self._misbehave(out)  # a pool member's value lies were told before sealing
             if out is None:
                 return None
             return encode("result", out, compute_s=round(compute_s, 6),
@@ -317,6 +355,23 @@ class Relay:
         except Exception as exc:  # noqa: BLE001 - one message must never stop the relay
             self._warn("relay.handler_failed", op=msg.op, error=type(exc).__name__, reason=str(exc)[:300])
             return error_frames(f"the relay failed on this request ({type(exc).__name__})", rid, bind)
+
+    RING_LIES = ("corrupt", "nan", "lazy", "noise")  # on a pool member: a wrong ring answer, sealed properly
+
+    def _ring_lie(self, out: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A pool member's injected lie: a well-formed, properly sealed, wrong share (one entry
+        off by a random amount, or zeros for lazy), which only the enclave's exact check finds."""
+        fault = self.fault
+        if fault is None or fault.mode not in self.RING_LIES or self._rng.random() >= fault.rate:
+            return out
+        if self.log:
+            self.log.warning("relay.fault_injected", mode=fault.mode, pool=self.pool)
+        if fault.mode == "lazy":
+            return [torch.zeros_like(t) for t in out]
+        t = out[self._rng.randrange(len(out))]
+        if t.numel():
+            t.view(-1)[self._rng.randrange(t.numel())] += self._rng.randrange(1, 1 << 20)
+        return out
 
     def _misbehave(self, out: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """Apply the injected fault, if any, to a result about to be sent."""

@@ -4,7 +4,8 @@ Off by default and loudly logged when on. Every request that carries tensors (``
 ``backward``, ``backward_full``, ``stage``) is written, once its digest has been checked and
 before it is computed, to ``DIR/<relay name>/<sequence>.pt``: its op, binding, the header fields
 that say how its tensors are to be read (``slot``, ``staged``), and the tensors themselves, as
-they arrived. That is exactly what the cloud holds; `tempo.audit.view.load_recording` turns a
+they arrived. A pool member of the shares mode (``sealed``) records its requests as it opened
+them: the header (role, seeds, shapes) under ``request`` and the ring tensors. That is exactly what the cloud holds; `tempo.audit.view.load_recording` turns a
 recording back into the per-product view the attacks read.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-RECORDED_OPS = ("forward", "backward", "backward_full", "stage")
+RECORDED_OPS = ("forward", "backward", "backward_full", "stage", "sealed")
 FORMAT = 1
 
 
@@ -41,7 +42,9 @@ class Recorder:
         if op not in RECORDED_OPS:
             return
         record = {"op": op, "bind": header.get("bind"), "slot": header.get("slot"),
-                  "staged": header.get("staged"), "tensors": [t.detach().to("cpu").clone() for t in tensors]}
+                  "staged": header.get("staged"), **({"pool": header["pool"], "part": header["part"],
+                                                      "request": header["request"]} if op == "sealed" else {}),
+                  "tensors": [t.detach().to("cpu").clone() for t in tensors]}
         path = self.dir / f"{self.count:09d}.pt"
         torch.save(record, path.with_suffix(".tmp"))
         path.with_suffix(".tmp").replace(path)
