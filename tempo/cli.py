@@ -318,7 +318,10 @@ def masking_options(command):
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Images per step.")
 @click.option("--steps", default=3, show_default=True, type=click.IntRange(1), help="Timed steps per mode (after one warm-up).")
 @click.option("--modes", default="tempo,plain-cpu,plain-cuda", show_default=True,
-              help="Comma-separated: tempo, plain-cpu (pure TEE), plain-cuda (non-private GPU).")
+              help="Comma-separated: tempo (the --masking), shares (three relay pools, --relays each), plain-cpu "
+                   "(pure TEE), plain-cuda (non-private GPU).")
+@click.option("--protection", type=click.Choice(["masking", "shares"]), default="masking", show_default=True,
+              help="shares: time the shares mode beside the masking (adds shares to --modes).")
 @click.option("--relays", default=2, show_default=True, type=click.IntRange(1, 16), help="Local relays for tempo; products split across them (as for train).")
 @click.option("--device", default="cpu", show_default=True, help="The relays' device (and plain-cuda's): cpu, cuda, cuda:i.")
 @PIPELINE
@@ -330,7 +333,7 @@ def masking_options(command):
 @click.option("--plot", "plot_path", default=None, help="Draw the breakdown as a PNG (needs matplotlib).")
 @click.pass_context
 def bench_train(ctx: click.Context, model, width, batch_size, steps, modes, relays, device, pipeline, split_min_mb,
-                image_shape, arena_mb, masking, key_space, mix, keep, json_path, plot_path) -> None:
+                image_shape, arena_mb, masking, key_space, mix, keep, json_path, plot_path, protection) -> None:
     """Training steps side by side: tempo, pure TEE (plain-cpu), non-private GPU (plain-cuda)."""
     from tempo.bench import train as bench
 
@@ -344,6 +347,8 @@ def bench_train(ctx: click.Context, model, width, batch_size, steps, modes, rela
     except ValueError:
         raise click.BadParameter(f"{image_shape!r}: expected C×H×W such as 3x32x32", param_hint="--image-shape") from None
     chosen = [m.strip() for m in modes.split(",") if m.strip()]
+    if protection == "shares" and "shares" not in chosen:
+        chosen.insert(chosen.index("tempo") + 1 if "tempo" in chosen else 0, "shares")
     if plot_path:
         _require_matplotlib()
     log.info("bench.train.start", model=model, batch_size=batch_size, steps=steps, modes=chosen, relays=relays,
@@ -598,10 +603,15 @@ def infer(ctx: click.Context, checkpoint, model, width, dataset, data_dir, parti
                    "±0.14 at 200).")
 @click.option("--out", default=None, help="Where audit.json, images.png and the relays' recording go "
                                           "(default: runs/audit-MODEL-MASKING-<date-time>).")
+@click.option("--protection", type=click.Choice(["masking", "shares"]), default="masking", show_default=True,
+              help="shares: audit the shares mode (three pools; --relays per pool) instead of a masking.")
+@click.option("--pools", default="p1", show_default=True,
+              help="With --protection shares: the pools whose views the attacks read together (p1, p2, p3; "
+                   "two or more is a collusion).")
 @JSON
 @click.pass_context
 def audit(ctx: click.Context, model, masking, key_space, mix, keep, key_refresh, epochs, relays, attacks, game_rounds,
-          out, json_path) -> None:
+          out, protection, pools, json_path) -> None:
     """What relays learn: train privately with relays that record what they receive, attack that
     record alone (public knowledge, never the keys) and score each attack against the truth."""
     import datetime
@@ -625,11 +635,13 @@ def audit(ctx: click.Context, model, masking, key_space, mix, keep, key_refresh,
             raise click.BadParameter(f"unknown attack(s) {unknown}; known: {', '.join(RUN_ATTACKS + SCHEME_EXPERIMENTS)}",
                                      param_hint="--attacks")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    out = out or f"runs/audit-{model}-{masking}-{stamp}"
+    chosen_pools = tuple(p.strip() for p in pools.split(",") if p.strip()) if protection == "shares" else None
+    out = out or f"runs/audit-{model}-{'shares-' + '+'.join(chosen_pools) if chosen_pools else masking}-{stamp}"
     options = {"key_space": key_space, "mix": mix, "keep": parse_keep(keep), "key_refresh": key_refresh}
-    log.info("audit.start", model=model, masking=masking, epochs=epochs, relays=relays, out=out)
+    log.info("audit.start", model=model, masking=masking, protection=protection, epochs=epochs, relays=relays, out=out)
     try:
-        figures = run_audit(model, masking, epochs, relays, out, chosen, options, log=log, game_rounds=game_rounds)
+        figures = run_audit(model, masking, epochs, relays, out, chosen, options, log=log, game_rounds=game_rounds,
+                            pools=chosen_pools)
     except (ValueError, RuntimeError) as exc:
         raise click.ClickException(" ".join(str(exc).split())) from None
     click.echo(table(figures))

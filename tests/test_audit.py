@@ -117,3 +117,32 @@ def test_the_default_masking_passes_the_data_thresholds_on_the_cnn_where_edges_d
     assert maps["map_correlation"] is None and maps_e["map_correlation"] > 0.9
     assert "layer1" not in ranks and ranks_e["layer1"]["nn_same_label"] > 0.25
     assert adv < 0.6 < adv_e  # 12 rounds: about ±0.5 around 0 (measured 0.05 at 40 rounds); edges: 1.0
+
+
+def _audit_json(args):
+    result = CliRunner().invoke(main, ["--log-level", "warning", "audit", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout.strip().splitlines()[-1]), result.stdout
+
+
+def test_one_pool_of_the_shares_mode_learns_nothing_and_two_pools_learn_everything(tmp_path):
+    """Pool p1's recording (real pool relays) attacked: images below the public mean image,
+    labels and neighbours at chance, no zeros, no stolen model. The same run's p1+p2 (a
+    collusion, in-process): the images and labels of the paper's scheme."""
+    attacks = "images,labels,scale_invariant,zeros_signs,steal"
+    one, text = _audit_json(["--protection", "shares", "--pools", "p1", "--model", "mlp", "--epochs", "1",
+                             "--relays", "1", "--attacks", attacks, "--out", str(tmp_path / "p1")])
+    a = one["attacks"]
+    assert one["masking"]["masking"] == "shares" and one["products"] > 0 and (tmp_path / "p1" / "recording").is_dir()
+    assert a["images"]["pixels_exact"] < a["images"]["baseline_exact"]
+    assert a["labels"]["grouped_exactly"] == 0.0 and a["labels"]["label_accuracy_known"] < 0.2
+    assert max(v["nn_same_label"] for v in a["scale_invariant"].values() if isinstance(v, dict)) < 0.15
+    assert a["zeros_signs"]["input"]["wire_zeros"] == 0 and a["zeros_signs"]["input"]["signs_match"] == 0.0
+    assert a["steal"]["stolen_accuracy"] < 0.2
+    assert "shares mode, the view of pool(s) p1" in text
+    both, _ = _audit_json(["--protection", "shares", "--pools", "p1,p2", "--model", "mlp", "--epochs", "1",
+                           "--relays", "0", "--attacks", "images,labels", "--out", str(tmp_path / "p12")])
+    assert both["attacks"]["images"]["pixels_exact"] > 0.95 and both["attacks"]["labels"]["grouped_exactly"] > 0.95
+    three, _ = _audit_json(["--protection", "shares", "--pools", "p3", "--model", "mlp", "--epochs", "1",
+                            "--relays", "0", "--attacks", "images", "--out", str(tmp_path / "p3")])
+    assert three["attacks"]["images"]["applicable"] is False and "seeds only" in three["attacks"]["images"]["reason"]

@@ -35,6 +35,7 @@ class CaptureConfig:
     patch_rows: bool | None = None
     evaluate: bool = True  # evaluation batches (forward only) at the end, as a run makes them
     relays: int = 0  # 0: in-process; N: N real relay processes that record what they receive
+    protection: str = "masking"  # or "shares": three relay pools (relays: per pool)
 
 
 def capture(cfg: CaptureConfig, record_dir: str | Path | None = None, log=None) -> tuple[RunView, RunTruth, datasets.Split]:
@@ -63,6 +64,8 @@ def capture(cfg: CaptureConfig, record_dir: str | Path | None = None, log=None) 
             held.e = e.detach().clone()
             truth.products[key].grad_c = product.grad_c.detach().clone()
 
+    if cfg.protection == "shares":
+        return _capture_shares(cfg, model, split, truth, record_dir, log)
     masking = preset(cfg.masking).with_options(key_space=cfg.key_space, key_refresh=cfg.key_refresh, mix=cfg.mix,
                                                 keep=cfg.keep, patch_rows=cfg.patch_rows)
     keys = masking.keys()
@@ -132,3 +135,50 @@ def _train(model, pctx, keys, split, cfg: CaptureConfig, truth: RunTruth, log, k
                 net(x)
                 pctx.end_step()
     truth.final_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _capture_shares(cfg: CaptureConfig, model, split, truth: RunTruth, record_dir, log):
+    """The shares mode's run: returns the pools' records (what each pool member opened, as
+    `tempo.audit.view.shares_records` reads them) in place of a view; in-process, or from
+    recording pool relays."""
+    from tempo.enclave.pools import POOL_NAMES, LocalPools, RelayPools, SharesEngine
+    from tempo.enclave.private import PrivateContext
+    from tempo.enclave.shares import ROLES
+
+    class Observed(SharesEngine):  # the plaintext, for scoring only
+        def forward(self, a, b, bind, weight=None):
+            truth.products[(bind.step, bind.layer, bind.part)] = ProductTruth(a.detach().clone(), b.detach().clone())
+            return super().forward(a, b, bind, weight)
+
+        def backward(self, grad_c, bind):
+            truth.products[(bind.step, bind.layer, bind.part)].grad_c = grad_c.detach().clone()
+            return super().backward(grad_c, bind)
+
+    records: list[dict] = []
+    names = dict(zip(ROLES, POOL_NAMES))
+
+    def observe(role, bind, what, header, tensors) -> None:
+        records.append({"op": "sealed", "bind": bind.to_wire(), "pool": names[role], "part": what,
+                        "request": dict(header), "tensors": [t.clone() for t in tensors]})
+
+    class Keys:  # no keys in this mode: the epochs go by
+        def new_epoch(self) -> None:
+            pass
+
+    if not cfg.relays:
+        pctx = PrivateContext(Observed(LocalPools(observer=observe), rounds=8), job="audit", patch_rows=True)
+        _train(model, pctx, Keys(), split, cfg, truth, log, ())
+        return records, truth, split
+    if record_dir is None:
+        raise ValueError("capturing through relays needs a directory for their recording")
+    from tempo.audit.view import shares_records
+    from tempo.cluster import LocalCluster
+    from tempo.enclave.client import OffloadClient
+
+    with LocalCluster(relays=0, pools=dict.fromkeys(POOL_NAMES, cfg.relays), record_dir=str(record_dir)) as cluster, \
+            OffloadClient(cluster.enclave_endpoint, "audit", log=log) as client:
+        client.watchdog = cluster.check
+        engine = Observed(RelayPools(client, {r: (n, cluster.pool_keys[n]) for r, n in names.items()}), rounds=8)
+        pctx = PrivateContext(engine, job="audit", patch_rows=True)
+        _train(model, pctx, Keys(), split, cfg, truth, log, ())
+    return shares_records(record_dir, job="audit"), truth, split

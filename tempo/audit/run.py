@@ -23,6 +23,13 @@ NEEDS = {"images": (0,), "labels": (None,), "structure": (0, 1, None), "steal": 
          "steal_offloaded": (1,), "unmix": (1,)}
 RUN_ATTACKS = ("zeros_signs", "scale_invariant", "images", "labels", "structure", "steal", "distinguishing",
                "hidden", "hidden_distinguishing", "steal_offloaded", "unmix")  # what one run's relay view is attacked with
+# what says nothing about the shares mode, and why
+SHARES_NOT_APPLICABLE = {
+    "structure": "the shares mode permutes nothing: unit and row order are the model's and the batch's own "
+                 "(public); the values they index are uniform",
+    "distinguishing": "simulates the paper's masking on public images, not this mode (the game on the run, "
+                      "hidden_distinguishing, is this mode's)",
+}
 SCHEME_EXPERIMENTS = ("mixing", "batch_mixing")  # what-if searches against other schemes, on the public sample
 
 
@@ -49,11 +56,15 @@ def by_model_layer(view: RunView, truth: RunTruth | None, offloaded: list[int]) 
 
 
 def audit(model: str = "mlp", masking: str = "paper", epochs: int = 3, relays: int = 2, out: str | Path = "runs/audit",
-          attacks: tuple[str, ...] | None = None, options: dict | None = None, log=None, game_rounds: int = 40) -> dict:
+          attacks: tuple[str, ...] | None = None, options: dict | None = None, log=None, game_rounds: int = 40,
+          pools: tuple[str, ...] | None = None) -> dict:
     """Train `model` privately under `masking` (a preset, with `options`: key_space, key_refresh,
     mix, keep), with `relays` recording relay processes (0: captured in-process), attack what the
     relays received and score it. Writes ``audit.json``, the relays' ``recording/`` and
-    ``images.png`` (true, recovered, public mean) under `out`; returns the figures."""
+    ``images.png`` (true, recovered, public mean) under `out`; returns the figures.
+
+    With `pools`, the run uses the shares mode instead (`relays` per pool) and the attacks read
+    what those pools hold together: one pool is the mode's claim, two a collusion."""
     from tempo.audit import attacks as at
     from tempo.audit import score
     from tempo.audit.capture import CaptureConfig, capture
@@ -61,15 +72,26 @@ def audit(model: str = "mlp", masking: str = "paper", epochs: int = 3, relays: i
     from tempo.enclave.protection import preset
 
     options = {k: v for k, v in (options or {}).items() if v is not None}
-    chosen = preset(masking).with_options(**options)
+    shared = pools is not None
+    chosen = preset("paper").with_options(keep=(), patch_rows=True) if shared else preset(masking).with_options(**options)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    cfg = CaptureConfig(model=model, epochs=epochs, masking=masking, relays=relays, **options)
+    cfg = CaptureConfig(model=model, epochs=epochs, masking=masking, relays=relays,
+                        protection="shares" if shared else "masking", **({} if shared else options))
     view, truth, split = capture(cfg, record_dir=out / "recording" if relays else None, log=log)
+    view_is = None
+    if shared:  # the records of every pool: attack what `pools` hold together
+        from tempo.audit.view import pools_view
+        from tempo.enclave.pools import POOL_NAMES
+
+        unknown = sorted(set(pools) - set(POOL_NAMES))
+        if unknown or not pools:
+            raise ValueError(f"pools are {', '.join(POOL_NAMES)}, not {', '.join(unknown) or 'none'}")
+        view, view_is = pools_view(view, tuple(pools), {n: i + 1 for i, n in enumerate(POOL_NAMES)})
     captured_s = time.perf_counter() - t0
     layers = sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in _model(model, split).modules())
-    offloaded = offloaded_layers(layers, chosen.keep)
+    offloaded = offloaded_layers(layers, chosen.keep) if view.products or not shared else []
     view, truth = by_model_layer(view, truth, offloaded)
     public = Public.from_split(split, model, chosen.key_space, cfg.batch_size)
     public.layers = layers
@@ -80,7 +102,11 @@ def audit(model: str = "mlp", masking: str = "paper", epochs: int = 3, relays: i
     for name in wanted:
         needs = [layers - 1 if layer is None else layer for layer in NEEDS.get(name, ())]
         missing = [layer for layer in needs if layer not in offloaded]
-        if not needs and not offloaded:  # () in NEEDS: any offloaded layer will do
+        if shared and not view.products:
+            skipped[name] = {"applicable": False, "reason": f"pools {'+'.join(pools)} hold {view_is}"}
+        elif shared and name in SHARES_NOT_APPLICABLE:
+            skipped[name] = {"applicable": False, "reason": SHARES_NOT_APPLICABLE[name]}
+        elif not needs and not offloaded:  # () in NEEDS: any offloaded layer will do
             skipped[name] = {"applicable": False, "reason": f"no layer is offloaded under masking {chosen.name}"}
         elif missing:
             skipped[name] = {"applicable": False, "reason": f"reads layer(s) {missing}, which stay in the enclave "
@@ -95,7 +121,8 @@ def audit(model: str = "mlp", masking: str = "paper", epochs: int = 3, relays: i
     images = cache.get("images")
     if images is not None and getattr(images, "images", None):
         score.write_images_png(images, truth, str(out / "images.png"), public=public)
-    figures = {"model": model, "epochs": epochs, "relays": relays, "masking": chosen.describe(),
+    figures = {"model": model, "epochs": epochs, "relays": relays,
+               "masking": ({"masking": "shares", "pools": list(pools), "view": view_is} if shared else chosen.describe()),
                "offloaded_layers": offloaded, "layers": layers, "products": len(view.products),
                "capture_s": round(captured_s, 2), "attack_s": round(time.perf_counter() - t0 - captured_s, 2),
                "attacks": results}
@@ -123,6 +150,8 @@ def headline(figures: dict) -> list[tuple[str, str, str]]:
     """One line per attack: (attack, what it recovered, chance), for the table."""
     rows = []
     a = figures["attacks"]
+    # a row that does not apply: a layer kept in the enclave, or (shares mode) a reason in audit.json
+    off = "n/a (audit.json says why)" if figures["masking"]["masking"] == "shares" else "not offloaded"
 
     def na(name):
         return a.get(name, {}).get("applicable") is False
@@ -132,11 +161,11 @@ def headline(figures: dict) -> list[tuple[str, str, str]]:
 
     if "images" in a:
         r = a["images"]
-        rows.append(("images: pixels rebuilt exact, in place", "not offloaded" if na("images") else pct(r.get("pixels_exact")),
+        rows.append(("images: pixels rebuilt exact, in place", off if na("images") else pct(r.get("pixels_exact")),
                      "public mean image: " + pct(r.get("baseline_exact", 0.3085))))
     if "labels" in a:
         r = a["labels"]
-        rows.append(("labels: samples grouped exactly by label", "not offloaded" if na("labels") else pct(r.get("grouped_exactly")),
+        rows.append(("labels: samples grouped exactly by label", off if na("labels") else pct(r.get("grouped_exactly")),
                      "0%"))
         if not na("labels"):
             rows.append(("labels: accuracy given 10 known labels", pct(r.get("label_accuracy_known")), "11.7%"))
@@ -151,7 +180,7 @@ def headline(figures: dict) -> list[tuple[str, str, str]]:
     if "structure" in a:
         r = a["structure"]
         if na("structure"):
-            rows.append(("hidden units matched across layers", "not offloaded", ""))
+            rows.append(("hidden units matched across layers", off, ""))
         elif "channels" in r:
             rows.append(("conv1 channels matched to conv2 rows", pct(r.get("channels")), pct(r.get("chance"))))
         else:
@@ -161,30 +190,30 @@ def headline(figures: dict) -> list[tuple[str, str, str]]:
     if "steal" in a:
         r = a["steal"]
         rows.append(("stolen model's accuracy (real / random init)",
-                     "not offloaded" if na("steal") else
+                     off if na("steal") else
                      f"{pct(r.get('stolen_accuracy'))} ({pct(r.get('real_accuracy'))} / {pct(r.get('random_init_accuracy'))})",
                      "12.5%"))
     if "distinguishing" in a:
         r = a["distinguishing"]
         rows.append(("distinguishing game advantage (batch / one image / single)",
-                     "not offloaded" if na("distinguishing") else
+                     off if na("distinguishing") else
                      " / ".join(f"{r[v]['advantage']:.2f}" for v in ("batch", "one-image", "single") if v in r), "0"))
     if "hidden_distinguishing" in a:
         r = a["hidden_distinguishing"]
         rows.append(("distinguishing game on the run, any offloaded layer (" + " / ".join(GAME_VARIANTS) + ")",
-                     "not offloaded" if na("hidden_distinguishing") else
+                     off if na("hidden_distinguishing") else
                      " / ".join(_num(r.get(v, {}).get("advantage")) for v in GAME_VARIANTS),
                      "0 (±" + _num(_half_width(r)) + ")" if not na("hidden_distinguishing") else "0"))
     if "hidden" in a:
         r = a["hidden"]
         rows.append(("conv1 maps from conv2's input: correlation / digit named",
-                     "not offloaded" if na("hidden") else
+                     off if na("hidden") else
                      f"{_num(r.get('map_correlation'))} / {pct(r.get('digit_accuracy'))}", "— / 10%"))
     if "steal_offloaded" in a:
         r = a["steal_offloaded"]
         for name, what in (("all", "all public images"), ("few", "5 public images per class")):
             if na("steal_offloaded"):
-                rows.append((f"stolen layers + {what}: acc. (public-only / random frozen / real)", "not offloaded", ""))
+                rows.append((f"stolen layers + {what}: acc. (public-only / random frozen / real)", off, ""))
                 break
             q = r.get(name, {})
             rows.append((f"stolen layers + {what}: acc. (public-only / random frozen / real)",
@@ -194,7 +223,7 @@ def headline(figures: dict) -> list[tuple[str, str, str]]:
     if "unmix" in a:
         r = a["unmix"]
         if na("unmix"):
-            rows.append(("block ranks (mixing-proof): same-label neighbours / dead units", "not offloaded", ""))
+            rows.append(("block ranks (mixing-proof): same-label neighbours / dead units", off, ""))
         else:
             nn = [v for k, v in r.items() if k.startswith("layer") and isinstance(v, dict)]
             best = max(nn, key=lambda v: v["nn_same_label"]) if nn else None
@@ -223,9 +252,15 @@ def _num(x) -> str:
 
 def table(figures: dict) -> str:
     m = figures["masking"]
-    lines = [f"tempo audit: {figures['model']}, {figures['epochs']} epochs, masking {m['masking']} (keys {m['key_space']}, "
-             f"refresh {m['key_refresh']}, mix {m['mix']}, kept in the enclave: {', '.join(m['keep']) or 'none'}), "
-             f"{figures['products']} products seen by {figures['relays'] or 'in-process'} relay(s)"]
+    if m["masking"] == "shares":
+        lines = [f"tempo audit: {figures['model']}, {figures['epochs']} epochs, shares mode, the view of pool(s) "
+                 f"{'+'.join(m['pools'])} ({m['view']}), {figures['products']} products, "
+                 f"{figures['relays'] or 'in-process'} relay(s) per pool"]
+    else:
+        lines = [f"tempo audit: {figures['model']}, {figures['epochs']} epochs, masking {m['masking']} (keys "
+                 f"{m['key_space']}, refresh {m['key_refresh']}, mix {m['mix']}, kept in the enclave: "
+                 f"{', '.join(m['keep']) or 'none'}), {figures['products']} products seen by "
+                 f"{figures['relays'] or 'in-process'} relay(s)"]
     rows = headline(figures)
     width = max((len(r[0]) for r in rows), default=10)
     lines.append(f"  {'attack':<{width}}  {'recovered':<28}  chance / baseline")

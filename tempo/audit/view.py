@@ -117,3 +117,69 @@ def load_recording(root: str | Path, job: str | None = None) -> RunView:
                 elif rec["op"] == "backward_full":  # its forward's relay is gone: the operands came again
                     products[key] = ProductView(*key, a=tensors[0], b=tensors[1], e=e, relay=relay_dir.name)
     return RunView(sorted(products.values(), key=lambda p: p.key))
+
+
+# -- the shares mode: what a pool, or pools that collude, hold --
+
+def shares_records(root: str | Path, job: str | None = None) -> list[dict]:
+    """The requests pool members recorded (`tempo relay --pool … --record ROOT`), opened: one
+    dict per request (``bind``, ``pool``, ``part`` forward or backward, ``request`` header,
+    ``tensors``), each forward request once though a backward carries it again."""
+    root = Path(root)
+    seen, out = set(), []
+    for path in sorted(root.glob("*/*.pt")):
+        rec = torch.load(path, weights_only=False)
+        if rec.get("op") != "sealed" or (job is not None and rec["bind"][0] != job):
+            continue
+        key = (tuple(rec["bind"]), rec["pool"], rec["part"])
+        if key not in seen:
+            seen.add(key)
+            out.append(rec)
+    return out
+
+
+def pools_view(records: list[dict], pools: tuple[str, ...], roles: dict[str, int]) -> tuple[RunView, str]:
+    """The view `pools` hold together, as products an attack reads (int64 ring elements as
+    float64): a pool of role 1 or 2 alone holds ``E, F`` and ``G`` (uniform: its `ProductView`
+    is those); pool 3 alone holds only seeds (no tensor to attack: an empty view). Pools that
+    together hold both seeds of a product and its opened values (any two) rebuild ``A, B`` and
+    ``Δ`` up to the enclave's private power-of-two scales, and that is their view. Returns the
+    view and what it is, in words."""
+    from tempo.enclave import shares as sh
+
+    mine = [r for r in records if r["pool"] in pools]
+    by_key: dict[tuple, dict] = {}
+    for rec in mine:
+        entry = by_key.setdefault(tuple(rec["bind"][1:]), {"seeds": {}, "forward": None, "backward": None,
+                                                           "grad_seeds": {}, "header": None})
+        role = roles[rec["pool"]]
+        header = rec["request"]
+        if rec["part"] == "forward":
+            entry["header"] = header
+            for i, s in enumerate(header["seeds"]):
+                entry["seeds"][role if role != 3 else i + 1] = s
+            if rec["tensors"]:
+                entry["forward"] = rec["tensors"]
+        else:
+            for i, s in enumerate(header["seeds"]):
+                entry["grad_seeds"][role if role != 3 else i + 1] = s
+            if rec["tensors"]:
+                entry["backward"] = rec["tensors"][0]
+    colluding = len({roles[p] for p in pools}) >= 2
+    products = []
+    for key, entry in sorted(by_key.items()):
+        if entry["forward"] is None:
+            continue  # pool 3 alone: seeds only
+        e, f = entry["forward"]
+        g = entry["backward"]
+        if colluding and set(entry["seeds"]) == {1, 2}:
+            h = entry["header"]
+            (u1, v1), (u2, v2) = (sh._expand(entry["seeds"][i], h["a"], h["b"]) for i in (1, 2))
+            e, f = e + u1 + u2, f + v1 + v2
+            if g is not None and set(entry["grad_seeds"]) == {1, 2}:
+                g = g + sum(sh._expand(entry["grad_seeds"][i], g.shape)[0] for i in (1, 2))
+        products.append(ProductView(*key, a=e.double(), b=f.double(), e=None if g is None else g.double(),
+                                    relay="+".join(pools)))
+    what = ("the plaintext of every product, up to a power of two per operand (a collusion)" if colluding and products
+            else "E, F and G: uniform ring elements" if products else "seeds only: no tensor")
+    return RunView(products), what

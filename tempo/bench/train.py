@@ -4,6 +4,12 @@ One run, one data shape, the same model and seed for every mode:
 
 - ``tempo``: the enclave's loop through a real off-loader and `relays` relay processes (Tempo-l),
   each product split across the relays, pipelined or not;
+- ``shares``: the same loop in the shares mode (`tempo.enclave.pools`): every product
+  secret-shared across three relay pools of `relays` relays each; its breakdown: open (encoding,
+  seeds, ``E = A − U``), seal (sealing requests, opening answers), combine_verify (the exact
+  check and decoding), transfer_wait; and what the mode moves: bytes per step each way, and the
+  relays' compute over the same products' plain work (fp32 matmuls of the same shapes timed
+  here, forward and both backward products);
 - ``plain-cpu``: the same steps in plaintext on the CPU — the pure-TEE baseline (the enclave
   doing everything itself);
 - ``plain-cuda``: the same steps on the GPU without any privacy — the limit. Skipped, with a
@@ -31,7 +37,8 @@ import torch.nn.functional as F
 
 from tempo import models
 
-MODES = ("tempo", "plain-cpu", "plain-cuda")
+MODES = ("tempo", "shares", "plain-cpu", "plain-cuda")
+SHARES_CATEGORIES = ("open", "seal", "combine_verify", "transfer_wait", "non_linear", "optimizer", "offload_other")
 TEMPO_CATEGORIES = ("encrypt", "decrypt", "verify", "send", "split_gather", "transfer_wait", "non_linear", "optimizer",
                     "offload_other")
 PLAIN_CATEGORIES = ("forward_backward", "optimizer")
@@ -106,7 +113,8 @@ def _plain(model_name, shape, classes, width, batch, steps, warmup, device, say)
                       {"forward_backward": statistics.fmean(fb), "optimizer": statistics.fmean(op)})
 
 
-_CLIENT_FIELDS = ("encrypt_s", "decrypt_s", "verify_s", "wait_s", "send_s", "relay_compute_s", "turnaround_s")
+_CLIENT_FIELDS = ("encrypt_s", "decrypt_s", "verify_s", "wait_s", "send_s", "relay_compute_s", "turnaround_s",
+                  "bytes_sent", "bytes_received")
 
 
 def _tempo(model_name, shape, classes, width, batch, steps, warmup, relays, device, pipeline, arena_mb, say,
@@ -173,10 +181,101 @@ def _tempo(model_name, shape, classes, width, batch, steps, warmup, relays, devi
         "relay_compute": compute,  # summed over relays
         "transfer": max(0.0, mean("turnaround_s") - compute),  # summed over parts (they overlap)
         "relay_idle": max(0.0, step - compute / relays),  # per relay
+        "mb_sent": mean("bytes_sent") / 1e6,  # masked operands handed to the off-loader, per step
+        "mb_received": mean("bytes_received") / 1e6,
     }
     times = [r["step"] for r in rows]
     explained = 1.0 - breakdown["offload_other"] / step
     return ModeResult("tempo", statistics.median(times), step, times, breakdown, relay_side, explained)
+
+
+def _product_work(shapes: list[tuple], repeat: int = 3) -> float:
+    """Seconds of fp32 matmuls for these products, forward and both backward products each (the
+    plain work the relays' share of the shares mode is compared with): best of `repeat`."""
+    g = torch.Generator().manual_seed(0)
+    ops = []
+    for a_shape, b_shape in shapes:
+        a, b = torch.randn(a_shape, generator=g), torch.randn(b_shape, generator=g)
+        c = torch.matmul(a, b)
+        ops.append((a, b, torch.randn(c.shape, generator=g)))
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for a, b, d in ops:
+            torch.matmul(a, b)
+            torch.matmul(d, b.mT)
+            torch.matmul(a.mT, d)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _shares(model_name, shape, classes, width, batch, steps, warmup, relays, device, arena_mb, say, log) -> ModeResult:
+    from tempo.cluster import LocalCluster
+    from tempo.enclave.client import OffloadClient, default_job_id
+    from tempo.enclave.pools import POOL_NAMES, RelayPools, SharesEngine
+    from tempo.enclave.private import PrivateContext, to_private
+    from tempo.enclave.shares import ROLES
+
+    torch.manual_seed(0)
+    model = models.build(model_name, shape, classes, width)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = _data(shape, classes, batch, torch.device("cpu"))
+    cluster = LocalCluster(relays=0, device=device, pools=dict.fromkeys(POOL_NAMES, relays)).start()
+    client = None
+    shapes: list[tuple] = []
+    try:
+        job = default_job_id()
+        client = OffloadClient(cluster.enclave_endpoint, job, arena_bytes=arena_mb << 20, log=log,
+                               max_attempts=relays + 1, timeout_s=600.0)
+        pools = RelayPools(client, {r: (n, cluster.pool_keys[n]) for r, n in zip(ROLES, POOL_NAMES)})
+
+        class Traced(SharesEngine):  # the products' shapes, for their plain work
+            def forward(self, a, b, bind, weight=None):
+                if len(shapes) < 10_000 and bind.step == 0:
+                    shapes.append((tuple(a.shape), tuple(b.shape)))
+                return super().forward(a, b, bind, weight)
+
+        engine = Traced(pools, rounds=16, max_attempts=relays + 1)
+        pctx = PrivateContext(engine, job=job, patch_rows=True)
+        net = to_private(model, pctx, keep=())
+        rows: list[dict] = []
+        fields = ("open_s", "seal_s", "combine_s", "blame_s", "wait_s", "bytes_sent", "bytes_received")
+        for i in range(warmup + steps):
+            before = {k: getattr(engine.shares, k) for k in fields}
+            relay0 = client.counters.relay_compute_s
+            t0 = time.perf_counter()
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            t1 = time.perf_counter()
+            opt.step()
+            pctx.end_step()
+            t2 = time.perf_counter()
+            row = {k: getattr(engine.shares, k) - before[k] for k in fields}
+            row.update(step=t2 - t0, optimizer=t2 - t1, relay_compute=client.counters.relay_compute_s - relay0)
+            if i >= warmup:
+                rows.append(row)
+            say(_step_label("shares", i, warmup, steps, t2 - t0))
+    finally:
+        if client is not None:
+            client.close()
+        cluster.stop()
+
+    def mean(key: str) -> float:
+        return statistics.fmean(r[key] for r in rows)
+
+    step = mean("step")
+    offload = sum(mean(k) for k in ("open_s", "seal_s", "combine_s", "blame_s", "wait_s"))
+    breakdown = {"open": mean("open_s"), "seal": mean("seal_s"), "combine_verify": mean("combine_s") + mean("blame_s"),
+                 "transfer_wait": mean("wait_s"), "non_linear": step - offload - mean("optimizer"),
+                 "optimizer": mean("optimizer"), "offload_other": 0.0}
+    plain_work = _product_work(shapes)
+    relay_side = {"relay_compute": mean("relay_compute"), "plain_product_work": plain_work,
+                  "relay_over_plain_products": mean("relay_compute") / plain_work if plain_work > 0 else None,
+                  "bytes_sent": mean("bytes_sent"), "bytes_received": mean("bytes_received")}
+    times = [r["step"] for r in rows]
+    return ModeResult("shares", statistics.median(times), step, times, breakdown, relay_side, None,
+                      note=f"three pools of {relays} relay(s); {len(shapes)} products per step")
 
 
 def run(model: str = "resnet18", batch_size: int = 32, steps: int = 3, modes=MODES, relays: int = 2,
@@ -204,6 +303,9 @@ def run(model: str = "resnet18", batch_size: int = 32, steps: int = 3, modes=MOD
         if mode == "tempo":
             results[mode] = _tempo(model, shape, classes, width, batch_size, steps, warmup, relays, device,
                                    pipeline, arena_mb, say, log, split_min_mb, masking)
+        elif mode == "shares":
+            results[mode] = _shares(model, shape, classes, width, batch_size, steps, warmup, relays, device,
+                                    arena_mb, say, log)
         else:
             results[mode] = _plain(model, shape, classes, width, batch_size, steps, warmup,
                                    "cpu" if mode == "plain-cpu" else ("cuda" if device == "cpu" else device), say)
@@ -215,9 +317,13 @@ def run(model: str = "resnet18", batch_size: int = 32, steps: int = 3, modes=MOD
         # from the figures as reported, so the JSON's ratio is the ratio of its own step times
         return round(ra.as_dict()["step_s"] / rb.as_dict()["step_s"], 4)
 
-    tempo = results.get("tempo")
-    enclave_work = (round(tempo.mean_step_s - tempo.breakdown["transfer_wait"], 6)
-                    if tempo is not None and tempo.step_s is not None else None)
+    def work(mode: str) -> float | None:  # the enclave's own work per step: the step less its waiting
+        r = results.get(mode)
+        return round(r.mean_step_s - r.breakdown["transfer_wait"], 6) if r is not None and r.step_s is not None else None
+
+    enclave_work = work("tempo")
+    shares_work = work("shares")
+    plain_cpu = results["plain-cpu"].step_s if "plain-cpu" in results else None
     return {
         "model": model, "width": width, "batch_size": batch_size, "steps": steps, "warmup": warmup,
         "shape": list(shape), "relays": relays, "device": device, "pipeline": pipeline,
@@ -230,9 +336,15 @@ def run(model: str = "resnet18", batch_size: int = 32, steps: int = 3, modes=MOD
         # the enclave's own work per step (the step less the time blocked on replies) over a whole
         # pure-TEE step: its inverse is the speed-up infinitely fast relays would give (SPEC §11)
         "enclave_work_s": enclave_work,
-        "enclave_work_over_plain_cpu": (round(enclave_work / results["plain-cpu"].step_s, 4)
-                                        if enclave_work is not None and "plain-cpu" in results
-                                        and results["plain-cpu"].step_s else None),
+        "enclave_work_over_plain_cpu": (round(enclave_work / plain_cpu, 4)
+                                        if enclave_work is not None and plain_cpu else None),
+        "shares_enclave_work_s": shares_work,
+        "shares_enclave_work_over_plain_cpu": round(shares_work / plain_cpu, 4) if shares_work is not None and plain_cpu else None,
+        # the shares mode's goal (issue 15): at most 2x the masking's enclave work
+        "shares_over_masking_enclave_work": (round(shares_work / enclave_work, 4)
+                                             if shares_work is not None and enclave_work else None),
+        "masking_mb_per_step": (round(results["tempo"].relays["mb_sent"] + results["tempo"].relays["mb_received"], 3)
+                                if "tempo" in results and results["tempo"].step_s is not None else None),
     }
 
 
@@ -246,13 +358,22 @@ def table(figures: dict) -> str:
             continue
         parts = "  ".join(f"{k} {v:.3f}" for k, v in r["breakdown"].items())
         lines.append(f"  {mode:<11} step {r['step_s']:.3f}s   {parts}")
-        if r["relays"]:
+        if r["relays"] and mode == "shares":
+            rs = r["relays"]
+            lines.append("  " + " " * 11 + f" relays: compute {rs['relay_compute']:.3f}s = "
+                         f"{rs['relay_over_plain_products'] or 0:.1f}x the same products in fp32 here "
+                         f"({rs['plain_product_work']:.3f}s); {rs['bytes_sent'] / 1e6:.1f} MB sent, "
+                         f"{rs['bytes_received'] / 1e6:.1f} MB back per step")
+        elif r["relays"]:
             lines.append("  " + " " * 11 + " relays: " + "  ".join(f"{k} {v:.3f}" for k, v in r["relays"].items())
                          + f"   breakdown explains {100 * r['explained']:.1f}% of the step")
     for key, label in (("tempo_over_plain_cpu", "tempo / plain-cpu (pure TEE)"),
                        ("tempo_over_plain_cuda", "tempo / plain-cuda (non-private GPU)"),
                        ("enclave_work_over_plain_cpu", f"enclave work ({figures.get('enclave_work_s') or 0:.3f}s, masking "
-                                                       f"{figures['masking']['masking']}) / plain-cpu")):
+                                                       f"{figures['masking']['masking']}) / plain-cpu"),
+                       ("shares_enclave_work_over_plain_cpu", f"enclave work, shares "
+                                                              f"({figures.get('shares_enclave_work_s') or 0:.3f}s) / plain-cpu"),
+                       ("shares_over_masking_enclave_work", "enclave work, shares / masking")):
         if figures.get(key) is not None:
             lines.append(f"  {label}: {figures[key]:.2f}")
     return "\n".join(lines)

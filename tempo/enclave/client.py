@@ -102,6 +102,8 @@ class Counters:
     failed_verifications: int = 0
     timeouts: int = 0
     parts_by_relay: dict = field(default_factory=dict)  # answers used, per relay name
+    bytes_sent: int = 0  # request tensors handed to the off-loader (a resend counts again)
+    bytes_received: int = 0  # answers read back
 
 
 class OffloadClient:
@@ -181,6 +183,7 @@ class OffloadClient:
         self.counters.encrypt_s += time.perf_counter() - t0
         if stage:
             t1 = time.perf_counter()
+            self.counters.bytes_sent += desc.nbytes
             self.sock.send_multipart(encode("stage", arena=self.arena.name, bind=bind.to_wire(), slot=side,
                                             inputs=[desc.to_wire()]), copy=False)
             self.counters.send_s += time.perf_counter() - t1
@@ -233,6 +236,7 @@ class OffloadClient:
         rid = new_request_id()
         pending = Pending(rid, "forward", bind, [state.c_enc])
         self._pending[rid] = pending
+        self.counters.bytes_sent += (0 if staged == "a" else state.a_enc.nbytes) + (0 if staged == "b" else state.b_enc.nbytes)
         self._send(id=rid, bind=bind.to_wire(), kind="forward",
                    inputs=[state.a_enc.to_wire(), state.b_enc.to_wire()], outputs=[state.c_enc.to_wire()],
                    **({"staged": staged} if staged else {}))
@@ -249,6 +253,7 @@ class OffloadClient:
             self._wait_or_quarantine(pending)
             t0 = time.perf_counter()
             c = state.product.unmask_c(self.arena.tensor(state.c_enc))
+            self.counters.bytes_received += state.c_enc.nbytes
             t1 = time.perf_counter()
             verdict = state.product.verify_c(c, self.rounds, (self.arena.tensor(state.a_enc), self.arena.tensor(state.b_enc)))
             self.counters.decrypt_s += t1 - t0
@@ -293,6 +298,7 @@ class OffloadClient:
         rid = new_request_id()
         pending = Pending(rid, "backward", bind, outputs)
         self._pending[rid] = pending
+        self.counters.bytes_sent += d_desc.nbytes
         self._send(id=rid, bind=bind.to_wire(), kind="backward", inputs=[d_desc.to_wire()],
                    operands=[state.a_enc.to_wire(), state.b_enc.to_wire()],
                    outputs=[t1_desc.to_wire(), t2_desc.to_wire()])
@@ -307,6 +313,7 @@ class OffloadClient:
             self._wait_or_quarantine(pending)
             t0 = time.perf_counter()
             da, db = state.product.unmask_grads(self.arena.tensor(t1_desc), self.arena.tensor(t2_desc))
+            self.counters.bytes_received += t1_desc.nbytes + t2_desc.nbytes
             t1 = time.perf_counter()
             masked = (self.arena.tensor(state.a_enc), self.arena.tensor(state.b_enc), self.arena.tensor(d_desc))
             verdict = state.product.verify_grads(da, db, self.rounds, masked)  # against the plaintext kept here
