@@ -91,7 +91,7 @@ def audit(model: str = "mlp", masking: str = "paper", epochs: int = 3, relays: i
         view, view_is = pools_view(view, tuple(pools), {n: i + 1 for i, n in enumerate(POOL_NAMES)})
     captured_s = time.perf_counter() - t0
     layers = sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in _model(model, split).modules())
-    offloaded = offloaded_layers(layers, chosen.keep) if view.products or not shared else []
+    offloaded = offloaded_layers(layers, chosen.keep)
     view, truth = by_model_layer(view, truth, offloaded)
     public = Public.from_split(split, model, chosen.key_space, cfg.batch_size)
     public.layers = layers
