@@ -385,11 +385,10 @@ class OffloadClient:
         return pending
 
     # -- sealed parts: the shares mode (tempo.enclave.pools) --
-    def put_blob(self, blob: bytes) -> Descriptor:
-        """Copy a sealed blob into the arena; free it with `free_blob`."""
-        desc, buf = self._alloc((len(blob),), torch.uint8)
-        buf.numpy()[:] = memoryview(blob)
-        return desc
+    def alloc_blob(self, nbytes: int) -> tuple[Descriptor, memoryview]:
+        """A region of the arena for a sealed blob, and its memory to seal into; `free_blob`."""
+        desc, buf = self._alloc((nbytes,), torch.uint8)
+        return desc, memoryview(buf.numpy())
 
     def free_blob(self, *descs: Descriptor | None) -> None:
         self._free(*descs)
@@ -405,20 +404,19 @@ class OffloadClient:
                    outputs=[out.to_wire()])
         return pending
 
-    def finish_sealed(self, pending: Pending) -> bytes:
+    def finish_sealed(self, pending: Pending) -> memoryview:
         """Wait for a sealed part (a silent relay is quarantined and the part sent to another of
-        its pool); return the sealed answer's bytes (its region freed, the inputs kept)."""
+        its pool); return the sealed answer where it lies in the arena (valid until `blame` or
+        `free_blob` of ``pending.outputs[-1]``)."""
         self._wait_or_quarantine(pending)
-        out = pending.outputs[-1]
-        blob = bytes(self.arena.buffer(out))
-        self._free(out)
-        return blob
+        return self.arena.buffer(pending.outputs[-1])
 
     def blame(self, pending: Pending, evidence: str) -> Pending:
         """Quarantine the relay that answered `pending` (its answer failed verification) and send
         the same request again: the off-loader picks another member of the same pool."""
         self._quarantine(pending, evidence)
-        *inputs, out = pending.outputs  # the answer's region was freed when it was read
+        *inputs, out = pending.outputs
+        self._free(out)
         pool = pending.kind_pool
         return self.submit_sealed(pool, pending.bind, inputs, out.nbytes)
 

@@ -67,16 +67,24 @@ class LocalPools:
     def check(self) -> None:
         """Nothing to wait for: the pools are here."""
 
-    def send(self, role: int, bind: Binding, forward: tuple, backward: tuple | None, counters: SharesCounters,
-             prior=None):
-        if self.observer is not None:
-            self.observer(role, bind, "forward" if backward is None else "backward", *(backward or forward))
-        counters.bytes_sent += sum(t.numel() * 8 for t in (backward or forward)[1])
-        return (role, forward, backward)
+    def send(self, bind: Binding, op: shares.Opened, backward: bool, counters: SharesCounters, prior=None) -> dict:
+        handles = {}
+        for role in shares.ROLES:
+            forward = op.requests[role]
+            request = op.grad_requests[role] if backward else None
+            if self.observer is not None:
+                self.observer(role, bind, "backward" if backward else "forward", *(request or forward))
+            counters.bytes_sent += sum(t.numel() * 8 for t in (request or forward)[1])
+            handles[role] = (role, forward, request)
+        return handles
 
     def receive(self, handle, counters: SharesCounters) -> tuple[torch.Tensor, ...]:
         role, forward, backward = handle
-        return self.members[role][0](forward, backward)
+        t0 = time.perf_counter()
+        try:
+            return self.members[role][0](forward, backward)
+        finally:
+            counters.wait_s += time.perf_counter() - t0  # the pools' own work, as a relay's would be
 
     def blame(self, handle, evidence: str, counters: SharesCounters):
         role = handle[0]
@@ -86,7 +94,7 @@ class LocalPools:
             raise IntegrityError(f"pool {role}: no honest member left ({evidence})")
         return handle
 
-    def forget(self, handle) -> None:
+    def forget(self, handles: dict) -> None:
         """Nothing is held for a product here."""
 
     def close(self) -> None:
@@ -94,8 +102,11 @@ class LocalPools:
 
 
 class RelayPools:
-    """Three pools of relay processes behind the off-loader (`OffloadClient`), each request
-    sealed under its pool's key. `pools` maps role → (pool name, key)."""
+    """Three pools of relay processes behind the off-loader (`OffloadClient`). `pools` maps
+    role → (pool name, key). Per product and direction the enclave seals one bulk blob of the
+    opened tensors (``E, F`` or ``G``: the same for pools 1 and 2) under a fresh key, and for
+    each pool a head (role, seeds, shapes, the bulk key) under the pool's key
+    (`tempo.protocol.sealed`); all of it is written straight into the arena."""
 
     def __init__(self, client, pools: dict[int, tuple[str, bytes]], wait_s: float = 30.0) -> None:
         if sorted(pools) != list(shares.ROLES):
@@ -109,68 +120,82 @@ class RelayPools:
         """A clear error now unless each of the three pools has a relay (never a silent downgrade)."""
         self.client.wait_for_pools([self.pools[r][0] for r in shares.ROLES], self.wait_s)
 
-    def _blob(self, role: int, bind: Binding, what: str, request: tuple, counters: SharesCounters):
+    def _sealed_region(self, key: bytes, aad: bytes, parts, counters: SharesCounters):
         from tempo.protocol import sealed
 
-        name, key = self.pools[role]
-        t0 = time.perf_counter()
-        blob = sealed.seal_request(key, sealed.associated(name, bind, what), *request)
-        counters.seal_s += time.perf_counter() - t0
-        counters.bytes_sent += len(blob)
-        return self.client.put_blob(blob)
+        size = sealed.sealed_size(parts)
+        desc, buf = self.client.alloc_blob(size)
+        sealed.seal_into(key, aad, parts, buf)
+        counters.bytes_sent += size
+        return desc
 
-    def send(self, role: int, bind: Binding, forward: tuple, backward: tuple | None, counters: SharesCounters,
-             prior=None):
-        """Seal and submit; a backward re-sends the forward's sealed blob (kept in the arena:
-        `prior` is the forward's handle), so whichever member of the pool takes it needs no
+    def send(self, bind: Binding, op: shares.Opened, backward: bool, counters: SharesCounters, prior=None) -> dict:
+        """Seal and submit one product's three requests; a backward re-sends the forward's sealed
+        blobs (`prior`: the forward's handles), so whichever member of a pool takes it needs no
         cached state."""
+        import msgpack
+
         from tempo.protocol import sealed
 
-        name, _ = self.pools[role]
-        fwd = prior["forward_desc"] if prior is not None else self._blob(role, bind, "request-forward", forward, counters)
-        inputs = [fwd] if backward is None else [fwd, self._blob(role, bind, "request-backward", backward, counters)]
-        shapes = _answer_shapes(forward, backward)
-        pending = self.client.submit_sealed(name, bind, inputs, sealed.answer_nbytes(shapes))
-        return {"role": role, "pending": pending, "shapes": shapes, "forward_desc": fwd,
-                "what": "answer-backward" if backward is not None else "answer-forward"}
+        t0 = time.perf_counter()
+        what = "request-backward" if backward else "request-forward"
+        requests = op.grad_requests if backward else op.requests
+        bulk_tensors = [t.contiguous() for t in requests[1][1]]  # pools 1 and 2 get the same tensors
+        bulk_key = sealed.new_key()
+        bulk = self._sealed_region(bulk_key, sealed.associated("bulk", bind, what), bulk_tensors, counters)
+        shapes = answer_shapes(op, backward)
+        handles = {}
+        for role in shares.ROLES:
+            name, key = self.pools[role]
+            header, tensors = requests[role]
+            head = dict(header)
+            if tensors:
+                head.update(bulk=bulk_key, shapes=[list(t.shape) for t in tensors])
+            head_desc = self._sealed_region(key, sealed.associated(name, bind, what), [msgpack.packb(head)], counters)
+            mine = [head_desc, bulk] if tensors else [head_desc]
+            inputs = (prior[role]["inputs"] if prior is not None else []) + mine
+            pending = self.client.submit_sealed(name, bind, inputs, sealed.answer_nbytes(shapes))
+            handles[role] = {"role": role, "pending": pending, "shapes": shapes, "inputs": inputs, "own": mine,
+                             "what": "answer-backward" if backward else "answer-forward"}
+        counters.seal_s += time.perf_counter() - t0
+        return handles
 
     def receive(self, handle, counters: SharesCounters) -> tuple[torch.Tensor, ...]:
         from tempo.protocol import ProtocolError, sealed
 
         t0 = time.perf_counter()
         blob = self.client.finish_sealed(handle["pending"])
-        counters.wait_s += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        counters.wait_s += t1 - t0
         counters.bytes_received += len(blob)
         name, key = self.pools[handle["role"]]
-        t0 = time.perf_counter()
         try:
-            return sealed.open_answer(key, sealed.associated(name, handle["pending"].bind, handle["what"]), blob,
-                                      handle["shapes"])
+            return sealed.open_tensors(key, sealed.associated(name, handle["pending"].bind, handle["what"]), blob,
+                                       handle["shapes"])
         except ProtocolError:
             return ()  # an answer that does not open is a wrong answer: blamed like one
         finally:
-            counters.seal_s += time.perf_counter() - t0
+            counters.seal_s += time.perf_counter() - t1
 
     def blame(self, handle, evidence: str, counters: SharesCounters):
         handle = dict(handle)
         handle["pending"] = self.client.blame(handle["pending"], evidence)
         return handle
 
-    def forget(self, handle) -> None:
-        """Free the request blobs a product's parts kept in the arena."""
-        self.client.free_blob(*handle["pending"].outputs[:-1])
+    def forget(self, handles: dict) -> None:
+        """Free what a product's requests hold in the arena: heads, the shared bulk blob, answers."""
+        regions = {}
+        for h in handles.values():
+            for d in [*h["own"], h["pending"].outputs[-1]]:
+                regions[d.offset] = d
+        self.client.free_blob(*regions.values())
 
     def close(self) -> None:
         self.client.close()
 
 
-def _answer_shapes(forward: tuple, backward: tuple | None) -> list[tuple]:
-    header = forward[0]
-    a, b = tuple(header["a"]), tuple(header["b"])
-    if backward is None:
-        batch = tuple(torch.broadcast_shapes(torch.Size(a[:-2]), torch.Size(b[:-2])))
-        return [(*batch, a[-2], b[-1])]
-    return [a, b]
+def answer_shapes(op: shares.Opened, backward: bool) -> list[tuple]:
+    return shares.answer_shapes(op, backward)
 
 
 class SharesEngine:
@@ -211,10 +236,14 @@ class SharesEngine:
         t0 = time.perf_counter()
         op = shares.open_forward(a, b)
         self.shares.open_s += time.perf_counter() - t0
-        handles = {r: self.pools.send(r, bind, op.requests[r], None, self.shares) for r in shares.ROLES}
+        handles = self.pools.send(bind, op, False, self.shares)
         self.counters.forward_products += 1
         self.counters.forward_encryptions += 2
-        c = self._round(op, bind, False, handles)
+        try:
+            c = self._round(op, bind, False, handles)
+        except BaseException:
+            self.pools.forget(handles)
+            raise
         self._open[bind] = (op, handles)
         return c
 
@@ -223,21 +252,19 @@ class SharesEngine:
         t0 = time.perf_counter()
         shares.open_backward(op, grad_c)
         self.shares.open_s += time.perf_counter() - t0
-        handles = {r: self.pools.send(r, bind, op.requests[r], op.grad_requests[r], self.shares, prior=fwd_handles[r])
-                   for r in shares.ROLES}
+        handles = self.pools.send(bind, op, True, self.shares, prior=fwd_handles)
         self.counters.backward_products += 1
         self.counters.backward_encryptions += 1
         try:
             return self._round(op, bind, True, handles)
         finally:
-            for h in handles.values():
-                self.pools.forget(h)
+            self.pools.forget(handles)
+            self.pools.forget(fwd_handles)
 
     def release(self, bind: Binding) -> None:
         entry = self._open.pop(bind, None)
         if entry is not None:
-            for h in entry[1].values():
-                self.pools.forget(h)
+            self.pools.forget(entry[1])
 
     def end_step(self) -> None:
         """Nothing is prepared ahead."""

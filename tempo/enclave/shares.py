@@ -303,7 +303,12 @@ def scale_for(t: torch.Tensor, bits: int) -> int:
 
 
 def encode_scaled(t: torch.Tensor, scale: int) -> torch.Tensor:
-    """``round(t · 2^scale)`` as ring elements (int64), for any integer `scale`."""
+    """``round(t · 2^scale)`` as ring elements (int64), for any integer `scale`. In the
+    caller's float32 when that is exact: multiplying by a normal power of two only moves the
+    exponent (what underflows is below 1/2 and rounds to 0 either way), and rounding a float32
+    gives a float32 integer, which converts exactly. Else in float64."""
+    if t.dtype == torch.float32 and -100 <= scale <= 100:
+        return torch.round(t * float(2.0 ** scale)).to(torch.int64)
     return torch.round(torch.ldexp(t.double(), torch.tensor(float(scale), dtype=torch.float64))).to(torch.int64)
 
 
@@ -368,7 +373,7 @@ def open_forward(a: torch.Tensor, b: torch.Tensor, seeds: tuple[bytes, bytes] | 
     s1, s2 = seeds if seeds is not None else (os.urandom(SEED_BYTES), os.urandom(SEED_BYTES))
     u1, v1 = _expand(s1, ea.shape, eb.shape)
     u2, v2 = _expand(s2, ea.shape, eb.shape)
-    e, f = ea - u1 - u2, eb - v1 - v2
+    e, f = (ea - u1).sub_(u2), (eb - v1).sub_(v2)
     shapes = {"a": list(ea.shape), "b": list(eb.shape)}
     requests = {1: ({"role": 1, "seeds": [s1], **shapes}, (e, f)),
                 2: ({"role": 2, "seeds": [s2], **shapes}, (e, f)),
@@ -395,7 +400,7 @@ def open_backward(op: Opened, grad_c: torch.Tensor, seeds: tuple[bytes, bytes] |
     ed = encode_scaled(grad_c, sd)
     t1, t2 = seeds if seeds is not None else (os.urandom(SEED_BYTES), os.urandom(SEED_BYTES))
     (w1,), (w2,) = _expand(t1, ed.shape), _expand(t2, ed.shape)
-    g = ed - w1 - w2
+    g = (ed - w1).sub_(w2)
     shape = {"d": list(ed.shape)}
     op.enc_d, op.scale_d, op.grad_seeds = ed, sd, (t1, t2)
     op.grad_requests = {1: ({"role": 1, "seeds": [t1], **shape}, (g,)),

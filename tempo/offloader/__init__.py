@@ -211,9 +211,9 @@ class Offloader:
         if kind == "sealed":  # the shares mode: blobs this process cannot open, for one pool's relays
             if "pool" not in header:
                 raise ProtocolError("a sealed submit names its pool")
-            if (len(inputs) not in (1, 2) or operands or len(outputs) != 1
+            if (not 1 <= len(inputs) <= 4 or operands or len(outputs) != 1
                     or any(d.dtype != "uint8" or len(d.shape) != 1 for d in inputs + outputs)):
-                raise ProtocolError("a sealed submit has one or two sealed inputs and one sealed output (uint8)")
+                raise ProtocolError("a sealed submit has one to four sealed inputs and one sealed output (uint8)")
             self._dispatch(Part(client, header["id"], kind, bind, arena, inputs, [], outputs, pool=header["pool"]))
             return
         if "pool" in header:

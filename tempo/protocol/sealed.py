@@ -1,16 +1,20 @@
-"""Sealed blobs: what the shares mode sends a relay pool, unreadable to the off-loader.
+"""Sealed blobs: what the shares mode sends relay pools, unreadable to the off-loader.
 
-The off-loader is untrusted and routes every pool's traffic, so a pool's requests and answers
-travel sealed under that pool's key (AES-GCM, 128-bit key, a random 96-bit nonce per blob): only
-the enclave and the pool's relays, which hold the key, can open them, and a blob sealed for one
-pool fails to open in another (an authentication error, not garbage). The associated data binds
-a blob to its pool, binding and direction, so no blob can be replayed as another request or
-as the answer to one.
+The off-loader is untrusted and routes every pool's traffic, so everything a pool receives or
+returns travels sealed with AES-GCM (128-bit keys, a random 96-bit nonce per blob): only the
+enclave and the intended relays can open it, and a blob opened with another key, or bound to
+another pool, binding or direction, fails authentication (an error, never garbage). The
+associated data (`associated`) binds each blob to its pool, binding and direction, so no blob
+can be replayed as another request or as the answer to one.
 
-A request blob's plaintext: a 4-byte big-endian length, a msgpack header (checked with the
-protocol's limits), then the int64 tensors it lists, contiguous. An answer's plaintext is the raw
-int64 bytes of tensors whose shapes the enclave knows (`answer_nbytes`), so the enclave sizes
-the answer's arena region before it is computed.
+A pool's request is a small **head**, sealed under the pool's key: a msgpack map (role,
+seeds, shapes) checked with the protocol's limits, and for pools 1 and 2 the key of a **bulk**
+blob. The bulk blob holds the opened ring tensors (``E, F``, or ``G``) and is sealed once,
+under a fresh key per product and direction, for both pools that need it: the enclave encrypts
+and writes each opened tensor once, not once per pool. An answer is the raw int64 bytes of
+tensors whose shapes the enclave knows (`answer_nbytes`), sealed under the pool's key, so the
+enclave sizes its arena region before it is computed. Sealing and opening stream between the
+tensors' memory and the blob (`seal_into`, `open_into`): no copies beyond the cipher's pass.
 """
 
 from __future__ import annotations
@@ -56,99 +60,185 @@ def read_key(path: str | Path) -> bytes:
 
 
 def associated(pool: str, bind: Binding, what: str) -> bytes:
-    """What a blob is bound to: its pool, binding and direction (request-forward,
-    request-backward, answer-forward, answer-backward)."""
+    """What a blob is bound to: its pool (``"bulk"`` for a bulk blob), binding and direction
+    (request-forward, request-backward, answer-forward, answer-backward)."""
     return msgpack.packb([pool, bind.to_wire(), what])
 
 
-def _aead(key: bytes):
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    return AESGCM(key)
-
-
-def _tensor_bytes(t: torch.Tensor) -> bytes | memoryview:
-    t = t.contiguous()
-    return memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else b""
+def _bytes(t) -> memoryview:
+    """A flat byte view of a tensor's memory (contiguous), or of bytes."""
+    if isinstance(t, torch.Tensor):
+        if not t.is_contiguous():
+            raise ValueError("sealing reads contiguous tensors")
+        return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+    return memoryview(t).cast("B")
 
 
-def seal_request(key: bytes, aad: bytes, header: dict, tensors: tuple[torch.Tensor, ...]) -> bytes:
-    for t in tensors:
-        if t.dtype != torch.int64:
-            raise TypeError("sealed requests carry int64 ring tensors")
-    head = msgpack.packb({**header, "tensors": [list(t.shape) for t in tensors]})
-    plain = b"".join([struct.pack(">I", len(head)), head, *(_tensor_bytes(t) for t in tensors)])
+def sealed_size(parts) -> int:
+    return OVERHEAD + sum(len(_bytes(p)) for p in parts)
+
+
+def seal_into(key: bytes, aad: bytes, parts, out: memoryview) -> None:
+    """nonce ‖ AES-GCM(parts, concatenated) ‖ tag, written into `out` (exactly `sealed_size`)."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    out = memoryview(out).cast("B")
+    views = [_bytes(p) for p in parts]
+    if len(out) != OVERHEAD + sum(len(v) for v in views):
+        raise ValueError("the region for a sealed blob has the wrong size")
     nonce = os.urandom(NONCE_BYTES)
-    return nonce + _aead(key).encrypt(nonce, plain, aad)
+    out[:NONCE_BYTES] = nonce
+    enc = Cipher(algorithms.AES(key), modes.GCM(nonce)).encryptor()
+    enc.authenticate_additional_data(aad)
+    at = NONCE_BYTES
+    for v in views:
+        if len(v):
+            # update_into wants room for a block more than it writes (15 bytes): the tag's 16
+            # bytes follow the ciphertext, so that room is inside `out` until the tag is written
+            if enc.update_into(v, out[at:at + len(v) + 15]) != len(v):
+                raise RuntimeError("AES-GCM wrote less than it read")
+            at += len(v)
+    enc.finalize()
+    out[at:at + TAG_BYTES] = enc.tag
 
 
-def _open(key: bytes, aad: bytes, blob: bytes | memoryview) -> bytes:
+def seal(key: bytes, aad: bytes, parts) -> bytes:
+    buf = bytearray(sealed_size(parts))
+    seal_into(key, aad, parts, memoryview(buf))
+    return bytes(buf)
+
+
+def open_into(key: bytes, aad: bytes, blob, outs) -> None:
+    """Decrypt `blob` into the buffers `outs` (their sizes add up to the plaintext) and check
+    its tag; `ProtocolError` if it does not open. The buffers hold unauthenticated bytes until
+    this returns: use them only then."""
     from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-    blob = bytes(blob)
-    if len(blob) < OVERHEAD:
-        raise ProtocolError("a sealed blob is too short")
+    blob = _bytes(blob)
+    views = [_bytes(o) for o in outs]
+    if len(blob) != OVERHEAD + sum(len(v) for v in views):
+        raise ProtocolError("a sealed blob has the wrong size")
+    nonce, tag = bytes(blob[:NONCE_BYTES]), bytes(blob[len(blob) - TAG_BYTES:])
+    dec = Cipher(algorithms.AES(key), modes.GCM(nonce, tag)).decryptor()
+    dec.authenticate_additional_data(aad)
+    at = NONCE_BYTES
+    for v in views:
+        n = len(v)
+        if n > 64:  # straight into the buffer; the last 16 bytes through a scratch (update_into's slack)
+            dec.update_into(blob[at:at + n - 16], v[:n - 1])
+            tail = bytearray(31)
+            dec.update_into(blob[at + n - 16:at + n], tail)
+            v[n - 16:] = tail[:16]
+        elif n:
+            small = bytearray(n + 15)
+            dec.update_into(blob[at:at + n], small)
+            v[:] = small[:n]
+        at += n
     try:
-        return _aead(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad)
+        dec.finalize()
     except InvalidTag:
-        raise ProtocolError("a sealed blob does not open with this pool's key (another pool's, or altered)") from None
+        for v in views:  # nothing unauthenticated is left behind
+            v[:] = bytes(len(v))
+        raise ProtocolError("a sealed blob does not open with this key (another pool's, or altered)") from None
 
 
-def open_request(key: bytes, aad: bytes, blob: bytes | memoryview) -> tuple[dict, tuple[torch.Tensor, ...]]:
-    """The header and tensors of a sealed request; `ProtocolError` if it does not open or parse."""
-    plain = _open(key, aad, blob)
-    if len(plain) < 4:
-        raise ProtocolError("a sealed request lacks its header")
-    (size,) = struct.unpack(">I", plain[:4])
-    header = _unpack(plain[4:4 + size]) if size <= len(plain) - 4 else None
+def open_bytes(key: bytes, aad: bytes, blob) -> bytes:
+    size = len(_bytes(blob)) - OVERHEAD
+    if size < 0:
+        raise ProtocolError("a sealed blob is too short")
+    out = bytearray(size)
+    open_into(key, aad, blob, [out])
+    return bytes(out)
+
+
+# -- heads: a pool's small request --
+
+def seal_head(key: bytes, aad: bytes, header: dict) -> bytes:
+    return seal(key, aad, [msgpack.packb(header)])
+
+
+def open_head(key: bytes, aad: bytes, blob) -> dict:
+    plain = open_bytes(key, aad, blob)
+    header = _unpack(plain)
     if not isinstance(header, dict):
-        raise ProtocolError("a sealed request's header is not a map")
-    shapes = header.pop("tensors", None)
+        raise ProtocolError("a sealed head is not a map")
+    return header
+
+
+# -- tensors: bulk blobs and answers (int64, shapes known to the receiver) --
+
+def check_shapes(shapes) -> list[tuple]:
     if (not isinstance(shapes, list) or len(shapes) > MAX_TENSORS
-            or not all(isinstance(s, list) and len(s) <= MAX_DIMS and all(isinstance(d, int) and d >= 0 for d in s)
+            or not all(isinstance(s, list) and len(s) <= MAX_DIMS and all(isinstance(d, int) and 0 <= d < 1 << 40 for d in s)
                        for s in shapes)):
-        raise ProtocolError("a sealed request's tensor shapes are malformed")
-    offset, out = 4 + size, []
-    for shape in shapes:
-        count = 1
-        for d in shape:
-            count *= d
-        end = offset + 8 * count
-        if end > len(plain):
-            raise ProtocolError("a sealed request is shorter than its tensors")
-        out.append(torch.frombuffer(bytearray(plain[offset:end]), dtype=torch.int64).reshape(shape)
-                   if count else torch.zeros(shape, dtype=torch.int64))
-        offset = end
-    if offset != len(plain):
-        raise ProtocolError("a sealed request has bytes after its tensors")
-    return header, tuple(out)
+        raise ProtocolError("tensor shapes in a sealed head are malformed")
+    return [tuple(s) for s in shapes]
 
 
-def answer_nbytes(shapes: list[tuple]) -> int:
-    """The size of a sealed answer holding int64 tensors of these shapes."""
+def tensors_nbytes(shapes) -> int:
     total = 0
     for shape in shapes:
         count = 1
         for d in shape:
             count *= d
         total += 8 * count
-    return total + OVERHEAD
+    return total
 
 
-def seal_answer(key: bytes, aad: bytes, tensors: tuple[torch.Tensor, ...]) -> bytes:
-    plain = b"".join(bytes(_tensor_bytes(t.to(torch.int64))) for t in tensors)
-    nonce = os.urandom(NONCE_BYTES)
-    return nonce + _aead(key).encrypt(nonce, plain, aad)
+def answer_nbytes(shapes) -> int:
+    """The size of a sealed blob holding int64 tensors of these shapes."""
+    return tensors_nbytes(shapes) + OVERHEAD
 
 
-def open_answer(key: bytes, aad: bytes, blob: bytes | memoryview, shapes: list[tuple]) -> tuple[torch.Tensor, ...]:
-    plain = _open(key, aad, blob)
-    if len(plain) + OVERHEAD != answer_nbytes(shapes):
-        raise ProtocolError("a sealed answer has the wrong size")
-    out, offset = [], 0
+def open_tensors(key: bytes, aad: bytes, blob, shapes) -> tuple[torch.Tensor, ...]:
+    """The int64 tensors of `shapes` sealed in `blob`, decrypted straight into new tensors."""
+    if len(_bytes(blob)) != answer_nbytes(shapes):
+        raise ProtocolError("a sealed blob has the wrong size for its tensors")
+    outs = tuple(torch.empty(tuple(s), dtype=torch.int64) for s in shapes)
+    open_into(key, aad, blob, list(outs))
+    return outs
+
+
+# -- compatibility for one-blob requests (tests, tools) --
+
+def seal_request(key: bytes, aad: bytes, header: dict, tensors: tuple[torch.Tensor, ...]) -> bytes:
+    """A head and its tensors in one blob: a 4-byte length, the msgpack head, int64 tensors."""
+    for t in tensors:
+        if t.dtype != torch.int64:
+            raise TypeError("sealed requests carry int64 ring tensors")
+    head = msgpack.packb({**header, "tensors": [list(t.shape) for t in tensors]})
+    return seal(key, aad, [struct.pack(">I", len(head)), head, *(t.contiguous() for t in tensors)])
+
+
+def open_request(key: bytes, aad: bytes, blob) -> tuple[dict, tuple[torch.Tensor, ...]]:
+    plain = open_bytes(key, aad, blob)
+    if len(plain) < 4:
+        raise ProtocolError("a sealed request lacks its header")
+    (size,) = struct.unpack(">I", plain[:4])
+    header = _unpack(plain[4:4 + size]) if size <= len(plain) - 4 else None
+    if not isinstance(header, dict):
+        raise ProtocolError("a sealed request's header is not a map")
+    shapes = check_shapes(header.pop("tensors", None))
+    offset, out = 4 + size, []
     for shape in shapes:
-        count = (answer_nbytes([shape]) - OVERHEAD) // 8
-        out.append(torch.frombuffer(bytearray(plain[offset:offset + 8 * count]), dtype=torch.int64).reshape(shape)
-                   if count else torch.zeros(shape, dtype=torch.int64))
-        offset += 8 * count
-    return tuple(out)
+        end = offset + tensors_nbytes([shape])
+        if end > len(plain):
+            raise ProtocolError("a sealed request is shorter than its tensors")
+        out.append(torch.frombuffer(bytearray(plain[offset:end]), dtype=torch.int64).reshape(shape)
+                   if end > offset else torch.zeros(shape, dtype=torch.int64))
+        offset = end
+    if offset != len(plain):
+        raise ProtocolError("a sealed request has bytes after its tensors")
+    return header, tuple(out)
+
+
+def seal_answer(key: bytes, aad: bytes, tensors) -> bytes:
+    return seal(key, aad, [t.to(torch.int64).contiguous() for t in tensors])
+
+
+def open_answer(key: bytes, aad: bytes, blob, shapes) -> tuple[torch.Tensor, ...]:
+    try:
+        return open_tensors(key, aad, blob, shapes)
+    except ProtocolError as exc:
+        raise ProtocolError(str(exc).replace("for its tensors", "size")) from None

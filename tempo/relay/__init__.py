@@ -273,15 +273,30 @@ class Relay:
             raise ProtocolError("this relay is in no pool")
         if msg.header["pool"] != self.pool:
             raise ProtocolError(f"a part for pool {msg.header['pool'][:64]!r} reached a member of {self.pool!r}")
-        if len(msg.tensors) not in (1, 2) or any(t.dtype != torch.uint8 or t.dim() != 1 for t in msg.tensors):
-            raise ProtocolError("sealed takes one or two sealed blobs (uint8)")
+        if not 1 <= len(msg.tensors) <= 4 or any(t.dtype != torch.uint8 or t.dim() != 1 for t in msg.tensors):
+            raise ProtocolError("sealed takes one to four sealed blobs (uint8)")
         bind = msg.binding
         blobs = [memoryview(t.numpy()) for t in msg.tensors]
-        forward = sealed.open_request(self._pool_key, sealed.associated(self.pool, bind, "request-forward"), blobs[0])
-        backward = (sealed.open_request(self._pool_key, sealed.associated(self.pool, bind, "request-backward"), blobs[1])
-                    if len(blobs) == 2 else None)
-        if self.recorder is not None:  # a pool member's view: the opened requests
-            for what, (header, tensors) in (("forward", forward), ("backward", backward)) if backward else (("forward", forward),):
+        requests, i = [], 0
+        for what in ("forward", "backward"):  # each: a head under the pool's key, and its bulk blob if it names one
+            if i == len(blobs):
+                break
+            head = sealed.open_head(self._pool_key, sealed.associated(self.pool, bind, f"request-{what}"), blobs[i])
+            i += 1
+            tensors = ()
+            bulk = head.pop("bulk", None)
+            if bulk is not None:
+                if i == len(blobs) or not isinstance(bulk, bytes):
+                    raise ProtocolError("a head names a bulk blob that did not come")
+                tensors = sealed.open_tensors(bulk, sealed.associated("bulk", bind, f"request-{what}"), blobs[i],
+                                              sealed.check_shapes(head.pop("shapes", None)))
+                i += 1
+            requests.append((head, tensors))
+        if i != len(blobs):
+            raise ProtocolError("sealed takes a forward head (and bulk), then a backward head (and bulk)")
+        forward, backward = requests[0], (requests[1] if len(requests) == 2 else None)
+        if self.recorder is not None:  # a pool member's view: the opened requests (their bulk keys left out)
+            for what, (header, tensors) in zip(("forward", "backward"), requests):
                 self.recorder.write("sealed", {"bind": msg.header.get("bind"), "pool": self.pool, "part": what,
                                                "request": header}, list(tensors))
         try:
@@ -290,8 +305,10 @@ class Relay:
             raise ProtocolError(f"a sealed request does not describe a pool product ({type(exc).__name__})") from None
         out = self._ring_lie(list(out))
         what = "answer-backward" if backward else "answer-forward"
-        blob = sealed.seal_answer(self._pool_key, sealed.associated(self.pool, bind, what), out)
-        return [torch.frombuffer(bytearray(blob), dtype=torch.uint8)]
+        parts = [t.contiguous() for t in out]
+        blob = torch.empty(sealed.sealed_size(parts), dtype=torch.uint8)
+        sealed.seal_into(self._pool_key, sealed.associated(self.pool, bind, what), parts, memoryview(blob.numpy()))
+        return [blob]
 
     def _release(self, msg: Message):
         job = msg.header.get("job")
