@@ -53,7 +53,7 @@ def render(tmp_path: Path, **overrides) -> dict:
         log_level="error", arch_libdir="/lib/x86_64-linux-gnu", entrypoint=os.path.realpath(sys.executable),
         site_packages=site, job=str(job), out_dir=str(tmp_path / "out"), data_dir="", debug="true",
         edmm="false", enclave_size="16G", max_threads=64, compute_threads=8, attestation="none",
-        insecure_out_key="",
+        insecure_out_key="", pool_keys_dir="",
     )
     values.update(overrides)
     return tomllib.loads(env.from_string(source).render(**values)), values
@@ -147,8 +147,31 @@ def services():
             yield path.name, name, service
 
 
-def test_there_are_local_and_network_compose_files():
-    assert {p.name for p in COMPOSE_FILES} == {"compose.local.yaml", "compose.network.yaml"}
+def test_there_are_local_network_and_shares_compose_files():
+    assert {p.name for p in COMPOSE_FILES} == {"compose.local.yaml", "compose.network.yaml", "compose.shares.yaml"}
+
+
+def test_the_shares_set_up_puts_each_pool_on_its_own_network_with_its_own_key():
+    doc = yaml.safe_load((OPS / "compose" / "compose.shares.yaml").read_text())
+    pools = {}
+    for name, service in doc["services"].items():
+        env = service.get("environment") or {}
+        if "TEMPO_RELAY_POOL" in env:
+            pools[env["TEMPO_RELAY_POOL"]] = (tuple(service["networks"]), env["TEMPO_RELAY_POOL_KEY"])
+    assert sorted(pools) == ["p1", "p2", "p3"]
+    networks = [n for n, _ in pools.values()]
+    assert all(len(n) == 1 for n in networks) and len({n[0] for n in networks}) == 3  # no pool reaches another
+    assert len({k for _, k in pools.values()}) == 3
+    job = tomllib.loads((OPS / "gramine" / "job-shares.toml").read_text())["job"]
+    assert job["protection"] == "shares" and job["pool_keys"] == "/tempo/pool-keys"
+
+
+def test_the_manifest_mounts_pool_keys_encrypted_when_asked(tmp_path):
+    manifest, _ = render(tmp_path, pool_keys_dir=str(tmp_path / "pool-keys"))
+    mounts = {m["path"]: m for m in manifest["fs"]["mounts"]}
+    assert mounts["/tempo/pool-keys"]["type"] == "encrypted" and mounts["/tempo/pool-keys"]["key_name"] == "tempo_pools"
+    plain, _ = render(tmp_path)
+    assert "/tempo/pool-keys" not in {m["path"] for m in plain["fs"]["mounts"]}
 
 
 @pytest.mark.parametrize("where,name,service", list(services()), ids=lambda v: v if isinstance(v, str) else "")

@@ -290,3 +290,22 @@ def test_tempo_train_shares_matches_plain_accuracy_on_the_digits_mlp(tmp_path):
     assert abs(shared.test_accuracy - plain.test_accuracy) <= 0.005
     assert shared.offload["protection"] == "shares" and shared.offload["failed_sums"] == 0
     assert sorted(r.split("-")[0] for r in shared.offload["parts_by_relay"]) == ["p1", "p2", "p3"]
+
+
+def test_fewer_pools_than_the_mode_needs_is_a_clear_error_at_start():
+    from tempo.enclave.client import OffloadClient, OffloadError
+    from tempo.enclave.pools import RelayPools
+
+    class TwoPools:  # an off-loader that has relays in p1 and p2 only
+        def pools(self, timeout_s=5.0):
+            return {"p1": 2, "p2": 1}
+
+        wait_for_pools = OffloadClient.wait_for_pools
+
+    with pytest.raises(OffloadError, match="none joined for p3"):
+        SharesEngine(RelayPools(TwoPools(), {1: ("p1", bytes(16)), 2: ("p2", bytes(16)), 3: ("p3", bytes(16))},
+                                wait_s=0.2))
+    with pytest.raises(ValueError, match="three different names"):
+        RelayPools(TwoPools(), {1: ("p1", bytes(16)), 2: ("p1", bytes(16)), 3: ("p3", bytes(16))})
+    with pytest.raises(ValueError, match="three pools"):
+        LocalPools({1: [sh.pool_answer], 2: [sh.pool_answer], 3: []})

@@ -285,16 +285,28 @@ def verify_pool(pool: int, operands: tuple[torch.Tensor, ...], result: torch.Ten
 
 ROLES = (1, 2, 3)
 SEED_BYTES = 16
-RING_BITS = 61  # products stay within ±2⁶¹: headroom for the rounding of the encodings
+# Products stay within ±2⁵⁶ (never near 2⁶³: no wrap, and room for the encodings' rounding).
+# Fewer bits would cost precision (each operand keeps about (56 − log₂ n)/2 bits below its
+# largest entry: 21 at n = 4608, ResNet's widest); more would cost verification: a result known
+# to lie within ±2ᵇ lets each Freivalds vector catch a lie with probability 1 − 2^(b−64)
+# (`_freivalds`), 8 bits per vector here.
+RING_BITS = 56
 
 
 def _log2_ceil(x: float) -> int:
     return int(np.ceil(np.log2(x))) if x > 0 else 0
 
 
+def _abs_max(t: torch.Tensor) -> float:
+    if not t.numel():
+        return 0.0
+    low, high = torch.aminmax(t)  # one pass, no |t| materialised
+    return max(-float(low), float(high))
+
+
 def scale_for(t: torch.Tensor, bits: int) -> int:
     """The power-of-two scale that puts `t`'s largest entry just below ``2^bits``."""
-    top = float(t.abs().max()) if t.numel() else 0.0
+    top = _abs_max(t)
     if not np.isfinite(top):
         raise RingOverflow("an operand is not finite")
     if top == 0.0:
@@ -308,11 +320,15 @@ def encode_scaled(t: torch.Tensor, scale: int) -> torch.Tensor:
     exponent (what underflows is below 1/2 and rounds to 0 either way), and rounding a float32
     gives a float32 integer, which converts exactly. Else in float64."""
     if t.dtype == torch.float32 and -100 <= scale <= 100:
-        return torch.round(t * float(2.0 ** scale)).to(torch.int64)
+        return (t * float(2.0 ** scale)).round_().to(torch.int64)
     return torch.round(torch.ldexp(t.double(), torch.tensor(float(scale), dtype=torch.float64))).to(torch.int64)
 
 
 def decode_scaled(c: torch.Tensor, scale: int, dtype: torch.dtype) -> torch.Tensor:
+    """The real value of ring elements (read as signed) carrying ``2^scale``. To float32 in one
+    rounding (the conversion; the power of two is exact while it stays a normal float32)."""
+    if dtype == torch.float32 and -120 <= scale <= 120:
+        return c.to(torch.float32).mul_(float(2.0 ** -scale))
     return torch.ldexp(c.double(), torch.tensor(float(-scale), dtype=torch.float64)).to(dtype)
 
 
@@ -350,8 +366,12 @@ class Opened:
     seeds: tuple[bytes, bytes]
     dtype: torch.dtype
     requests: dict[int, tuple[dict, tuple[torch.Tensor, ...]]]
+    # the largest encoded entries (what bounds every exact product: `_freivalds`)
+    max_a: int = 0
+    max_b: int = 0
     # backward, once `open_backward` ran
     enc_d: torch.Tensor | None = None
+    max_d: int = 0
     scale_d: int = 0
     grad_seeds: tuple[bytes, bytes] | None = None
     grad_requests: dict[int, tuple[dict, tuple[torch.Tensor, ...]]] | None = None
@@ -373,12 +393,22 @@ def open_forward(a: torch.Tensor, b: torch.Tensor, seeds: tuple[bytes, bytes] | 
     s1, s2 = seeds if seeds is not None else (os.urandom(SEED_BYTES), os.urandom(SEED_BYTES))
     u1, v1 = _expand(s1, ea.shape, eb.shape)
     u2, v2 = _expand(s2, ea.shape, eb.shape)
-    e, f = (ea - u1).sub_(u2), (eb - v1).sub_(v2)
+    # E = A₀ − U₁ − U₂ into U₁'s memory (the enclave regenerates U₁ from s₁ if it ever needs it)
+    e, f = torch.sub(ea, u1, out=u1).sub_(u2), torch.sub(eb, v1, out=v1).sub_(v2)
     shapes = {"a": list(ea.shape), "b": list(eb.shape)}
     requests = {1: ({"role": 1, "seeds": [s1], **shapes}, (e, f)),
                 2: ({"role": 2, "seeds": [s2], **shapes}, (e, f)),
                 3: ({"role": 3, "seeds": [s1, s2], **shapes}, ())}
-    return Opened(tuple(a.shape), tuple(b.shape), ea, eb, sa, sb, (s1, s2), a.dtype, requests)
+    return Opened(tuple(a.shape), tuple(b.shape), ea, eb, sa, sb, (s1, s2), a.dtype, requests,
+                  max_a=_top(ea), max_b=_top(eb))
+
+
+def _top(t: torch.Tensor) -> int:
+    """max |t| of an int64 tensor, exactly (one pass)."""
+    if not t.numel():
+        return 0
+    low, high = torch.aminmax(t)
+    return max(-int(low), int(high))
 
 
 def open_backward(op: Opened, grad_c: torch.Tensor, seeds: tuple[bytes, bytes] | None = None) -> None:
@@ -391,8 +421,7 @@ def open_backward(op: Opened, grad_c: torch.Tensor, seeds: tuple[bytes, bytes] |
     batch = _batch(op.a_shape, op.b_shape)
     slices_a, slices_b = int(np.prod(op.a_shape[:-2])), int(np.prod(op.b_shape[:-2]))
     terms = max(p * batch // slices_a, m * batch // slices_b)
-    top_a = _log2_ceil(float(op.enc_a.abs().max()) + 1) if op.enc_a.numel() else 0
-    top_b = _log2_ceil(float(op.enc_b.abs().max()) + 1) if op.enc_b.numel() else 0
+    top_a, top_b = _log2_ceil(op.max_a + 1), _log2_ceil(op.max_b + 1)
     bits = RING_BITS - max(top_a, top_b) - _log2_ceil(terms)
     if bits < 8:
         raise RingOverflow(f"the backward of a {op.a_shape} × {op.b_shape} product leaves {bits} bits for dL/dC")
@@ -400,9 +429,9 @@ def open_backward(op: Opened, grad_c: torch.Tensor, seeds: tuple[bytes, bytes] |
     ed = encode_scaled(grad_c, sd)
     t1, t2 = seeds if seeds is not None else (os.urandom(SEED_BYTES), os.urandom(SEED_BYTES))
     (w1,), (w2,) = _expand(t1, ed.shape), _expand(t2, ed.shape)
-    g = (ed - w1).sub_(w2)
+    g = torch.sub(ed, w1, out=w1).sub_(w2)
     shape = {"d": list(ed.shape)}
-    op.enc_d, op.scale_d, op.grad_seeds = ed, sd, (t1, t2)
+    op.enc_d, op.scale_d, op.grad_seeds, op.max_d = ed, sd, (t1, t2), _top(ed)
     op.grad_requests = {1: ({"role": 1, "seeds": [t1], **shape}, (g,)),
                         2: ({"role": 2, "seeds": [t2], **shape}, (g,)),
                         3: ({"role": 3, "seeds": [t1, t2], **shape}, ())}
@@ -466,10 +495,30 @@ def _fits(answers: dict[int, tuple], shapes: list[tuple]) -> bool:
 
 
 def _freivalds(result: torch.Tensor, left: torch.Tensor, right: torch.Tensor, shape: tuple, rounds: int,
-               rng: Randomness) -> bool:
-    """Whether ``result == sum_to(left · right, shape)`` in the ring, `rounds` uniform vectors."""
-    r = rng.uniform((right.shape[-1], rounds))
-    return bool(torch.equal(ring_matmul(result, r), sum_to(ring_matmul(left, ring_matmul(right, r)), shape[:-1] + (rounds,))))
+               rng: Randomness, top_left: int, top_right: int) -> bool:
+    """Whether ``result == sum_to(left · right, shape)`` in the ring, a wrong result passing
+    with probability at most ``2^-rounds``.
+
+    The exact product lies within ``±β``, ``β = max|left| · max|right| · terms`` (the inner
+    dimension times the slices summed), with ``β < 2^b``. So does `result`, or it is refused
+    outright. Then ``D = result − product``, read as integers, is nonzero with ``|D| < 2^(b+1)``
+    in every entry: its smallest 2-adic valuation ``v`` is at most ``b``, and a uniform vector
+    misses it with probability ``2^(v−64) ≤ 2^(b−64)``: each vector is worth ``64 − b`` bits,
+    and ``⌈rounds / (64 − b)⌉`` vectors are drawn."""
+    batch = torch.broadcast_shapes(left.shape[:-2], right.shape[:-2])
+    terms = left.shape[-1] * max(1, int(np.prod(batch)) // max(1, int(np.prod(shape[:-2]))))
+    bound = top_left * top_right * terms
+    if bound >= 1 << 62:
+        raise RingOverflow("a product's bound leaves no room for its check")
+    if result.numel():
+        low, high = torch.aminmax(result)
+        if int(low) < -bound or int(high) > bound:
+            return False
+    bits = 64 - max(1, bound.bit_length())
+    vectors = -(-rounds // bits)
+    r = rng.uniform((right.shape[-1], vectors))
+    return bool(torch.equal(ring_matmul(result, r),
+                            sum_to(ring_matmul(left, ring_matmul(right, r)), shape[:-1] + (vectors,))))
 
 
 def combine_forward(op: Opened, answers: dict[int, tuple], rounds: int = 16) -> torch.Tensor | None:
@@ -478,8 +527,8 @@ def combine_forward(op: Opened, answers: dict[int, tuple], rounds: int = 16) -> 
     shapes = answer_shapes(op, False)
     if not _fits(answers, shapes):
         return None
-    total = answers[1][0] + answers[2][0] + answers[3][0]
-    if not _freivalds(total, op.enc_a, op.enc_b, shapes[0], rounds, Randomness()):
+    total = (answers[1][0] + answers[2][0]).add_(answers[3][0])
+    if not _freivalds(total, op.enc_a, op.enc_b, shapes[0], rounds, Randomness(), op.max_a, op.max_b):
         return None
     return decode_scaled(total, op.scale_a + op.scale_b, op.dtype)
 
@@ -491,11 +540,11 @@ def combine_backward(op: Opened, answers: dict[int, tuple], rounds: int = 16) ->
     shapes = answer_shapes(op, True)
     if not _fits(answers, shapes):
         return None
-    da = answers[1][0] + answers[2][0] + answers[3][0]
-    db = answers[1][1] + answers[2][1] + answers[3][1]
+    da = (answers[1][0] + answers[2][0]).add_(answers[3][0])
+    db = (answers[1][1] + answers[2][1]).add_(answers[3][1])
     rng = Randomness()
-    if not (_freivalds(da, op.enc_d, op.enc_b.mT, shapes[0], rounds, rng)
-            and _freivalds(db, op.enc_a.mT, op.enc_d, shapes[1], rounds, rng)):
+    if not (_freivalds(da, op.enc_d, op.enc_b.mT, shapes[0], rounds, rng, op.max_d, op.max_b)
+            and _freivalds(db, op.enc_a.mT, op.enc_d, shapes[1], rounds, rng, op.max_a, op.max_d)):
         return None
     return (decode_scaled(da, op.scale_d + op.scale_b, op.dtype), decode_scaled(db, op.scale_a + op.scale_d, op.dtype))
 

@@ -469,6 +469,12 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
     shared = cfg.protection == "shares"
     kept = () if shared else masking.keep  # shares hide every product: nothing need stay in the enclave
     products = max(1, offloaded_products(model) - len(kept))  # L in Theorem V.2: what is offloaded
+    if log and cfg.mode == "tempo":  # once: what this protection leaks, measured, or the mode's premise
+        if shared:
+            log.info("train.protection", protection="shares", holds_while="no two of the pools p1, p2, p3 collude "
+                     "(any two rebuild every operand: docs/SHARES.md)")
+        else:
+            log.info("train.protection", protection="masking", notice=protection.leak_notice(masking))
     rounds = 0
     if cfg.mode == "tempo":
         alpha = training_alpha(cfg.epochs, n, cfg.batch_size)
