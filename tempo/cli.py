@@ -28,6 +28,9 @@ _DTYPES = {"float32": "float32", "float64": "float64"}
 @click.pass_context
 def main(ctx: click.Context, log_format: str, log_level: str) -> None:
     """Tempo: confidential neural-network training on untrusted GPUs (arXiv 2401.11531)."""
+    from tempo.memory import keep_freed_memory
+
+    keep_freed_memory()  # large tensors come and go every product: reuse their pages (tempo.memory)
     ctx.obj = {"log_format": log_format, "log_level": log_level}
 
 

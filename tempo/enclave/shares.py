@@ -143,6 +143,10 @@ def ring_matmul(a: torch.Tensor, b: torch.Tensor, limbs: bool | None = None) -> 
     if limbs is None:
         limbs = a.device.type != "cpu"
     if not limbs:
+        if a.dim() >= 2 and not a.is_contiguous() and a.mT.is_contiguous():
+            # A transposed view on the left: torch's integer kernel walks it across rows, ten
+            # times slower than (Bᵀ Aᵀ)ᵀ, which reads the stored matrix in order. Same ring product.
+            return torch.matmul(b.mT, a.mT).mT
         return torch.matmul(a, b)
     if a.shape[-1] > MAX_INNER:
         raise RingOverflow(f"inner dimension {a.shape[-1]} exceeds {MAX_INNER}")
@@ -507,6 +511,9 @@ def _freivalds(result: torch.Tensor, left: torch.Tensor, right: torch.Tensor, sh
     and ``⌈rounds / (64 − b)⌉`` vectors are drawn."""
     batch = torch.broadcast_shapes(left.shape[:-2], right.shape[:-2])
     terms = left.shape[-1] * max(1, int(np.prod(batch)) // max(1, int(np.prod(shape[:-2]))))
+    # vectors on the side that keeps the big stored matrices the right operand of each integer
+    # matmul (`ring_matmul`): from the left unless the left factor is a transposed view
+    from_left = left.is_contiguous() or not left.mT.is_contiguous()
     bound = top_left * top_right * terms
     if bound >= 1 << 62:
         raise RingOverflow("a product's bound leaves no room for its check")
@@ -516,6 +523,10 @@ def _freivalds(result: torch.Tensor, left: torch.Tensor, right: torch.Tensor, sh
             return False
     bits = 64 - max(1, bound.bit_length())
     vectors = -(-rounds // bits)
+    if from_left:  # sᵀ·result = (sᵀ·left)·right
+        s = rng.uniform((vectors, left.shape[-2]))
+        return bool(torch.equal(ring_matmul(s, result),
+                                sum_to(ring_matmul(ring_matmul(s, left), right), shape[:-2] + (vectors, shape[-1]))))
     r = rng.uniform((right.shape[-1], vectors))
     return bool(torch.equal(ring_matmul(result, r),
                             sum_to(ring_matmul(left, ring_matmul(right, r)), shape[:-1] + (vectors,))))
