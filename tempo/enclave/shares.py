@@ -332,7 +332,7 @@ def decode_scaled(c: torch.Tensor, scale: int, dtype: torch.dtype) -> torch.Tens
     """The real value of ring elements (read as signed) carrying ``2^scale``. To float32 in one
     rounding (the conversion; the power of two is exact while it stays a normal float32)."""
     if dtype == torch.float32 and -120 <= scale <= 120:
-        return c.to(torch.float32).mul_(float(2.0 ** -scale))
+        return c * float(2.0 ** -scale)  # int64 × float: computed in float32, one pass
     return torch.ldexp(c.double(), torch.tensor(float(-scale), dtype=torch.float64)).to(dtype)
 
 
