@@ -86,9 +86,6 @@ class LocalPools:
         finally:
             counters.wait_s += time.perf_counter() - t0  # the pools' own work, as a relay's would be
 
-    def receive_all(self, handles: dict, counters: SharesCounters) -> dict:
-        return {r: self.receive(h, counters) for r, h in handles.items()}
-
     def blame(self, handle, evidence: str, counters: SharesCounters):
         role = handle[0]
         self.quarantined.append((role, evidence))
@@ -180,32 +177,6 @@ class RelayPools:
         finally:
             counters.seal_s += time.perf_counter() - t1
 
-    def receive_all(self, handles: dict, counters: SharesCounters) -> dict:
-        """Every pool's answer: waited for one after another, then opened side by side."""
-        from tempo.protocol import ProtocolError, sealed
-
-        blobs = {}
-        t0 = time.perf_counter()
-        for role, handle in handles.items():
-            blobs[role] = self.client.finish_sealed(handle["pending"])
-            counters.bytes_received += len(blobs[role])
-        t1 = time.perf_counter()
-        counters.wait_s += t1 - t0
-
-        def open_one(role):
-            name, key = self.pools[role]
-            h = handles[role]
-            try:
-                return sealed.open_tensors(key, sealed.associated(name, h["pending"].bind, h["what"]), blobs[role],
-                                           h["shapes"])
-            except ProtocolError:
-                return ()  # an answer that does not open is a wrong answer: blamed like one
-
-        roles = list(handles)
-        opened = shares.side_by_side(*((open_one, r) for r in roles))
-        counters.seal_s += time.perf_counter() - t1
-        return dict(zip(roles, opened))
-
     def blame(self, handle, evidence: str, counters: SharesCounters):
         handle = dict(handle)
         handle["pending"] = self.client.blame(handle["pending"], evidence)
@@ -239,7 +210,7 @@ class SharesEngine:
 
     def _round(self, op: shares.Opened, bind: Binding, backward: bool, handles: dict) -> tuple:
         """Collect the three answers; combine them; on a failed sum find and replace the liar."""
-        answers = self.pools.receive_all(handles, self.shares)
+        answers = {r: self.pools.receive(h, self.shares) for r, h in handles.items()}
         for _ in range(self.max_attempts):
             t0 = time.perf_counter()
             out = (shares.combine_backward(op, answers, self.rounds) if backward

@@ -352,23 +352,6 @@ def _expand(seed: bytes, *shapes: tuple) -> list[torch.Tensor]:
     return [rng.uniform(tuple(s)) for s in shapes]
 
 
-_POOL = None
-
-
-def side_by_side(*calls):
-    """Run independent calls on two threads (AES releases the GIL: two keystreams take the
-    time of one on two cores) and return their results in order."""
-    global _POOL
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tempo-shares")
-    first, *rest = calls
-    futures = [_POOL.submit(fn, *args) for fn, *args in rest]
-    out = [first[0](*first[1:])]
-    return out + [f.result() for f in futures]
-
-
 def _batch(a_shape: tuple, b_shape: tuple) -> int:
     return int(np.prod(torch.broadcast_shapes(torch.Size(a_shape[:-2]), torch.Size(b_shape[:-2])))) or 1
 
@@ -412,7 +395,8 @@ def open_forward(a: torch.Tensor, b: torch.Tensor, seeds: tuple[bytes, bytes] | 
     sa, sb = scale_for(a, half), scale_for(b, half)
     ea, eb = encode_scaled(a, sa), encode_scaled(b, sb)
     s1, s2 = seeds if seeds is not None else (os.urandom(SEED_BYTES), os.urandom(SEED_BYTES))
-    (u1, v1), (u2, v2) = side_by_side((_expand, s1, ea.shape, eb.shape), (_expand, s2, ea.shape, eb.shape))
+    u1, v1 = _expand(s1, ea.shape, eb.shape)
+    u2, v2 = _expand(s2, ea.shape, eb.shape)
     # E = A₀ − U₁ − U₂ into U₁'s memory (the enclave regenerates U₁ from s₁ if it ever needs it)
     e, f = torch.sub(ea, u1, out=u1).sub_(u2), torch.sub(eb, v1, out=v1).sub_(v2)
     shapes = {"a": list(ea.shape), "b": list(eb.shape)}
@@ -448,7 +432,7 @@ def open_backward(op: Opened, grad_c: torch.Tensor, seeds: tuple[bytes, bytes] |
     sd = scale_for(grad_c, bits)
     ed = encode_scaled(grad_c, sd)
     t1, t2 = seeds if seeds is not None else (os.urandom(SEED_BYTES), os.urandom(SEED_BYTES))
-    (w1,), (w2,) = side_by_side((_expand, t1, ed.shape), (_expand, t2, ed.shape))
+    (w1,), (w2,) = _expand(t1, ed.shape), _expand(t2, ed.shape)
     g = torch.sub(ed, w1, out=w1).sub_(w2)
     shape = {"d": list(ed.shape)}
     op.enc_d, op.scale_d, op.grad_seeds, op.max_d = ed, sd, (t1, t2), _top(ed)
