@@ -82,6 +82,10 @@ def _remove_owned() -> None:
         arena.close()
 
 
+
+class ArenaFull(MemoryError):
+    """The arena has no room for a tensor: the job needs a larger one (its size is a setting)."""
+
 class Arena:
     """A shared-memory segment with a first-fit allocator (owner side) or a view (attached)."""
 
@@ -151,7 +155,8 @@ class Arena:
                         self._free[i] = (off + need, length - need)
                     self._used[off] = need
                     return off
-        raise MemoryError(f"arena {self.name} has no free region of {nbytes} bytes (size {self.size})")
+        raise ArenaFull(f"the shared-memory arena {self.name} ({self.size >> 20} MiB) has no free region of "
+                        f"{nbytes:,} bytes: give it more (--arena-mb, or arena_mb in the job)")
 
     def free(self, offset: int) -> None:
         """Return a region; neighbours are merged."""

@@ -425,6 +425,8 @@ PARTIAL_DATA = click.option("--partial-data", is_flag=True, default=None,
 @click.option("--protection", type=click.Choice(["masking", "shares"]), default="masking", show_default=True,
               help="masking: the --masking preset; shares: every product secret-shared across three relay pools "
                    "that must not collude (--relays is then relays per pool). README: the shares mode.")
+@click.option("--arena-mb", default=None, type=click.IntRange(16),
+              help="Shared-memory arena for what goes to the relays (default 256; 1024 with --protection shares).")
 @click.option("--integrity-t", default=1e-6, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Target probability that any wrong result goes undetected in the run (Theorem V.2 sets the Freivalds rounds).")
 @click.option("--out", default=None,
@@ -490,6 +492,7 @@ def _run_training(cfg, log, plot: bool, progress_every: float, command: str) -> 
     """Run `cfg` with a progress display and signal handling; every failure is one line on
     stderr and a non-zero exit (a signal: 128 + its number, after saying how to resume)."""
     from tempo import interrupt, report
+    from tempo.arena import ArenaFull
     from tempo.cluster import ClusterDied
     from tempo.enclave.client import OffloadError
     from tempo.enclave.train import Diverged, Halted, RunInterrupted, TrainingStopped, run
@@ -516,7 +519,7 @@ def _run_training(cfg, log, plot: bool, progress_every: float, command: str) -> 
         name = getattr(exc, "name", "SIGINT")
         click.echo(f"{command}: interrupted by {name} before training started: nothing to resume", err=True)
         sys.exit(128 + getattr(exc, "signum", 2))
-    except (ValueError, FileNotFoundError, TrainingStopped, OffloadError, Diverged, ClusterDied) as exc:
+    except (ValueError, FileNotFoundError, TrainingStopped, OffloadError, Diverged, ClusterDied, ArenaFull) as exc:
         view.close()
         raise click.ClickException(" ".join(str(exc).split())) from None
     except Halted as exc:

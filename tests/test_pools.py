@@ -286,7 +286,7 @@ def test_through_real_pools_every_fault_is_survived_and_no_relay_sees_another_po
 def test_tempo_train_shares_matches_plain_accuracy_on_the_digits_mlp(tmp_path):
     from tempo.enclave.train import TrainConfig, run
 
-    common = dict(model="mlp", epochs=2, val_fraction=0.0, checkpoint_every=0)
+    common = dict(model="mlp", epochs=1, val_fraction=0.0, checkpoint_every=0)
     plain = run(TrainConfig(mode="plain", out=str(tmp_path / "plain"), **common))
     shared = run(TrainConfig(protection="shares", relays=1, out=str(tmp_path / "shares"), **common))
     assert abs(shared.test_accuracy - plain.test_accuracy) <= 0.005

@@ -725,7 +725,14 @@ def _cnn_images(view: RunView, public: Public) -> ImageRecovery:
     hw = public.image_shape[-2:]
     images = {}
     for s in steps:
-        patches = _np(idx[(s, 0)].b)
+        op = idx[(s, 0)]
+        if public.patch_rows and op.a.dim() == 2:  # patches @ Wᵀ: rows are (image, position) in order
+            rows, positions = _np(op.a), int(np.prod(hw))
+            if rows.shape[0] % positions:
+                continue
+            patches = rows.reshape(rows.shape[0] // positions, positions, -1).transpose(0, 2, 1)
+        else:
+            patches = _np(op.b)
         jig = conv_jigsaw(patches)
         cands = jigsaw_images(patches, jig, hw, public.levels) if jig is not None else []
         if not cands:

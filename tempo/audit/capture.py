@@ -140,7 +140,9 @@ def _train(model, pctx, keys, split, cfg: CaptureConfig, truth: RunTruth, log, k
 def _capture_shares(cfg: CaptureConfig, model, split, truth: RunTruth, record_dir, log):
     """The shares mode's run: returns the pools' records (what each pool member opened, as
     `tempo.audit.view.shares_records` reads them) in place of a view; in-process, or from
-    recording pool relays."""
+    recording pool relays. Convolutions go in the paper's layout (weights times each image's
+    patches), the one the CNN attacks read; `tempo train` sends the batch's patches as one
+    matrix instead. A pool's view is uniform in either."""
     from tempo.enclave.pools import POOL_NAMES, LocalPools, RelayPools, SharesEngine
     from tempo.enclave.private import PrivateContext
     from tempo.enclave.shares import ROLES
@@ -166,7 +168,7 @@ def _capture_shares(cfg: CaptureConfig, model, split, truth: RunTruth, record_di
             pass
 
     if not cfg.relays:
-        pctx = PrivateContext(Observed(LocalPools(observer=observe), rounds=8), job="audit", patch_rows=True)
+        pctx = PrivateContext(Observed(LocalPools(observer=observe), rounds=8), job="audit", patch_rows=False)
         _train(model, pctx, Keys(), split, cfg, truth, log, ())
         return records, truth, split
     if record_dir is None:
@@ -179,6 +181,6 @@ def _capture_shares(cfg: CaptureConfig, model, split, truth: RunTruth, record_di
             OffloadClient(cluster.enclave_endpoint, "audit", log=log) as client:
         client.watchdog = cluster.check
         engine = Observed(RelayPools(client, {r: (n, cluster.pool_keys[n]) for r, n in names.items()}), rounds=8)
-        pctx = PrivateContext(engine, job="audit", patch_rows=True)
+        pctx = PrivateContext(engine, job="audit", patch_rows=False)
         _train(model, pctx, Keys(), split, cfg, truth, log, ())
     return shares_records(record_dir, job="audit"), truth, split

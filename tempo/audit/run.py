@@ -73,7 +73,7 @@ def audit(model: str = "mlp", masking: str = "paper", epochs: int = 3, relays: i
 
     options = {k: v for k, v in (options or {}).items() if v is not None}
     shared = pools is not None
-    chosen = preset("paper").with_options(keep=(), patch_rows=True) if shared else preset(masking).with_options(**options)
+    chosen = preset("paper").with_options(keep=()) if shared else preset(masking).with_options(**options)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -38,13 +38,15 @@ and summed modulo 2⁶⁴ (CrypTen's construction for CUDA, where int64 matmuls 
 key fresh from the CSPRNG; pools expand their own randomness from such keys (seeds), so only
 ``E`` and ``F`` travel in full.
 
-**Integrity, exact.** `verify_pool` checks a pool's answer ``R`` against what the enclave sent
-with Freivalds over the ring: ``R r = E(F r) + E(V₁ r) + U₁(F r)`` (pool 1; likewise the others)
-for ``r`` uniform over the ring, with no rounding tolerance. A wrong answer ``R = R* + D``,
+**Integrity, exact.** `verify_pool` checks one pool's answer ``R`` against what the enclave
+sent with Freivalds over the ring: ``R r = E(F r) + E(V₁ r) + U₁(F r)`` (pool 1; likewise the
+others) for ``r`` uniform over the ring, with no rounding tolerance. A wrong answer ``R = R* + D``,
 ``D ≠ 0``, passes one round only if ``D r = 0``: for a row of ``D`` whose entry of smallest
 2-adic valuation ``v`` is ``d``, ``D_i r`` is uniform over ``2^v Z/2⁶⁴``, so it is 0 with
 probability ``2^v / 2⁶⁴ ≤ 1/2`` (``d = 2⁶³``, the worst case) and ``2⁻⁶⁴`` for an odd ``d``:
-k rounds miss with probability at most ``2⁻ᵏ``.
+k rounds miss with probability at most ``2⁻ᵏ``. The mode's own check of the three answers' sum
+(`combine_forward`, `_freivalds`) first refuses results outside the product's bound, which
+makes every vector worth ``64 − b`` bits for a bound below ``2ᵇ`` (docs/SHARES.md).
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False  # replace a run already in `out`
     checkpoint_every: int = 20
-    arena_mb: int = 256
+    arena_mb: int | None = None  # the shared-memory arena: 256 MiB, or 1024 for the shares mode
     halt_after_steps: int | None = None  # tests: stop as if killed after this many steps
     inject_fault: str | None = None  # start relay 0 with --fault MODE[:RATE]
     part_timeout_s: float = 30.0
@@ -204,7 +204,7 @@ FIELDS: dict[str, Field] = {
     "resume": Field(bool),
     "overwrite": Field(bool),
     "checkpoint_every": _int(0),
-    "arena_mb": _int(16),
+    "arena_mb": _int(16, optional=True),
     "halt_after_steps": _int(1, optional=True),
     "inject_fault": Field(str, optional=True),
     "part_timeout_s": _float(0, low_open=True),
@@ -514,7 +514,8 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
                     cluster.start()
                     endpoint = cluster.enclave_endpoint
                 job = default_job_id()
-                client = OffloadClient(endpoint, job, arena_bytes=cfg.arena_mb << 20,
+                arena_mb = cfg.arena_mb or (1024 if shared else 256)  # shares: int64, three pools' answers
+                client = OffloadClient(endpoint, job, arena_bytes=arena_mb << 20,
                                        rounds=rounds, log=log, keys=keys, part_timeout_s=cfg.part_timeout_s,
                                        max_attempts=cfg.relays + 1)
                 if cluster is not None:
