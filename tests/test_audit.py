@@ -126,14 +126,15 @@ def _audit_json(args):
 
 
 def test_one_pool_of_the_shares_mode_learns_nothing_and_two_pools_learn_everything(tmp_path):
-    """Pool p1's recording (real pool relays) attacked: images below the public mean image,
-    labels and neighbours at chance, no zeros, no stolen model. The same run's p1+p2 (a
-    collusion, in-process): the images and labels of the paper's scheme."""
+    """Pool p1's view attacked: images below the public mean image, labels and neighbours at
+    chance, no zeros, no stolen model. p1+p2 (a collusion): the images and labels of the paper's
+    scheme. Captured in-process (the view read back from real pool relays' recordings is
+    tests/test_pools.py's)."""
     attacks = "images,labels,scale_invariant,zeros_signs,steal"
     one, text = _audit_json(["--protection", "shares", "--pools", "p1", "--model", "mlp", "--epochs", "1",
-                             "--relays", "1", "--attacks", attacks, "--out", str(tmp_path / "p1")])
+                             "--relays", "0", "--attacks", attacks, "--out", str(tmp_path / "p1")])
     a = one["attacks"]
-    assert one["masking"]["masking"] == "shares" and one["products"] > 0 and (tmp_path / "p1" / "recording").is_dir()
+    assert one["masking"]["masking"] == "shares" and one["products"] > 0
     assert a["images"]["pixels_exact"] < a["images"]["baseline_exact"]
     assert a["labels"]["grouped_exactly"] == 0.0 and a["labels"]["label_accuracy_known"] < 0.2
     assert max(v["nn_same_label"] for v in a["scale_invariant"].values() if isinstance(v, dict)) < 0.15

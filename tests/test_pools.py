@@ -254,12 +254,12 @@ def test_through_real_pools_every_fault_is_survived_and_no_relay_sees_another_po
         job = default_job_id()
         client = OffloadClient(cl.enclave_endpoint, job, part_timeout_s=3.0, max_attempts=5)
         client.watchdog = cl.check
-        # each misbehaving member joins before the honest one of its pool: on a tie the
-        # off-loader picks the relay that joined first, so every fault meets a part
-        for count, (pool, fault) in enumerate((("p1", "corrupt"), ("p2", "crash"), ("p3", "malformed"),
-                                               ("p1", None), ("p2", None), ("p3", None)), 1):
-            cl.add_pool_relay(pool, fault=fault)
-            while sum(client.pools().values()) < count:
+        # the misbehaving members join before the honest ones: on a tie the off-loader picks
+        # the relay that joined first, so every fault meets a part
+        for members in ((("p1", "corrupt"), ("p2", "crash"), ("p3", "malformed")), (("p1", None), ("p2", None), ("p3", None))):
+            for pool, fault in members:
+                cl.add_pool_relay(pool, fault=fault)
+            while sum(client.pools().values()) < len(cl.relays):
                 cl.check()
         engine = SharesEngine(RelayPools(client, {r: (n, cl.pool_keys[n]) for r, n in zip(sh.ROLES, POOL_NAMES)}),
                               max_attempts=5)
@@ -275,6 +275,12 @@ def test_through_real_pools_every_fault_is_survived_and_no_relay_sees_another_po
         engine.close()
     assert ("p1", "quarantined") in events and ("p2", "lost") in events and ("p3", "quarantined") in events
     assert engine.shares.blamed.get(1, 0) >= 1
+    # what the audit reads of a pool's recording: uniform ring elements, nothing of the data
+    from tempo.audit.view import pools_view, shares_records
+
+    view, what = pools_view(shares_records(record, job=job), ("p1",), {"p1": 1, "p2": 2, "p3": 3})
+    assert view.products and "uniform" in what
+    assert all(float(p.a.abs().max()) > 2.0**56 for p in view.products)  # ring-wide values, not encodings (< 2^28)
     seen = {}
     for path in record.glob("*/*.pt"):
         rec = torch.load(path, weights_only=False)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -113,6 +114,45 @@ def _plain(model_name, shape, classes, width, batch, steps, warmup, device, say)
                       {"forward_backward": statistics.fmean(fb), "optimizer": statistics.fmean(op)})
 
 
+@contextmanager
+def _client_of(cluster, arena_mb: int, log, relays: int, **kw):
+    """A started local cluster and an off-load client on it, both stopped on the way out."""
+    from tempo.enclave.client import OffloadClient, default_job_id
+
+    client = None
+    try:
+        cluster.start()
+        client = OffloadClient(cluster.enclave_endpoint, default_job_id(), arena_bytes=arena_mb << 20, log=log,
+                               max_attempts=relays + 1, timeout_s=600.0, **kw)
+        yield client
+    finally:
+        if client is not None:
+            client.close()
+        cluster.stop()
+
+
+def _timed_steps(label, net, opt, pctx, x, y, warmup, steps, say, counters) -> tuple[dict, list[float]]:
+    """The loop both offloading modes time: over the timed steps, the mean of how much each of
+    `counters()` moved per step, of the step and of the optimizer's share; and the step times."""
+    rows: list[dict] = []
+    for i in range(warmup + steps):
+        before = counters()
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        t1 = time.perf_counter()
+        opt.step()
+        pctx.end_step()
+        t2 = time.perf_counter()
+        row = {k: v - before[k] for k, v in counters().items()}
+        row.update(step=t2 - t0, optimizer=t2 - t1)
+        if i >= warmup:
+            rows.append(row)
+        say(_step_label(label, i, warmup, steps, t2 - t0))
+    return {k: statistics.fmean(r[k] for r in rows) for k in rows[0]}, [r["step"] for r in rows]
+
+
 _CLIENT_FIELDS = ("encrypt_s", "decrypt_s", "verify_s", "wait_s", "send_s", "relay_compute_s", "turnaround_s",
                   "bytes_sent", "bytes_received")
 
@@ -120,49 +160,22 @@ _CLIENT_FIELDS = ("encrypt_s", "decrypt_s", "verify_s", "wait_s", "send_s", "rel
 def _tempo(model_name, shape, classes, width, batch, steps, warmup, relays, device, pipeline, arena_mb, say,
            log, split_min_mb, masking) -> ModeResult:
     from tempo.cluster import LocalCluster
-    from tempo.enclave.client import OffloadClient, default_job_id
     from tempo.enclave.private import ClientEngine, PrivateContext, to_private
 
     torch.manual_seed(0)
     model = models.build(model_name, shape, classes, width)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = _data(shape, classes, batch, torch.device("cpu"))
-    cluster = LocalCluster(relays=relays, device=device).start()
-    client = None
-    try:
-        job = default_job_id()
-        client = OffloadClient(cluster.enclave_endpoint, job, arena_bytes=arena_mb << 20, log=log,
-                               max_attempts=relays + 1, timeout_s=600.0, keys=masking.keys())
+    with _client_of(LocalCluster(relays=relays, device=device), arena_mb, log, relays, keys=masking.keys()) as client:
+        job = client.job
         client.wait_for_relays(relays)
         engine = ClientEngine(client, parts=relays, pipeline=pipeline, split_min_mb=split_min_mb)
         pctx = PrivateContext(engine, job=job, patch_rows=masking.patch_rows)
         net = to_private(model, pctx, keep=masking.keep)
-        rows: list[dict] = []
-        for i in range(warmup + steps):
-            before = {k: getattr(client.counters, k) for k in _CLIENT_FIELDS}
-            off0, gather0 = engine.offload_s, engine.gather_s
-            t0 = time.perf_counter()
-            loss = F.cross_entropy(net(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            t1 = time.perf_counter()
-            opt.step()
-            pctx.end_step()
-            t2 = time.perf_counter()
-            row = {k: getattr(client.counters, k) - before[k] for k in _CLIENT_FIELDS}
-            row.update(step=t2 - t0, optimizer=t2 - t1, offload=engine.offload_s - off0,
-                       split_gather=engine.gather_s - gather0)
-            if i >= warmup:
-                rows.append(row)
-            say(_step_label("tempo", i, warmup, steps, t2 - t0))
-    finally:
-        if client is not None:
-            client.close()
-        cluster.stop()
-
-    def mean(key: str) -> float:
-        return statistics.fmean(r[key] for r in rows)
-
+        means, times = _timed_steps("tempo", net, opt, pctx, x, y, warmup, steps, say, lambda: {
+            **{k: getattr(client.counters, k) for k in _CLIENT_FIELDS}, "offload": engine.offload_s,
+            "split_gather": engine.gather_s})
+    mean = means.__getitem__
     step = mean("step")
     measured_offload = sum(mean(k) for k in ("encrypt_s", "decrypt_s", "verify_s", "send_s", "split_gather", "wait_s"))
     breakdown = {
@@ -184,7 +197,6 @@ def _tempo(model_name, shape, classes, width, batch, steps, warmup, relays, devi
         "mb_sent": mean("bytes_sent") / 1e6,  # masked operands handed to the off-loader, per step
         "mb_received": mean("bytes_received") / 1e6,
     }
-    times = [r["step"] for r in rows]
     explained = 1.0 - breakdown["offload_other"] / step
     return ModeResult("tempo", statistics.median(times), step, times, breakdown, relay_side, explained)
 
@@ -211,7 +223,6 @@ def _product_work(shapes: list[tuple], repeat: int = 3) -> float:
 
 def _shares(model_name, shape, classes, width, batch, steps, warmup, relays, device, arena_mb, say, log) -> ModeResult:
     from tempo.cluster import LocalCluster
-    from tempo.enclave.client import OffloadClient, default_job_id
     from tempo.enclave.pools import POOL_NAMES, RelayPools, SharesEngine
     from tempo.enclave.private import PrivateContext, to_private
     from tempo.enclave.shares import ROLES
@@ -220,13 +231,10 @@ def _shares(model_name, shape, classes, width, batch, steps, warmup, relays, dev
     model = models.build(model_name, shape, classes, width)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = _data(shape, classes, batch, torch.device("cpu"))
-    cluster = LocalCluster(relays=0, device=device, pools=dict.fromkeys(POOL_NAMES, relays)).start()
-    client = None
     shapes: list[tuple] = []
-    try:
-        job = default_job_id()
-        client = OffloadClient(cluster.enclave_endpoint, job, arena_bytes=arena_mb << 20, log=log,
-                               max_attempts=relays + 1, timeout_s=600.0)
+    cluster = LocalCluster(relays=0, device=device, pools=dict.fromkeys(POOL_NAMES, relays))
+    with _client_of(cluster, arena_mb, log, relays) as client:
+        job = client.job
         pools = RelayPools(client, {r: (n, cluster.pool_keys[n]) for r, n in zip(ROLES, POOL_NAMES)})
 
         class Traced(SharesEngine):  # the products' shapes, for their plain work
@@ -238,32 +246,11 @@ def _shares(model_name, shape, classes, width, batch, steps, warmup, relays, dev
         engine = Traced(pools, rounds=16, max_attempts=relays + 1)
         pctx = PrivateContext(engine, job=job, patch_rows=True)
         net = to_private(model, pctx, keep=())
-        rows: list[dict] = []
         fields = ("open_s", "seal_s", "combine_s", "blame_s", "wait_s", "bytes_sent", "bytes_received")
-        for i in range(warmup + steps):
-            before = {k: getattr(engine.shares, k) for k in fields}
-            relay0 = client.counters.relay_compute_s
-            t0 = time.perf_counter()
-            loss = F.cross_entropy(net(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            t1 = time.perf_counter()
-            opt.step()
-            pctx.end_step()
-            t2 = time.perf_counter()
-            row = {k: getattr(engine.shares, k) - before[k] for k in fields}
-            row.update(step=t2 - t0, optimizer=t2 - t1, relay_compute=client.counters.relay_compute_s - relay0)
-            if i >= warmup:
-                rows.append(row)
-            say(_step_label("shares", i, warmup, steps, t2 - t0))
-    finally:
-        if client is not None:
-            client.close()
-        cluster.stop()
+        means, times = _timed_steps("shares", net, opt, pctx, x, y, warmup, steps, say, lambda: {
+            **{k: getattr(engine.shares, k) for k in fields}, "relay_compute": client.counters.relay_compute_s})
 
-    def mean(key: str) -> float:
-        return statistics.fmean(r[key] for r in rows)
-
+    mean = means.__getitem__
     step = mean("step")
     offload = sum(mean(k) for k in ("open_s", "seal_s", "combine_s", "blame_s", "wait_s"))
     breakdown = {"open": mean("open_s"), "seal": mean("seal_s"), "combine_verify": mean("combine_s") + mean("blame_s"),
@@ -273,7 +260,6 @@ def _shares(model_name, shape, classes, width, batch, steps, warmup, relays, dev
     relay_side = {"relay_compute": mean("relay_compute"), "plain_product_work": plain_work,
                   "relay_over_plain_products": mean("relay_compute") / plain_work if plain_work > 0 else None,
                   "bytes_sent": mean("bytes_sent"), "bytes_received": mean("bytes_received")}
-    times = [r["step"] for r in rows]
     return ModeResult("shares", statistics.median(times), step, times, breakdown, relay_side, None,
                       note=f"three pools of {relays} relay(s); {len(shapes)} products per step")
 
