@@ -154,7 +154,9 @@ def test_any_change_to_an_answer_fails_the_exact_check():
 def test_products_that_would_overflow_the_ring_are_refused():
     with pytest.raises(sh.RingOverflow):
         sh.open_forward(torch.ones(2, sh.MAX_INNER + 1), torch.ones(sh.MAX_INNER + 1, 1))
-    with pytest.raises(sh.RingOverflow):
+    from tempo.enclave.verify import NonFiniteError
+
+    with pytest.raises(NonFiniteError):  # a diverged model, not an overflow: nothing leaves
         sh.open_forward(torch.tensor([[float("inf")]]), torch.ones(1, 1))
 
 
@@ -317,3 +319,27 @@ def test_fewer_pools_than_the_mode_needs_is_a_clear_error_at_start():
         RelayPools(TwoPools(), {1: ("p1", bytes(16)), 2: ("p1", bytes(16)), 3: ("p3", bytes(16))})
     with pytest.raises(ValueError, match="three pools"):
         LocalPools({1: [sh.pool_answer], 2: [sh.pool_answer], 3: []})
+
+
+def test_edge_shapes_and_values_are_handled_or_refused_clearly():
+    """Found in review: the largest entry rounding up to 2^h, empty batches, 1-D operands, and
+    a diverged model (NaN) all take a defined path."""
+    from tempo.enclave.verify import NonFiniteError
+
+    a = torch.full((1, 1, 1), 1 - 2.0**-31, dtype=torch.float64)  # rounds up to 2^h at its scale
+    b = torch.randn(1 << 12, 1, 2, dtype=torch.float64)
+    op = sh.open_forward(a, b)
+    assert op.max_a < 1 << ((sh.RING_BITS - 0) // 2)
+    sh.open_backward(op, torch.randn(1 << 12, 1, 2, dtype=torch.float64))
+    back = _answers(op, backward=True)
+    da, db = sh.combine_backward(op, back)
+    assert da.shape == a.shape and db.shape == b.shape
+    for x, y in ((torch.zeros(0, 4, 5), torch.randn(5, 3)), (torch.randn(4, 5), torch.zeros(0, 5, 3))):
+        op = sh.open_forward(x, y)
+        c = sh.combine_forward(op, _answers(op))
+        sh.open_backward(op, torch.zeros(c.shape))
+        assert sh.combine_backward(op, _answers(op, backward=True)) is not None
+    with pytest.raises(ValueError, match="matrices"):
+        sh.open_forward(torch.randn(5), torch.randn(5, 3))
+    with pytest.raises(NonFiniteError):
+        sh.open_forward(torch.tensor([[float("nan")]]), torch.ones(1, 1))

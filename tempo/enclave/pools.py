@@ -249,13 +249,14 @@ class SharesEngine:
 
     def backward(self, grad_c: torch.Tensor, bind: Binding) -> tuple[torch.Tensor, torch.Tensor]:
         op, fwd_handles = self._open.pop(bind)
-        t0 = time.perf_counter()
-        shares.open_backward(op, grad_c)
-        self.shares.open_s += time.perf_counter() - t0
-        handles = self.pools.send(bind, op, True, self.shares, prior=fwd_handles)
-        self.counters.backward_products += 1
-        self.counters.backward_encryptions += 1
+        handles = {}
         try:
+            t0 = time.perf_counter()
+            shares.open_backward(op, grad_c)
+            self.shares.open_s += time.perf_counter() - t0
+            handles = self.pools.send(bind, op, True, self.shares, prior=fwd_handles)
+            self.counters.backward_products += 1
+            self.counters.backward_encryptions += 1
             return self._round(op, bind, True, handles)
         finally:
             self.pools.forget(handles)

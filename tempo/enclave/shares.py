@@ -311,13 +311,20 @@ def _abs_max(t: torch.Tensor) -> float:
 
 
 def scale_for(t: torch.Tensor, bits: int) -> int:
-    """The power-of-two scale that puts `t`'s largest entry just below ``2^bits``."""
+    """The power-of-two scale that puts `t`'s largest entry, rounded, strictly below ``2^bits``
+    (so its encoding has at most `bits` bits). A non-finite operand is the model's divergence
+    (`NonFiniteError`), before anything leaves."""
+    from tempo.enclave.verify import NonFiniteError
+
     top = _abs_max(t)
     if not np.isfinite(top):
-        raise RingOverflow("an operand is not finite")
+        raise NonFiniteError("an operand of an offloaded product holds NaN or infinity (the model diverged?)")
     if top == 0.0:
         return bits
-    return bits - int(np.floor(np.log2(top))) - 1
+    scale = bits - int(np.floor(np.log2(top))) - 1
+    if round(top * 2.0 ** scale) >= 1 << bits:  # rounding reached 2^bits: one step down
+        scale -= 1
+    return scale
 
 
 def encode_scaled(t: torch.Tensor, scale: int) -> torch.Tensor:
@@ -386,6 +393,9 @@ class Opened:
 def open_forward(a: torch.Tensor, b: torch.Tensor, seeds: tuple[bytes, bytes] | None = None) -> Opened:
     """Encode ``A`` and ``B`` under private scales and open ``E = A − U``, ``F = B − V``: the
     three pools' requests for ``C = A·B`` (pools 1, 2: seed and ``E, F``; pool 3: both seeds)."""
+    if a.dim() < 2 or b.dim() < 2:
+        raise ValueError(f"shared products take matrices (or batches of them), not shapes {tuple(a.shape)} "
+                         f"and {tuple(b.shape)}")
     n = a.shape[-1]
     if b.shape[-2] != n:
         raise ValueError(f"A {tuple(a.shape)} and B {tuple(b.shape)} do not multiply")
@@ -425,7 +435,7 @@ def open_backward(op: Opened, grad_c: torch.Tensor, seeds: tuple[bytes, bytes] |
         raise ValueError(f"dL/dC has shape {tuple(grad_c.shape)}; the forward made (…, {m}, {p})")
     # dA = Δ Bᵀ sums p terms (times the slices A was broadcast across), dB = Aᵀ Δ sums m (times B's)
     batch = _batch(op.a_shape, op.b_shape)
-    slices_a, slices_b = int(np.prod(op.a_shape[:-2])), int(np.prod(op.b_shape[:-2]))
+    slices_a, slices_b = max(1, int(np.prod(op.a_shape[:-2]))), max(1, int(np.prod(op.b_shape[:-2])))
     terms = max(p * batch // slices_a, m * batch // slices_b)
     top_a, top_b = _log2_ceil(op.max_a + 1), _log2_ceil(op.max_b + 1)
     bits = RING_BITS - max(top_a, top_b) - _log2_ceil(terms)
@@ -519,19 +529,22 @@ def _freivalds(result: torch.Tensor, left: torch.Tensor, right: torch.Tensor, sh
     bound = top_left * top_right * terms
     if bound >= 1 << 62:
         raise RingOverflow("a product's bound leaves no room for its check")
+    in_range = True
     if result.numel():
         low, high = torch.aminmax(result)
-        if int(low) < -bound or int(high) > bound:
-            return False
+        in_range = -bound <= int(low) and int(high) <= bound
     bits = 64 - max(1, bound.bit_length())
     vectors = -(-rounds // bits)
+    # both checks always run: how long a refusal takes must not depend on which one refused
+    # (whether a lie left the bound depends on the data)
     if from_left:  # sᵀ·result = (sᵀ·left)·right
         s = rng.uniform((vectors, left.shape[-2]))
-        return bool(torch.equal(ring_matmul(s, result),
-                                sum_to(ring_matmul(ring_matmul(s, left), right), shape[:-2] + (vectors, shape[-1]))))
-    r = rng.uniform((right.shape[-1], vectors))
-    return bool(torch.equal(ring_matmul(result, r),
-                            sum_to(ring_matmul(left, ring_matmul(right, r)), shape[:-1] + (vectors,))))
+        same = torch.equal(ring_matmul(s, result),
+                           sum_to(ring_matmul(ring_matmul(s, left), right), shape[:-2] + (vectors, shape[-1])))
+    else:
+        r = rng.uniform((right.shape[-1], vectors))
+        same = torch.equal(ring_matmul(result, r), sum_to(ring_matmul(left, ring_matmul(right, r)), shape[:-1] + (vectors,)))
+    return bool(same) and in_range
 
 
 def combine_forward(op: Opened, answers: dict[int, tuple], rounds: int = 16) -> torch.Tensor | None:

@@ -385,6 +385,7 @@ class Relay:
             self.log.warning("relay.fault_injected", mode=fault.mode, pool=self.pool)
         if fault.mode == "lazy":
             return [torch.zeros_like(t) for t in out]
+        out = [t.contiguous() for t in out]  # answers may be transposed views
         t = out[self._rng.randrange(len(out))]
         if t.numel():
             t.view(-1)[self._rng.randrange(t.numel())] += self._rng.randrange(1, 1 << 20)
