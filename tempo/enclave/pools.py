@@ -133,8 +133,6 @@ class RelayPools:
         """Seal and submit one product's three requests; a backward re-sends the forward's sealed
         blobs (`prior`: the forward's handles), so whichever member of a pool takes it needs no
         cached state."""
-        import msgpack
-
         from tempo.protocol import sealed
 
         t0 = time.perf_counter()
@@ -145,6 +143,21 @@ class RelayPools:
         bulk = self._sealed_region(bulk_key, sealed.associated("bulk", bind, what), bulk_tensors, counters)
         shapes = answer_shapes(op, backward)
         handles = {}
+        made = [bulk]  # regions sealed so far: freed if the arena fills before all three are sent
+        try:
+            self._send_heads(bind, requests, what, bulk, bulk_key, shapes, prior, handles, made, counters)
+        except BaseException:
+            if not handles:
+                self.client.free_blob(*made)
+            raise
+        counters.seal_s += time.perf_counter() - t0
+        return handles
+
+    def _send_heads(self, bind, requests, what, bulk, bulk_key, shapes, prior, handles, made, counters) -> None:
+        import msgpack
+
+        from tempo.protocol import sealed
+
         for role in shares.ROLES:
             name, key = self.pools[role]
             header, tensors = requests[role]
@@ -152,13 +165,12 @@ class RelayPools:
             if tensors:
                 head.update(bulk=bulk_key, shapes=[list(t.shape) for t in tensors])
             head_desc = self._sealed_region(key, sealed.associated(name, bind, what), [msgpack.packb(head)], counters)
+            made.append(head_desc)
             mine = [head_desc, bulk] if tensors else [head_desc]
             inputs = (prior[role]["inputs"] if prior is not None else []) + mine
             pending = self.client.submit_sealed(name, bind, inputs, sealed.answer_nbytes(shapes))
             handles[role] = {"role": role, "pending": pending, "shapes": shapes, "inputs": inputs, "own": mine,
-                             "what": "answer-backward" if backward else "answer-forward"}
-        counters.seal_s += time.perf_counter() - t0
-        return handles
+                             "what": what.replace("request", "answer")}
 
     def receive(self, handle, counters: SharesCounters) -> tuple[torch.Tensor, ...]:
         from tempo.protocol import ProtocolError, sealed
@@ -220,7 +232,9 @@ class SharesEngine:
                 return out
             self.shares.failed_sums += 1
             t0 = time.perf_counter()
-            liars = [r for r in shares.ROLES if not shares.honest_answer_check(op, r, answers[r], backward, self.rounds)]
+            # blame with 64 vectors: a pool's own answer has no bound to refuse a 2^63 lie by, so
+            # each vector catches it with probability 1/2; found rarely, it may as well be sure
+            liars = [r for r in shares.ROLES if not shares.honest_answer_check(op, r, answers[r], backward, 64)]
             self.shares.blame_s += time.perf_counter() - t0
             if not liars:
                 raise IntegrityError(f"{bind}: the pools' answers each check but their sum does not (a bug)")
@@ -239,28 +253,28 @@ class SharesEngine:
         handles = self.pools.send(bind, op, False, self.shares)
         self.counters.forward_products += 1
         self.counters.forward_encryptions += 2
-        try:
-            c = self._round(op, bind, False, handles)
-        except BaseException:
-            self.pools.forget(handles)
-            raise
+        # on an error the product's regions stay allocated: a part still in flight may yet write
+        # its answer there, and the run stops on such errors (the arena goes with the client)
+        c = self._round(op, bind, False, handles)
         self._open[bind] = (op, handles)
         return c
 
     def backward(self, grad_c: torch.Tensor, bind: Binding) -> tuple[torch.Tensor, torch.Tensor]:
         op, fwd_handles = self._open.pop(bind)
-        handles = {}
         try:
             t0 = time.perf_counter()
             shares.open_backward(op, grad_c)
             self.shares.open_s += time.perf_counter() - t0
-            handles = self.pools.send(bind, op, True, self.shares, prior=fwd_handles)
-            self.counters.backward_products += 1
-            self.counters.backward_encryptions += 1
-            return self._round(op, bind, True, handles)
-        finally:
-            self.pools.forget(handles)
-            self.pools.forget(fwd_handles)
+        except BaseException:
+            self.pools.forget(fwd_handles)  # nothing of this backward was sent: the forward's regions go
+            raise
+        handles = self.pools.send(bind, op, True, self.shares, prior=fwd_handles)
+        self.counters.backward_products += 1
+        self.counters.backward_encryptions += 1
+        grads = self._round(op, bind, True, handles)  # on an error, regions stay (see forward)
+        self.pools.forget(handles)
+        self.pools.forget(fwd_handles)
+        return grads
 
     def release(self, bind: Binding) -> None:
         entry = self._open.pop(bind, None)
