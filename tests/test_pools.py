@@ -161,28 +161,31 @@ def test_products_that_would_overflow_the_ring_are_refused():
 
 
 def test_sealed_blobs_open_only_for_their_pool_binding_and_direction():
+    """A head (under the pool's key) and its bulk tensors (under the bulk key it carries), as
+    `RelayPools` seals them and a relay opens them; and an answer."""
     k1, k2 = sealed.new_key(), sealed.new_key()
     bind = Binding("j", 1, 2, 0)
     header, tensors = {"role": 1, "seeds": [bytes(16)], "a": [2, 3], "b": [3, 1]}, (torch.arange(6).reshape(2, 3),)
-    blob = sealed.seal_request(k1, sealed.associated("p1", bind, "request-forward"), header, tensors)
-    got_header, got = sealed.open_request(k1, sealed.associated("p1", bind, "request-forward"), blob)
+    blob = sealed.seal_head(k1, sealed.associated("p1", bind, "request-forward"), header)
+    bulk = sealed.seal(k2, sealed.associated("bulk", bind, "request-forward"), tensors)
+    got_header = sealed.open_head(k1, sealed.associated("p1", bind, "request-forward"), blob)
+    got = sealed.open_tensors(k2, sealed.associated("bulk", bind, "request-forward"), bulk, [(2, 3)])
     assert got_header == header and torch.equal(got[0], tensors[0])
     for key, aad in ((k2, sealed.associated("p1", bind, "request-forward")),  # another pool's key
                      (k1, sealed.associated("p2", bind, "request-forward")),  # another pool's name
                      (k1, sealed.associated("p1", Binding("j", 1, 2, 1), "request-forward")),  # another part
                      (k1, sealed.associated("p1", bind, "request-backward"))):  # another direction
         with pytest.raises(ProtocolError, match="does not open"):
-            sealed.open_request(key, aad, blob)
+            sealed.open_head(key, aad, blob)
     tampered = bytearray(blob)
     tampered[-1] ^= 1
     with pytest.raises(ProtocolError):
-        sealed.open_request(k1, sealed.associated("p1", bind, "request-forward"), bytes(tampered))
-    answer = sealed.seal_answer(k1, b"x", (torch.ones(2, 2, dtype=torch.int64),))
+        sealed.open_head(k1, sealed.associated("p1", bind, "request-forward"), bytes(tampered))
+    answer = sealed.seal(k1, b"x", [torch.ones(2, 2, dtype=torch.int64)])
     assert len(answer) == sealed.answer_nbytes([(2, 2)])
-    assert torch.equal(sealed.open_answer(k1, b"x", answer, [(2, 2)])[0], torch.ones(2, 2, dtype=torch.int64))
+    assert torch.equal(sealed.open_tensors(k1, b"x", answer, [(2, 2)])[0], torch.ones(2, 2, dtype=torch.int64))
     with pytest.raises(ProtocolError, match="size"):
-        sealed.open_answer(k1, b"x", answer, [(2, 3)])
-
+        sealed.open_tensors(k1, b"x", answer, [(2, 3)])
 
 def test_every_dispatch_path_of_the_off_loader_keeps_a_pools_parts_on_its_relays():
     """The routing invariant, on the off-loader's own tables: fresh parts, parts waiting for room,

@@ -141,7 +141,7 @@ class RelayPools:
         bulk_tensors = [t.contiguous() for t in requests[1][1]]  # pools 1 and 2 get the same tensors
         bulk_key = sealed.new_key()
         bulk = self._sealed_region(bulk_key, sealed.associated("bulk", bind, what), bulk_tensors, counters)
-        shapes = answer_shapes(op, backward)
+        shapes = shares.answer_shapes(op, backward)
         handles = {}
         made = [bulk]  # regions sealed so far: freed if the arena fills before all three are sent
         try:
@@ -204,10 +204,6 @@ class RelayPools:
 
     def close(self) -> None:
         self.client.close()
-
-
-def answer_shapes(op: shares.Opened, backward: bool) -> list[tuple]:
-    return shares.answer_shapes(op, backward)
 
 
 class SharesEngine:

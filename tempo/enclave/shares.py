@@ -124,12 +124,6 @@ def _zeros(nbytes: int) -> memoryview:
     return memoryview(_ZEROS)[:nbytes]
 
 
-def share(x: torch.Tensor, rng: Randomness) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x₁, x₂)`` with ``x₁`` uniform and ``x₁ + x₂ = x (mod 2⁶⁴)``."""
-    x1 = rng.uniform(tuple(x.shape))
-    return x1, x - x1
-
-
 def _limbs(x: torch.Tensor) -> list[torch.Tensor]:
     mask = (1 << LIMB_BITS) - 1
     return [((x >> (LIMB_BITS * k)) & mask).double() for k in range(64 // LIMB_BITS)]
@@ -189,18 +183,37 @@ def split_product(a: torch.Tensor, b: torch.Tensor, rng: Randomness | None = Non
     return SharedProduct((e, f, u1, v1), (e, f, u2, v2), (u, v), frac_bits, a.dtype)
 
 
+def forward_share(role: int, e, f, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Pool `role`'s share of ``A·B`` from the opened ``E, F`` and its own masks ``u, v``: pool 1
+    ``E(F + V₁) + U₁F``, pool 2 ``E V₂ + U₂ F``, pool 3 ``U V`` (``E, F`` unused: None)."""
+    if role == 1:
+        return ring_matmul(e, f + v) + ring_matmul(u, f)
+    if role == 2:
+        return ring_matmul(e, v) + ring_matmul(u, f)
+    if role == 3:
+        return ring_matmul(u, v)
+    raise ValueError(f"pools are 1, 2 and 3, not {role}")
+
+
+def forward_share_times(role: int, e, f, u: torch.Tensor, v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``forward_share(role, e, f, u, v) · r`` in matrix-vector work (blaming a pool)."""
+    vr = ring_matmul(v, r)
+    if role == 3:
+        return ring_matmul(u, vr)
+    if role not in (1, 2):
+        raise ValueError(f"pools are 1, 2 and 3, not {role}")
+    fr = ring_matmul(f, r)
+    return ring_matmul(e, fr + vr if role == 1 else vr) + ring_matmul(u, fr)
+
+
+def _operands(pool: int, operands: tuple) -> tuple:
+    """`split_product`'s operands for `pool` as ``(E, F, U_i, V_i)`` (pool 3: ``(None, None, U, V)``)."""
+    return (None, None, *operands) if pool == 3 else tuple(operands)
+
+
 def pool_product(pool: int, operands: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """What a relay of `pool` computes from what it was sent (ring tensors in, one out)."""
-    if pool == 1:
-        e, f, u1, v1 = operands
-        return ring_matmul(e, f) + ring_matmul(e, v1) + ring_matmul(u1, f)
-    if pool == 2:
-        e, f, u2, v2 = operands
-        return ring_matmul(e, v2) + ring_matmul(u2, f)
-    if pool == 3:
-        u, v = operands
-        return ring_matmul(u, v)
-    raise ValueError(f"pools are 1, 2 and 3, not {pool}")
+    return forward_share(pool, *_operands(pool, operands))
 
 
 def combine(product: SharedProduct, results: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -233,17 +246,7 @@ def encoding_error_bound(a: torch.Tensor, b: torch.Tensor, frac_bits: int = FRAC
 
 def pool_times(pool: int, operands: tuple[torch.Tensor, ...], r: torch.Tensor) -> torch.Tensor:
     """``R r`` for the honest answer ``R`` of `pool`, from its operands, in matrix-vector work."""
-    if pool == 1:
-        e, f, u1, v1 = operands
-        fr = ring_matmul(f, r)
-        return ring_matmul(e, fr + ring_matmul(v1, r)) + ring_matmul(u1, fr)
-    if pool == 2:
-        e, f, u2, v2 = operands
-        return ring_matmul(e, ring_matmul(v2, r)) + ring_matmul(u2, ring_matmul(f, r))
-    if pool == 3:
-        u, v = operands
-        return ring_matmul(u, ring_matmul(v, r))
-    raise ValueError(f"pools are 1, 2 and 3, not {pool}")
+    return forward_share_times(pool, *_operands(pool, operands), r)
 
 
 def verify_pool(pool: int, operands: tuple[torch.Tensor, ...], result: torch.Tensor, rounds: int,
@@ -310,9 +313,11 @@ def _abs_max(t: torch.Tensor) -> float:
     return max(-float(low), float(high))
 
 
-def scale_for(t: torch.Tensor, bits: int) -> int:
+def scale_for(t: torch.Tensor, bits: int) -> tuple[int, int]:
     """The power-of-two scale that puts `t`'s largest entry, rounded, strictly below ``2^bits``
-    (so its encoding has at most `bits` bits). A non-finite operand is the model's divergence
+    (so its encoding has at most `bits` bits), and that largest encoded magnitude, exactly
+    (rounding is monotonic: the largest entry's encoding is the largest encoding), so no pass
+    over the encoding is needed for it. A non-finite operand is the model's divergence
     (`NonFiniteError`), before anything leaves."""
     from tempo.enclave.verify import NonFiniteError
 
@@ -320,11 +325,11 @@ def scale_for(t: torch.Tensor, bits: int) -> int:
     if not np.isfinite(top):
         raise NonFiniteError("an operand of an offloaded product holds NaN or infinity (the model diverged?)")
     if top == 0.0:
-        return bits
+        return bits, 0
     scale = bits - int(np.floor(np.log2(top))) - 1
     if round(top * 2.0 ** scale) >= 1 << bits:  # rounding reached 2^bits: one step down
         scale -= 1
-    return scale
+    return scale, round(top * 2.0 ** scale)
 
 
 def encode_scaled(t: torch.Tensor, scale: int) -> torch.Tensor:
@@ -404,7 +409,7 @@ def open_forward(a: torch.Tensor, b: torch.Tensor, seeds: tuple[bytes, bytes] | 
     half = (RING_BITS - _log2_ceil(n)) // 2
     if half < 8:
         raise RingOverflow(f"inner dimension {n} leaves fewer than 8 bits per operand")
-    sa, sb = scale_for(a, half), scale_for(b, half)
+    (sa, max_a), (sb, max_b) = scale_for(a, half), scale_for(b, half)
     ea, eb = encode_scaled(a, sa), encode_scaled(b, sb)
     s1, s2 = seeds if seeds is not None else (os.urandom(SEED_BYTES), os.urandom(SEED_BYTES))
     u1, v1 = _expand(s1, ea.shape, eb.shape)
@@ -416,15 +421,7 @@ def open_forward(a: torch.Tensor, b: torch.Tensor, seeds: tuple[bytes, bytes] | 
                 2: ({"role": 2, "seeds": [s2], **shapes}, (e, f)),
                 3: ({"role": 3, "seeds": [s1, s2], **shapes}, ())}
     return Opened(tuple(a.shape), tuple(b.shape), ea, eb, sa, sb, (s1, s2), a.dtype, requests,
-                  max_a=_top(ea), max_b=_top(eb))
-
-
-def _top(t: torch.Tensor) -> int:
-    """max |t| of an int64 tensor, exactly (one pass)."""
-    if not t.numel():
-        return 0
-    low, high = torch.aminmax(t)
-    return max(-int(low), int(high))
+                  max_a=max_a, max_b=max_b)
 
 
 def open_backward(op: Opened, grad_c: torch.Tensor, seeds: tuple[bytes, bytes] | None = None) -> None:
@@ -441,13 +438,13 @@ def open_backward(op: Opened, grad_c: torch.Tensor, seeds: tuple[bytes, bytes] |
     bits = RING_BITS - max(top_a, top_b) - _log2_ceil(terms)
     if bits < 8:
         raise RingOverflow(f"the backward of a {op.a_shape} × {op.b_shape} product leaves {bits} bits for dL/dC")
-    sd = scale_for(grad_c, bits)
+    sd, max_d = scale_for(grad_c, bits)
     ed = encode_scaled(grad_c, sd)
     t1, t2 = seeds if seeds is not None else (os.urandom(SEED_BYTES), os.urandom(SEED_BYTES))
     (w1,), (w2,) = _expand(t1, ed.shape), _expand(t2, ed.shape)
     g = torch.sub(ed, w1, out=w1).sub_(w2)
     shape = {"d": list(ed.shape)}
-    op.enc_d, op.scale_d, op.grad_seeds, op.max_d = ed, sd, (t1, t2), _top(ed)
+    op.enc_d, op.scale_d, op.grad_seeds, op.max_d = ed, sd, (t1, t2), max_d
     op.grad_requests = {1: ({"role": 1, "seeds": [t1], **shape}, (g,)),
                         2: ({"role": 2, "seeds": [t2], **shape}, (g,)),
                         3: ({"role": 3, "seeds": [t1, t2], **shape}, ())}
@@ -475,16 +472,12 @@ def pool_answer(forward: tuple[dict, tuple], backward: tuple[dict, tuple] | None
     role = header["role"]
     u, v = _pool_masks(header)
     a_shape, b_shape = tuple(header["a"]), tuple(header["b"])
+    e, f = tensors if role != 3 else (None, None)
+    if backward is None:
+        return (forward_share(role, e, f, u, v),)
     if role == 3:
-        if backward is None:
-            return (ring_matmul(u, v),)
         w = _pool_grad_mask(backward[0])
         return sum_to(ring_matmul(w, v.mT), a_shape), sum_to(ring_matmul(u.mT, w), b_shape)
-    e, f = tensors
-    if backward is None:
-        if role == 1:
-            return (ring_matmul(e, f + v) + ring_matmul(u, f),)
-        return (ring_matmul(e, v) + ring_matmul(u, f),)
     (g,) = backward[1]
     w = _pool_grad_mask(backward[0])
     if role == 1:
@@ -588,10 +581,7 @@ def honest_answer_check(op: Opened, role: int, answer: tuple, backward: bool, ro
     rng = Randomness()
     if not backward:
         r = rng.uniform((shapes[0][-1], rounds))
-        vr, fr = ring_matmul(v, r), (ring_matmul(f, r) if f is not None else None)
-        want = {1: lambda: ring_matmul(e, fr + vr) + ring_matmul(u, fr), 2: lambda: ring_matmul(e, vr) + ring_matmul(u, fr),
-                3: lambda: ring_matmul(u, vr)}[role]()
-        return bool(torch.equal(ring_matmul(answer[0], r), want))
+        return bool(torch.equal(ring_matmul(answer[0], r), forward_share_times(role, e, f, u, v, r)))
     bwd = op.grad_requests[role]
     w = _pool_grad_mask(bwd[0])
     g = bwd[1][0] if role != 3 else None

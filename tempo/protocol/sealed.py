@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import struct
 from pathlib import Path
 
 import msgpack
@@ -198,47 +197,3 @@ def open_tensors(key: bytes, aad: bytes, blob, shapes) -> tuple[torch.Tensor, ..
     outs = tuple(torch.empty(tuple(s), dtype=torch.int64) for s in shapes)
     open_into(key, aad, blob, list(outs))
     return outs
-
-
-# -- compatibility for one-blob requests (tests, tools) --
-
-def seal_request(key: bytes, aad: bytes, header: dict, tensors: tuple[torch.Tensor, ...]) -> bytes:
-    """A head and its tensors in one blob: a 4-byte length, the msgpack head, int64 tensors."""
-    for t in tensors:
-        if t.dtype != torch.int64:
-            raise TypeError("sealed requests carry int64 ring tensors")
-    head = msgpack.packb({**header, "tensors": [list(t.shape) for t in tensors]})
-    return seal(key, aad, [struct.pack(">I", len(head)), head, *(t.contiguous() for t in tensors)])
-
-
-def open_request(key: bytes, aad: bytes, blob) -> tuple[dict, tuple[torch.Tensor, ...]]:
-    plain = open_bytes(key, aad, blob)
-    if len(plain) < 4:
-        raise ProtocolError("a sealed request lacks its header")
-    (size,) = struct.unpack(">I", plain[:4])
-    header = _unpack(plain[4:4 + size]) if size <= len(plain) - 4 else None
-    if not isinstance(header, dict):
-        raise ProtocolError("a sealed request's header is not a map")
-    shapes = check_shapes(header.pop("tensors", None))
-    offset, out = 4 + size, []
-    for shape in shapes:
-        end = offset + tensors_nbytes([shape])
-        if end > len(plain):
-            raise ProtocolError("a sealed request is shorter than its tensors")
-        out.append(torch.frombuffer(bytearray(plain[offset:end]), dtype=torch.int64).reshape(shape)
-                   if end > offset else torch.zeros(shape, dtype=torch.int64))
-        offset = end
-    if offset != len(plain):
-        raise ProtocolError("a sealed request has bytes after its tensors")
-    return header, tuple(out)
-
-
-def seal_answer(key: bytes, aad: bytes, tensors) -> bytes:
-    return seal(key, aad, [t.to(torch.int64).contiguous() for t in tensors])
-
-
-def open_answer(key: bytes, aad: bytes, blob, shapes) -> tuple[torch.Tensor, ...]:
-    try:
-        return open_tensors(key, aad, blob, shapes)
-    except ProtocolError as exc:
-        raise ProtocolError(str(exc).replace("for its tensors", "size")) from None
