@@ -422,9 +422,10 @@ PARTIAL_DATA = click.option("--partial-data", is_flag=True, default=None,
 @click.option("--key-refresh", type=click.Choice(["step", "epoch"]), default="step", show_default=True,
               help="Fresh keys for every product, or one key per layer for an epoch (the paper's).")
 @masking_options
-@click.option("--protection", type=click.Choice(["masking", "shares"]), default="masking", show_default=True,
-              help="masking: the --masking preset; shares: every product secret-shared across three relay pools "
-                   "that must not collude (--relays is then relays per pool). README: the shares mode.")
+@click.option("--protection", type=click.Choice(["auto", "masking", "shares"]), default="auto", show_default=True,
+              help="shares: every product secret-shared across three relay pools that must not collude (--relays is "
+                   "then relays per pool); masking: the --masking preset; auto: shares wherever the three pools are "
+                   "configured (a job's pool_keys), else the masking. README: the shares mode.")
 @click.option("--arena-mb", default=None, type=click.IntRange(16),
               help="Shared-memory arena for what goes to the relays (default 256; 1024 with --protection shares).")
 @click.option("--integrity-t", default=1e-6, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),

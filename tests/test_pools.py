@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tempo.enclave import im2col
 from tempo.enclave import shares as sh
 from tempo.enclave.pools import LocalPools, SharesEngine
 from tempo.enclave.private import PrivateContext, to_private
@@ -75,6 +76,62 @@ def test_linear_and_conv_layers_through_local_pools_match_autograd():
         for p, r in zip(model.parameters(), ref):
             assert torch.allclose(p.grad, r.grad, rtol=1e-4, atol=1e-6), patch_rows
         assert engine.counters.forward_products == 2 and engine.counters.backward_products == 2
+
+
+CONVS = [(3, 3, 1, 1, 1, 1, 1, 1),  # ResNet's 3×3
+         (3, 3, 1, 1, 1, 1, 2, 2),  # strided
+         (1, 1, 1, 1, 0, 0, 2, 2),  # a 1×1 shortcut
+         (3, 2, 2, 1, 2, 0, 1, 3)]  # dilated, unequal padding and stride
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("conv", CONVS)
+def test_a_convolution_whose_pools_unfold_their_shares_is_exact_forward_and_backward(conv, dtype):
+    """The pools get the images' shares, not the patch rows: the ring sums equal the patch-row
+    product and its gradients (folded) exactly; decoded, they match F.conv2d and autograd."""
+    torch.manual_seed(3)
+    kh, kw, dh, dw, ph, pw, sh_, sw = conv
+    x = torch.randn(2, 3, 9, 8, dtype=dtype, requires_grad=True)
+    w = torch.randn(4, 3, kh, kw, dtype=dtype, requires_grad=True)
+    op = sh.open_forward(x.detach(), w.detach().reshape(4, -1).t(), conv=conv)
+    assert tuple(op.requests[1][1][0].shape) == (2, 3, 9, 8)  # what travels: image-sized
+    fwd = _answers(op)
+    rows = im2col.patch_rows(op.enc_a, conv)
+    assert torch.equal(fwd[1][0] + fwd[2][0] + fwd[3][0], rows @ op.enc_b)
+    c = sh.combine_forward(op, fwd)
+    y = F.conv2d(x, w, dilation=(dh, dw), padding=(ph, pw), stride=(sh_, sw))
+    want = y.detach().permute(0, 2, 3, 1).reshape(-1, 4)
+    assert c.dtype == dtype and torch.allclose(c, want, rtol=1e-4, atol=1e-4)
+    grad = torch.randn(y.shape, dtype=dtype) * 1e-3
+    sh.open_backward(op, grad.permute(0, 2, 3, 1).reshape(-1, 4))
+    back = _answers(op, backward=True)
+    d_ring = op.enc_d
+    assert torch.equal(sum(back[r][0] for r in sh.ROLES), im2col.fold_rows(d_ring @ op.enc_b.mT, op.x_shape, conv))
+    assert torch.equal(sum(back[r][1] for r in sh.ROLES), rows.mT @ d_ring)
+    dx, dwr = sh.combine_backward(op, back)
+    y.backward(grad)
+    assert dx.shape == x.shape and torch.allclose(dx, x.grad, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(dwr.t().reshape(w.shape), w.grad, rtol=1e-4, atol=1e-6)
+    # any change to any answer, forward or backward, fails the exact check; blame finds the pool
+    for role in sh.ROLES:
+        for i, delta in ((0, 1), (0, -(1 << 63)), (1, 1 << 30)):
+            bad = dict(back)
+            t = back[role][i].clone(memory_format=torch.contiguous_format)
+            t.view(-1)[5] += delta
+            bad[role] = tuple(t if j == i else back[role][j] for j in range(2))
+            assert sh.combine_backward(op, bad, rounds=64) is None
+            assert not sh.honest_answer_check(op, role, bad[role], True)
+        t = fwd[role][0].clone()
+        t.view(-1)[-1] -= 7
+        assert sh.combine_forward(op, {**fwd, role: (t,)}, rounds=64) is None
+        assert sh.honest_answer_check(op, role, back[role], True) and sh.honest_answer_check(op, role, fwd[role], False)
+
+
+def test_a_convolutions_product_is_refused_when_its_shapes_do_not_agree():
+    with pytest.raises(ValueError, match="convolution"):
+        sh.open_forward(torch.ones(2, 3, 5, 5), torch.ones(26, 4), conv=(3, 3, 1, 1, 1, 1, 1, 1))
+    with pytest.raises(ValueError):
+        sh.open_forward(torch.ones(2, 3, 5, 5), torch.ones(27, 4), conv=(3, 3, 1, 1, 1, 1, 0, 1))
 
 
 def _bit_means(t: torch.Tensor) -> np.ndarray:
@@ -322,6 +379,18 @@ def test_fewer_pools_than_the_mode_needs_is_a_clear_error_at_start():
         RelayPools(TwoPools(), {1: ("p1", bytes(16)), 2: ("p1", bytes(16)), 3: ("p3", bytes(16))})
     with pytest.raises(ValueError, match="three pools"):
         LocalPools({1: [sh.pool_answer], 2: [sh.pool_answer], 3: []})
+
+
+def test_the_shares_mode_is_the_default_wherever_the_three_pools_are_configured(tmp_path):
+    from tempo.enclave.train import TrainConfig, load_job
+
+    assert not TrainConfig().uses_shares()  # no pools: the masking (and its one-line notice)
+    assert TrainConfig(pool_keys="keys").uses_shares()
+    assert not TrainConfig(protection="masking", pool_keys="keys").uses_shares()
+    assert TrainConfig(protection="shares").uses_shares()
+    job = tmp_path / "job.toml"
+    job.write_text('model = "mlp"\npool_keys = "/keys"\n')
+    assert load_job(job).uses_shares()
 
 
 def test_edge_shapes_and_values_are_handled_or_refused_clearly():

@@ -492,16 +492,3 @@ def test_convolutions_as_rows_of_the_whole_batch_match_autograd_and_hide_the_ima
     positions = reference[0](x).shape[-2] * reference[0](x).shape[-1]
     conv_forward = next(shapes for ev, layer, shapes in seen if ev == "forward" and layer == 0)
     assert conv_forward == [(6 * positions, 27), (27, 5)]  # 2-D: no batch axis for the relay to read
-
-
-@settings(max_examples=40, deadline=None)
-@given(k=st.tuples(st.integers(1, 4), st.integers(1, 4)), d=st.tuples(st.integers(1, 3), st.integers(1, 3)),
-       p=st.tuples(st.integers(0, 2), st.integers(0, 2)), s=st.tuples(st.integers(1, 3), st.integers(1, 3)))
-def test_patch_rows_are_unfolds_patches_transposed(k, d, p, s):
-    from tempo.enclave.private import _patch_rows
-
-    x = torch.randn(2, 3, 9, 10)
-    if any((ki - 1) * di + 1 > n + 2 * pi for ki, di, pi, n in zip(k, d, p, (9, 10))):
-        return  # the kernel does not fit
-    want = torch.nn.functional.unfold(x, k, dilation=d, padding=p, stride=s)
-    assert torch.equal(_patch_rows(x, k, d, p, s), want.transpose(1, 2).reshape(-1, want.shape[1]))

@@ -140,20 +140,34 @@ def _train(model, pctx, keys, split, cfg: CaptureConfig, truth: RunTruth, log, k
 def _capture_shares(cfg: CaptureConfig, model, split, truth: RunTruth, record_dir, log):
     """The shares mode's run: returns the pools' records (what each pool member opened, as
     `tempo.audit.view.shares_records` reads them) in place of a view; in-process, or from
-    recording pool relays. Convolutions go in the paper's layout (weights times each image's
-    patches), the one the CNN attacks read; `tempo train` sends the batch's patches as one
-    matrix instead. A pool's view is uniform in either."""
+    recording pool relays. As in `tempo train`, a convolution's pools get the images (their
+    shares) and unfold them; the view and the truth put it in the paper's layout (weights times
+    each image's patches), the one the CNN attacks read (`tempo.audit.view._paper_layout`)."""
+    from tempo.enclave import im2col
     from tempo.enclave.pools import POOL_NAMES, LocalPools, RelayPools, SharesEngine
     from tempo.enclave.private import PrivateContext
     from tempo.enclave.shares import ROLES
+
+    images: dict = {}  # convolutions' batch sizes, by binding, until their backward
 
     class Observed(SharesEngine):  # the plaintext, for scoring only
         def forward(self, a, b, bind, weight=None):
             truth.products[(bind.step, bind.layer, bind.part)] = ProductTruth(a.detach().clone(), b.detach().clone())
             return super().forward(a, b, bind, weight)
 
+        def conv_forward(self, x, w, conv, bind):  # recorded as the paper's layout (`view._paper_layout`)
+            n = x.shape[0]
+            patches = im2col.patch_rows(x.detach(), conv).view(n, -1, w.shape[0]).transpose(1, 2)
+            truth.products[(bind.step, bind.layer, bind.part)] = ProductTruth(w.detach().t().clone(), patches.clone())
+            images[bind] = n
+            return super().conv_forward(x, w, conv, bind)
+
         def backward(self, grad_c, bind):
-            truth.products[(bind.step, bind.layer, bind.part)].grad_c = grad_c.detach().clone()
+            g = grad_c.detach()
+            n = images.pop(bind, None)
+            if n is not None:
+                g = g.view(n, -1, g.shape[-1]).transpose(1, 2)
+            truth.products[(bind.step, bind.layer, bind.part)].grad_c = g.clone()
             return super().backward(grad_c, bind)
 
     records: list[dict] = []

@@ -138,6 +138,20 @@ def shares_records(root: str | Path, job: str | None = None) -> list[dict]:
     return out
 
 
+def _paper_layout(header: dict, x, w, g):
+    """A convolution's request (images, ``W`` as C·kh·kw × out, ``Δ`` as patch rows × out) in
+    the paper's layout, the one the CNN attacks read: ``W`` (out × C·kh·kw) times each image's
+    patches (n × C·kh·kw × positions), ``Δ`` (n × out × positions). Unfolding and reshaping
+    only: nothing is added to or taken from the view."""
+    from tempo.enclave import im2col
+
+    conv = im2col.check_conv(header["conv"])
+    n = x.shape[0]
+    patches = im2col.patch_rows(x, conv).view(n, -1, w.shape[0]).transpose(1, 2)
+    grads = None if g is None else g.view(n, -1, g.shape[-1]).transpose(1, 2)
+    return w.t(), patches, grads
+
+
 def pools_view(records: list[dict], pools: tuple[str, ...], roles: dict[str, int]) -> tuple[RunView, str]:
     """The view `pools` hold together, as products an attack reads (int64 ring elements as
     float64): a pool of role 1 or 2 alone holds ``E, F`` and ``G`` (uniform: its `ProductView`
@@ -178,6 +192,8 @@ def pools_view(records: list[dict], pools: tuple[str, ...], roles: dict[str, int
             e, f = e + u1 + u2, f + v1 + v2
             if g is not None and set(entry["grad_seeds"]) == {1, 2}:
                 g = g + sum(sh._expand(entry["grad_seeds"][i], g.shape)[0] for i in (1, 2))
+        if "conv" in entry["header"]:
+            e, f, g = _paper_layout(entry["header"], e, f, g)
         products.append(ProductView(*key, a=e.double(), b=f.double(), e=None if g is None else g.double(),
                                     relay="+".join(pools)))
     what = ("the plaintext of every product, up to a power of two per operand (a collusion)" if colluding and products

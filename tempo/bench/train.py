@@ -223,6 +223,7 @@ def _product_work(shapes: list[tuple], repeat: int = 3) -> float:
 
 def _shares(model_name, shape, classes, width, batch, steps, warmup, relays, device, arena_mb, say, log) -> ModeResult:
     from tempo.cluster import LocalCluster
+    from tempo.enclave import im2col
     from tempo.enclave.pools import POOL_NAMES, RelayPools, SharesEngine
     from tempo.enclave.private import PrivateContext, to_private
     from tempo.enclave.shares import ROLES
@@ -242,6 +243,11 @@ def _shares(model_name, shape, classes, width, batch, steps, warmup, relays, dev
                 if len(shapes) < 10_000 and bind.step == 0:
                     shapes.append((tuple(a.shape), tuple(b.shape)))
                 return super().forward(a, b, bind, weight)
+
+            def conv_forward(self, x, w, conv, bind):  # the pools' product: patch rows times the weight
+                if len(shapes) < 10_000 and bind.step == 0:
+                    shapes.append((im2col.rows_shape(tuple(x.shape), conv), tuple(w.shape)))
+                return super().conv_forward(x, w, conv, bind)
 
         engine = Traced(pools, rounds=16, max_attempts=relays + 1)
         pctx = PrivateContext(engine, job=job, patch_rows=True)

@@ -243,8 +243,17 @@ class SharesEngine:
         raise IntegrityError(f"{bind}: the pools' answers failed the exact check {self.max_attempts} times")
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, bind: Binding, weight=None) -> torch.Tensor:
+        return self._forward(a, b, bind, None)
+
+    def conv_forward(self, x: torch.Tensor, w: torch.Tensor, conv, bind: Binding) -> torch.Tensor:
+        """A convolution as ``patch_rows(x) · w`` (batch·positions × out), the pools unfolding
+        their own shares of the images (`shares.open_forward`'s `conv`); its `backward` gives
+        ``dL/dx`` in the images' shape."""
+        return self._forward(x, w, bind, conv)
+
+    def _forward(self, a: torch.Tensor, b: torch.Tensor, bind: Binding, conv) -> torch.Tensor:
         t0 = time.perf_counter()
-        op = shares.open_forward(a, b)
+        op = shares.open_forward(a, b, conv=conv)
         self.shares.open_s += time.perf_counter() - t0
         handles = self.pools.send(bind, op, False, self.shares)
         self.counters.forward_products += 1

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tempo.enclave import partition, protection
+from tempo.enclave import im2col, partition, protection
 from tempo.enclave.keys import KeySchedule
 from tempo.enclave.roundtrip import MaskedProduct
 from tempo.layers import AddTokens, Matmul
@@ -297,6 +297,28 @@ def private_matmul(a: torch.Tensor, b: torch.Tensor, pctx: PrivateContext, weigh
     return OffloadedMatmul.apply(a, b, pctx, track, weight)
 
 
+class OffloadedConv(torch.autograd.Function):
+    """A convolution's ``patch_rows(x) · W`` by an engine that unfolds the images itself
+    (`conv_forward`: the shares mode); its backward gives ``dL/dx`` folded, in x's shape."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, conv: tuple, pctx: PrivateContext, track: bool) -> torch.Tensor:
+        bind = pctx.next_bind()
+        c = pctx.engine.conv_forward(x.detach(), w.detach(), conv, bind)
+        ctx.bind, ctx.pctx = bind, pctx
+        if track:
+            pctx._open.add(bind)
+        else:
+            pctx.engine.release(bind)
+        return c
+
+    @staticmethod
+    def backward(ctx, grad_c: torch.Tensor):
+        ctx.pctx._open.discard(ctx.bind)
+        dx, dw = ctx.pctx.engine.backward(grad_c.contiguous(), ctx.bind)
+        return dx, dw, None, None, None
+
+
 class PrivateLinear(nn.Module):
     """``y = x Wᵀ + b`` with ``x Wᵀ`` offloaded: ``A = x`` (batch × in), ``B = Wᵀ`` (in × out)."""
 
@@ -384,8 +406,13 @@ class PrivateConv2d(nn.Module):
         ph, pw = self.unfold_padding
         ho = (h + 2 * ph - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
         wo = (w + 2 * pw - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
-        if g == 1 and self.pctx.patch_rows:
-            rows = _patch_rows(x, (kh, kw), self.dilation, self.unfold_padding, self.stride)  # (n·L, in·kh·kw)
+        conv = (kh, kw, *self.dilation, ph, pw, *self.stride)
+        if g == 1 and hasattr(self.pctx.engine, "conv_forward"):  # the engine unfolds (the shares mode)
+            y = OffloadedConv.apply(x, self.weight.reshape(out_ch, -1).t(), conv, self.pctx,
+                                    torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+            y = y.view(n, -1, out_ch).transpose(1, 2)  # (n, out, L)
+        elif g == 1 and self.pctx.patch_rows:
+            rows = im2col.patch_rows(x, conv)  # (n·L, in·kh·kw)
             y = private_matmul(rows, self.weight.reshape(out_ch, -1).t(), self.pctx,  # (n·L, out)
                                weight=("b", lambda: self.weight.detach().reshape(out_ch, -1).t()))
             y = y.view(n, -1, out_ch).transpose(1, 2)  # (n, out, L)
@@ -408,19 +435,6 @@ class PrivateConv2d(nn.Module):
         """im2col: (batch × in·kh·kw × positions)."""
         return F.unfold(x, tuple(self.weight.shape[-2:]), dilation=self.dilation, padding=self.unfold_padding,
                         stride=self.stride)
-
-
-def _patch_rows(x: torch.Tensor, kernel: tuple, dilation: tuple, padding: tuple, stride: tuple) -> torch.Tensor:
-    """``F.unfold(x, …).transpose(1, 2)`` flattened to (batch·positions × in·kh·kw), in one copy:
-    windows as strided views of the (zero-padded) input, then one reshape."""
-    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = kernel, dilation, padding, stride
-    if ph or pw:
-        x = F.pad(x, (pw, pw, ph, ph))
-    u = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)  # n, C, Ho, Wo, span_h, span_w
-    if dh > 1 or dw > 1:
-        u = u[..., ::dh, ::dw]
-    n, c, ho, wo = u.shape[:4]
-    return u.permute(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
 
 
 class PrivateMatmul(nn.Module):

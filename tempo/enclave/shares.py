@@ -57,6 +57,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tempo.enclave import im2col
+
 FRAC_BITS = 16
 LIMB_BITS = 16
 MAX_INNER = 1 << 21  # limb products summed over more terms than this could exceed 2⁵³
@@ -393,15 +395,32 @@ class Opened:
     scale_d: int = 0
     grad_seeds: tuple[bytes, bytes] | None = None
     grad_requests: dict[int, tuple[dict, tuple[torch.Tensor, ...]]] | None = None
+    # a convolution (`open_forward`'s `conv`): ``A`` is the image batch (`x_shape`) and
+    # `a_shape` its patch rows' shape, which the pools build themselves (`tempo.enclave.im2col`)
+    conv: im2col.Conv | None = None
+    x_shape: tuple | None = None
 
 
-def open_forward(a: torch.Tensor, b: torch.Tensor, seeds: tuple[bytes, bytes] | None = None) -> Opened:
+def open_forward(a: torch.Tensor, b: torch.Tensor, seeds: tuple[bytes, bytes] | None = None,
+                 conv: im2col.Conv | None = None) -> Opened:
     """Encode ``A`` and ``B`` under private scales and open ``E = A − U``, ``F = B − V``: the
-    three pools' requests for ``C = A·B`` (pools 1, 2: seed and ``E, F``; pool 3: both seeds)."""
-    if a.dim() < 2 or b.dim() < 2:
+    three pools' requests for ``C = A·B`` (pools 1, 2: seed and ``E, F``; pool 3: both seeds).
+
+    With `conv` (a convolution's geometry, `tempo.enclave.im2col`), ``A`` is the image batch
+    (n, C, H, W) and the product is ``patch_rows(A) · B``, ``B`` (C·kh·kw × out): the enclave
+    opens the images, not their patch rows (kh·kw times fewer entries for a stride-1 kernel),
+    and every pool unfolds its own share (unfolding is linear, so the shares of the patch rows
+    are the patch rows of the shares); the backward's ``dL/dA`` comes back folded."""
+    if conv is not None:
+        conv = im2col.check_conv(conv)
+        if a.dim() != 4 or b.dim() != 2 or b.shape[0] != a.shape[1] * conv[0] * conv[1]:
+            raise ValueError(f"a convolution's product takes images (n, C, H, W) and a (C·kh·kw × out) weight, not "
+                             f"{tuple(a.shape)} and {tuple(b.shape)} for a {conv[0]}×{conv[1]} kernel")
+        rows = im2col.rows_shape(tuple(a.shape), conv)
+    elif a.dim() < 2 or b.dim() < 2:
         raise ValueError(f"shared products take matrices (or batches of them), not shapes {tuple(a.shape)} "
                          f"and {tuple(b.shape)}")
-    n = a.shape[-1]
+    n = rows[1] if conv is not None else a.shape[-1]
     if b.shape[-2] != n:
         raise ValueError(f"A {tuple(a.shape)} and B {tuple(b.shape)} do not multiply")
     if n > MAX_INNER:
@@ -416,12 +435,12 @@ def open_forward(a: torch.Tensor, b: torch.Tensor, seeds: tuple[bytes, bytes] | 
     u2, v2 = _expand(s2, ea.shape, eb.shape)
     # E = A₀ − U₁ − U₂ into U₁'s memory (the enclave regenerates U₁ from s₁ if it ever needs it)
     e, f = torch.sub(ea, u1, out=u1).sub_(u2), torch.sub(eb, v1, out=v1).sub_(v2)
-    shapes = {"a": list(ea.shape), "b": list(eb.shape)}
+    shapes = {"a": list(ea.shape), "b": list(eb.shape), **({"conv": list(conv)} if conv is not None else {})}
     requests = {1: ({"role": 1, "seeds": [s1], **shapes}, (e, f)),
                 2: ({"role": 2, "seeds": [s2], **shapes}, (e, f)),
                 3: ({"role": 3, "seeds": [s1, s2], **shapes}, ())}
-    return Opened(tuple(a.shape), tuple(b.shape), ea, eb, sa, sb, (s1, s2), a.dtype, requests,
-                  max_a=max_a, max_b=max_b)
+    return Opened(rows if conv is not None else tuple(a.shape), tuple(b.shape), ea, eb, sa, sb, (s1, s2), a.dtype,
+                  requests, max_a=max_a, max_b=max_b, conv=conv, x_shape=tuple(a.shape) if conv is not None else None)
 
 
 def open_backward(op: Opened, grad_c: torch.Tensor, seeds: tuple[bytes, bytes] | None = None) -> None:
@@ -434,6 +453,8 @@ def open_backward(op: Opened, grad_c: torch.Tensor, seeds: tuple[bytes, bytes] |
     batch = _batch(op.a_shape, op.b_shape)
     slices_a, slices_b = max(1, int(np.prod(op.a_shape[:-2]))), max(1, int(np.prod(op.b_shape[:-2])))
     terms = max(p * batch // slices_a, m * batch // slices_b)
+    if op.conv is not None:  # a folded dL/dA entry sums up to kh·kw patch entries, each of p terms
+        terms = max(p * op.conv[0] * op.conv[1], m)
     top_a, top_b = _log2_ceil(op.max_a + 1), _log2_ceil(op.max_b + 1)
     bits = RING_BITS - max(top_a, top_b) - _log2_ceil(terms)
     if bits < 8:
@@ -467,30 +488,41 @@ def pool_answer(forward: tuple[dict, tuple], backward: tuple[dict, tuple] | None
     Forward: pool 1 ``E(F + V₁) + U₁F``, pool 2 ``E V₂ + U₂ F``, pool 3 ``U V``. Backward (with
     the forward's request): pool 1 ``(G(F + V₁)ᵀ + W₁Fᵀ, Eᵀ(G + W₁) + U₁ᵀG)``, pool 2
     ``(G V₂ᵀ + W₂ Fᵀ, Eᵀ W₂ + U₂ᵀ G)``, pool 3 ``(W Vᵀ, Uᵀ W)``, each summed to its operand's
-    shape."""
+    shape. A convolution (``conv`` in the header): ``E`` and ``U`` are images, unfolded into patch
+    rows here, and the first backward answer is folded back to the images' shape."""
     header, tensors = forward
     role = header["role"]
     u, v = _pool_masks(header)
     a_shape, b_shape = tuple(header["a"]), tuple(header["b"])
     e, f = tensors if role != 3 else (None, None)
+    conv = header.get("conv")
+    if conv is not None:
+        conv = im2col.check_conv(conv)
+        if len(a_shape) != 4:
+            raise ValueError("a convolution's request holds images (n, C, H, W)")
+        x_shape, a_shape = a_shape, im2col.rows_shape(a_shape, conv)
+        u, e = im2col.patch_rows(u, conv), (None if e is None else im2col.patch_rows(e, conv))
     if backward is None:
         return (forward_share(role, e, f, u, v),)
-    if role == 3:
-        w = _pool_grad_mask(backward[0])
-        return sum_to(ring_matmul(w, v.mT), a_shape), sum_to(ring_matmul(u.mT, w), b_shape)
-    (g,) = backward[1]
     w = _pool_grad_mask(backward[0])
-    if role == 1:
-        da = ring_matmul(g, (f + v).mT) + ring_matmul(w, f.mT)
-        db = ring_matmul(e.mT, g + w) + ring_matmul(u.mT, g)
+    if role == 3:
+        da, db = ring_matmul(w, v.mT), ring_matmul(u.mT, w)
     else:
-        da = ring_matmul(g, v.mT) + ring_matmul(w, f.mT)
-        db = ring_matmul(e.mT, w) + ring_matmul(u.mT, g)
-    return sum_to(da, a_shape), sum_to(db, b_shape)
+        (g,) = backward[1]
+        if role == 1:
+            da = ring_matmul(g, (f + v).mT) + ring_matmul(w, f.mT)
+            db = ring_matmul(e.mT, g + w) + ring_matmul(u.mT, g)
+        else:
+            da = ring_matmul(g, v.mT) + ring_matmul(w, f.mT)
+            db = ring_matmul(e.mT, w) + ring_matmul(u.mT, g)
+    da = im2col.fold_rows(da, x_shape, conv) if conv is not None else sum_to(da, a_shape)
+    return da, sum_to(db, b_shape)
 
 
 def answer_shapes(op: Opened, backward: bool) -> list[tuple]:
     """The shapes every pool's answer has (int64)."""
+    if backward and op.conv is not None:
+        return [op.x_shape, op.b_shape]
     if not backward:
         batch = tuple(torch.broadcast_shapes(torch.Size(op.a_shape[:-2]), torch.Size(op.b_shape[:-2])))
         return [(*batch, op.a_shape[-2], op.b_shape[-1])]
@@ -501,6 +533,52 @@ def _fits(answers: dict[int, tuple], shapes: list[tuple]) -> bool:
     return set(answers) == set(ROLES) and all(
         len(ans) == len(shapes) and all(t.dtype == torch.int64 and tuple(t.shape) == s for t, s in zip(ans, shapes))
         for ans in answers.values())
+
+
+def _bounded(result: torch.Tensor, bound: int, rounds: int) -> tuple[bool, int]:
+    """Whether every entry of `result` lies within ``±bound`` (the exact product's), and how
+    many uniform vectors then make `rounds` rounds: ``⌈rounds / (64 − b)⌉`` for
+    ``bound < 2^b`` (`_freivalds`)."""
+    if bound >= 1 << 62:
+        raise RingOverflow("a product's bound leaves no room for its check")
+    in_range = True
+    if result.numel():
+        low, high = torch.aminmax(result)
+        in_range = -bound <= int(low) and int(high) <= bound
+    return in_range, -(-rounds // (64 - max(1, bound.bit_length())))
+
+
+def _conv_checks(op: Opened, rounds: int, rng: Randomness, c: torch.Tensor | None = None,
+                 dx: torch.Tensor | None = None, dw: torch.Tensor | None = None) -> bool:
+    """`_freivalds` for a convolution's products, each in one pass over what it checks and one
+    over the images (or ``Δ``), never building patch rows (`tempo.enclave.im2col`):
+    ``C = R·B`` as ``s·C = (s·R)·B``; ``dL/dB = Rᵀ·Δ`` as ``dL/dB·r = (Δr)ᵀ·R`` transposed;
+    ``dL/dA = fold(Δ·Bᵀ)`` as ``s·dL/dA = Σ_k (S_k·Δ)·B_kᵀ`` with ``S_k`` the image-position
+    vectors `s` read at each output position by kernel offset ``k``. Each is a uniform vector
+    against the result (the same soundness as `_freivalds`), after its own bound. All given
+    checks run whatever fails first."""
+    mm, conv, x = ring_matmul, op.conv, op.enc_a
+    (m, k), p = op.a_shape, op.b_shape[-1]
+    kk = conv[0] * conv[1]
+    ok = True
+    if c is not None:
+        in_range, vectors = _bounded(c, op.max_a * op.max_b * k, rounds)
+        s = rng.uniform((vectors, m))
+        ok &= torch.equal(mm(s, c), mm(im2col.rows_left(s, x, conv, mm), op.enc_b)) and in_range
+    if dw is not None:
+        in_range, vectors = _bounded(dw, op.max_a * op.max_d * m, rounds)
+        r = rng.uniform((p, vectors))
+        y = mm(op.enc_d, r).mT.contiguous()  # v × m
+        ok &= torch.equal(mm(dw, r), im2col.rows_left(y, x, conv, mm).mT) and in_range
+    if dx is not None:
+        n, ch, h, w = op.x_shape
+        in_range, vectors = _bounded(dx, op.max_d * op.max_b * p * kk, rounds)
+        s = rng.uniform((vectors, n * h * w))
+        lhs = mm(dx.reshape(n, ch, h * w), s.view(vectors, n, h * w).permute(1, 2, 0).contiguous()).sum(0)  # C × v
+        z = mm(im2col.windows_left(s, op.x_shape, conv), op.enc_d).view(kk, vectors, p)
+        rhs = mm(op.enc_b.view(ch, kk, p).transpose(0, 1), z.mT).sum(0)  # Σ_k B_k · (S_k Δ)ᵀ: C × v
+        ok &= torch.equal(lhs, rhs) and in_range
+    return bool(ok)
 
 
 def _freivalds(result: torch.Tensor, left: torch.Tensor, right: torch.Tensor, shape: tuple, rounds: int,
@@ -519,15 +597,7 @@ def _freivalds(result: torch.Tensor, left: torch.Tensor, right: torch.Tensor, sh
     # vectors on the side that keeps the big stored matrices the right operand of each integer
     # matmul (`ring_matmul`): from the left unless the left factor is a transposed view
     from_left = left.is_contiguous() or not left.mT.is_contiguous()
-    bound = top_left * top_right * terms
-    if bound >= 1 << 62:
-        raise RingOverflow("a product's bound leaves no room for its check")
-    in_range = True
-    if result.numel():
-        low, high = torch.aminmax(result)
-        in_range = -bound <= int(low) and int(high) <= bound
-    bits = 64 - max(1, bound.bit_length())
-    vectors = -(-rounds // bits)
+    in_range, vectors = _bounded(result, top_left * top_right * terms, rounds)
     # both checks always run: how long a refusal takes must not depend on which one refused
     # (whether a lie left the bound depends on the data)
     if from_left:  # sᵀ·result = (sᵀ·left)·right
@@ -547,7 +617,10 @@ def combine_forward(op: Opened, answers: dict[int, tuple], rounds: int = 16) -> 
     if not _fits(answers, shapes):
         return None
     total = (answers[1][0] + answers[2][0]).add_(answers[3][0])
-    if not _freivalds(total, op.enc_a, op.enc_b, shapes[0], rounds, Randomness(), op.max_a, op.max_b):
+    if op.conv is not None:
+        if not _conv_checks(op, rounds, Randomness(), c=total):
+            return None
+    elif not _freivalds(total, op.enc_a, op.enc_b, shapes[0], rounds, Randomness(), op.max_a, op.max_b):
         return None
     return decode_scaled(total, op.scale_a + op.scale_b, op.dtype)
 
@@ -562,8 +635,11 @@ def combine_backward(op: Opened, answers: dict[int, tuple], rounds: int = 16) ->
     da = (answers[1][0] + answers[2][0]).add_(answers[3][0])
     db = (answers[1][1] + answers[2][1]).add_(answers[3][1])
     rng = Randomness()
-    if not (_freivalds(da, op.enc_d, op.enc_b.mT, shapes[0], rounds, rng, op.max_d, op.max_b)
-            and _freivalds(db, op.enc_a.mT, op.enc_d, shapes[1], rounds, rng, op.max_a, op.max_d)):
+    if op.conv is not None:
+        if not _conv_checks(op, rounds, rng, dx=da, dw=db):
+            return None
+    elif not (_freivalds(da, op.enc_d, op.enc_b.mT, shapes[0], rounds, rng, op.max_d, op.max_b)
+              & _freivalds(db, op.enc_a.mT, op.enc_d, shapes[1], rounds, rng, op.max_a, op.max_d)):
         return None
     return (decode_scaled(da, op.scale_d + op.scale_b, op.dtype), decode_scaled(db, op.scale_a + op.scale_d, op.dtype))
 
@@ -575,6 +651,9 @@ def honest_answer_check(op: Opened, role: int, answer: tuple, backward: bool, ro
     shapes = answer_shapes(op, backward)
     if len(answer) != len(shapes) or any(t.dtype != torch.int64 or tuple(t.shape) != s for t, s in zip(answer, shapes)):
         return False
+    if op.conv is not None:  # recomputed: rare, and exact (a pool's whole work)
+        owed = pool_answer(op.requests[role], op.grad_requests[role] if backward else None)
+        return all(torch.equal(t, o) for t, o in zip(answer, owed))
     fwd = op.requests[role]
     u, v = _pool_masks(fwd[0])
     e, f = fwd[1] if role != 3 else (None, None)

@@ -60,8 +60,9 @@ class TrainConfig:
     key_refresh: str = "step"
     masking: str = protection.DEFAULT  # a preset of tempo.enclave.protection: paper, head, edges, mixed
     # "masking" (the preset above) or "shares": every product secret-shared across three relay
-    # pools (tempo.enclave.pools); `relays` is then relays per pool
-    protection: str = "masking"
+    # pools (tempo.enclave.pools); `relays` is then relays per pool. "auto": shares wherever the
+    # three pools are configured (their keys, `pool_keys`), else the masking
+    protection: str = "auto"
     pool_keys: str | None = None  # shares with a separately started off-loader: DIR/p1.key, p2.key, p3.key
     key_space: str | None = None  # the preset's unless given: int:K, signed-int:K, continuous:K
     mix: int | None = None  # orthogonal mixing blocks on every key (the preset's unless given; 0: none)
@@ -103,6 +104,11 @@ class TrainConfig:
             except ValueError as exc:
                 raise ConfigError("inject_fault", str(exc)) from None
         return self
+
+    def uses_shares(self) -> bool:
+        """Whether this run secret-shares its products: asked for, or, by default, wherever the
+        three pools are configured (the shares mode met its cost goal: README)."""
+        return self.protection == "shares" or (self.protection == "auto" and self.pool_keys is not None)
 
     def masking_preset(self) -> protection.Masking:
         """The masking this run uses: its preset with the options given on top."""
@@ -194,7 +200,7 @@ FIELDS: dict[str, Field] = {
     "mode": Field(str, choices=("tempo", "plain")),
     "key_refresh": Field(str, choices=("step", "epoch")),
     "masking": Field(str, choices=tuple(protection.PRESETS)),
-    "protection": Field(str, choices=("masking", "shares")),
+    "protection": Field(str, choices=("auto", "masking", "shares")),
     "pool_keys": Field(str, optional=True),
     "key_space": Field(str, optional=True),
     "mix": _int(0, optional=True),
@@ -466,7 +472,7 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
     steps_per_epoch = -(-n // cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     masking = cfg.masking_preset()
-    shared = cfg.protection == "shares"
+    shared = cfg.uses_shares()
     kept = () if shared else masking.keep  # shares hide every product: nothing need stay in the enclave
     products = max(1, offloaded_products(model) - len(kept))  # L in Theorem V.2: what is offloaded
     if log and cfg.mode == "tempo":  # once: what this protection leaks, measured, or the mode's premise

@@ -301,7 +301,7 @@ class Relay:
                                                "request": header}, list(tensors))
         try:
             out = pool_answer(forward, backward)
-        except (KeyError, TypeError, IndexError) as exc:
+        except (KeyError, TypeError, IndexError, ValueError) as exc:
             raise ProtocolError(f"a sealed request does not describe a pool product ({type(exc).__name__})") from None
         out = self._ring_lie(list(out))
         what = "answer-backward" if backward else "answer-forward"
