@@ -138,16 +138,24 @@ def shares_records(root: str | Path, job: str | None = None) -> list[dict]:
     return out
 
 
-def _paper_layout(header: dict, x, w, g):
+def _paper_layout(header: dict, x, w, g, plaintext: bool):
     """A convolution's request (images, ``W`` as C·kh·kw × out, ``Δ`` as patch rows × out) in
     the paper's layout, the one the CNN attacks read: ``W`` (out × C·kh·kw) times each image's
-    patches (n × C·kh·kw × positions), ``Δ`` (n × out × positions). Unfolding and reshaping
-    only: nothing is added to or taken from the view."""
+    patches (n × C·kh·kw × positions), ``Δ`` (n × out × positions). The pool never receives the
+    padding (it pads by itself, a public geometry): in a pool's own view the padded positions
+    are uniform ring values, as the opened patch rows would show them, and zeros only in the
+    `plaintext` a collusion rebuilds. Nothing about the data is added to or taken from the view."""
     from tempo.enclave import im2col
+    from tempo.enclave.shares import Randomness
 
-    conv = im2col.check_conv(header["conv"])
-    n = x.shape[0]
-    patches = im2col.patch_rows(x, conv).view(n, -1, w.shape[0]).transpose(1, 2)
+    kh, kw, dh, dw, ph, pw, sh, sw = im2col.check_conv(header["conv"])
+    n, c, h, wd = x.shape
+    if plaintext:
+        padded = torch.zeros((n, c, h + 2 * ph, wd + 2 * pw), dtype=x.dtype)
+    else:
+        padded = Randomness().uniform((n, c, h + 2 * ph, wd + 2 * pw)).to(x.dtype)
+    padded[:, :, ph:ph + h, pw:pw + wd] = x
+    patches = im2col.patch_rows(padded, (kh, kw, dh, dw, 0, 0, sh, sw)).view(n, -1, w.shape[0]).transpose(1, 2)
     grads = None if g is None else g.view(n, -1, g.shape[-1]).transpose(1, 2)
     return w.t(), patches, grads
 
@@ -193,7 +201,7 @@ def pools_view(records: list[dict], pools: tuple[str, ...], roles: dict[str, int
             if g is not None and set(entry["grad_seeds"]) == {1, 2}:
                 g = g + sum(sh._expand(entry["grad_seeds"][i], g.shape)[0] for i in (1, 2))
         if "conv" in entry["header"]:
-            e, f, g = _paper_layout(entry["header"], e, f, g)
+            e, f, g = _paper_layout(entry["header"], e, f, g, plaintext=colluding and set(entry["seeds"]) == {1, 2})
         products.append(ProductView(*key, a=e.double(), b=f.double(), e=None if g is None else g.double(),
                                     relay="+".join(pools)))
     what = ("the plaintext of every product, up to a power of two per operand (a collusion)" if colluding and products
