@@ -85,6 +85,16 @@ def test_bench_train_puts_the_modes_side_by_side(tmp_path):
     total = sum(tempo["breakdown"].values())
     assert abs(total - tempo["mean_step_s"]) < 1e-3 * max(1.0, total)
     assert figures["tempo_over_plain_cpu"] == pytest.approx(tempo["step_s"] / plain["step_s"], rel=1e-3)
+    # enclave work, its ratio to a pure-TEE step and its inverse, the floor: the bytes the
+    # enclave must touch (each byte sent or received read and written once) at copy bandwidth
+    work = figures["enclave_work_s"]
+    assert work == pytest.approx(tempo["mean_step_s"] - tempo["breakdown"]["transfer_wait"], abs=1e-5)
+    assert figures["projected_speedup_ideal_relays"] == pytest.approx(plain["step_s"] / work, rel=1e-2)
+    moved = 2e6 * (tempo["relays"]["mb_sent"] + tempo["relays"]["mb_received"])
+    assert figures["copy_bandwidth_gb_s"] > 0
+    assert figures["enclave_floor_s"] == pytest.approx(moved / (figures["copy_bandwidth_gb_s"] * 1e9), rel=1e-2)
+    assert figures["enclave_work_over_floor"] == pytest.approx(work / figures["enclave_floor_s"], rel=1e-2)
+    assert "projected speed-up over pure TEE with ideal relays" in result.output
     if torch.cuda.is_available():
         assert figures["modes"]["plain-cuda"]["step_s"] > 0 and figures["tempo_over_plain_cuda"]
     else:

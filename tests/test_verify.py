@@ -248,3 +248,46 @@ def test_a_precomputed_operand_bound_gives_the_same_verdict(summed):
     assert freivalds_check(a, b, c, 20, ab=ab, summed=summed).ok
     with pytest.raises(ValueError, match="does not belong"):
         freivalds_check(a, b, c, 20, ab=ab[..., :2], summed=summed)
+
+
+@pytest.mark.parametrize("rounds,low,high", [(1, 0.42, 0.58), (3, 0.82, 0.93)])
+def test_a_change_just_above_the_tolerance_is_caught_at_the_stated_rate(rounds, low, high):
+    """One entry off by 2.05× its row's tolerance: each 0/1 vector catches it exactly when it
+    picks that column, so k vectors catch it with probability 1 − 2⁻ᵏ (fixed seeds)."""
+    rng = random.Random(11)
+    a, b, c = honest(24, 16, 12)
+    caught = 0
+    trials = 400
+    for _ in range(trials):
+        index = (rng.randrange(24), rng.randrange(12))
+        bad = _bump_beyond_tolerance(a, b, c, index, factor=2.05)
+        caught += not freivalds_check(a, b, bad, rounds=rounds, random_bytes=rng.randbytes).ok
+    assert low <= caught / trials <= high, caught / trials
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_bounds_kernel_is_abs_times_vector_in_every_layout_it_takes(dtype):
+    """`|A| v` by the C kernel: row-stored and transposed (column-stored) matrices, batches with a
+    shared or a per-slice vector; views it cannot read go to torch. Always equal to |A| @ v."""
+    from tempo.enclave import verify
+    from tempo.enclave.obfuscation import _kernel
+
+    if _kernel is None or not hasattr(_kernel, "abs_matvec"):
+        pytest.skip("the C kernel is not built here")
+    g = torch.Generator().manual_seed(5)
+    rel = 1e-5 if dtype == torch.float32 else 1e-12
+    cases = [(torch.randn(300, 70, dtype=dtype, generator=g), (70, 1)),
+             (torch.randn(3, 41, 9, dtype=dtype, generator=g), (9, 1)),
+             (torch.randn(3, 41, 9, dtype=dtype, generator=g), (3, 9, 1)),
+             (torch.randn(70, 300, dtype=dtype, generator=g).mT, (70, 1)),
+             (torch.randn(2, 9, 41, dtype=dtype, generator=g).mT, (2, 9, 1)),
+             (torch.randn(1, 5, dtype=dtype, generator=g), (5, 1))]
+    for a, vshape in cases:
+        v = torch.rand(vshape, dtype=dtype, generator=g)
+        got = verify._kernel_abs_matvec(a, v)
+        assert got is not None and torch.allclose(got, a.abs() @ v, rtol=rel, atol=0), (tuple(a.shape), vshape)
+    wide = torch.randn(40, 1, dtype=dtype).expand(40, 30)  # rows that overlap in memory
+    assert verify._kernel_abs_matvec(wide, torch.ones(30, 1, dtype=dtype)) is None
+    assert torch.allclose(verify._abs_matvec(wide, torch.ones(30, 1, dtype=dtype)), wide.abs().sum(-1, keepdim=True))
+    many = torch.randn(20, 4, 3, dtype=dtype)  # more slices than the kernel takes: torch
+    assert verify._kernel_abs_matvec(many, torch.ones(3, 1, dtype=dtype)) is None

@@ -270,6 +270,28 @@ def _shares(model_name, shape, classes, width, batch, steps, warmup, relays, dev
                       note=f"three pools of {relays} relay(s); {len(shapes)} products per step")
 
 
+def copy_bandwidth(nbytes: int = 256 << 20, repeat: int = 3) -> float:
+    """This machine's copy bandwidth in bytes touched per second (a copy reads and writes each
+    byte: 2·size per copy), best of `repeat` copies of `nbytes`, from pages already touched."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # fault the pages in
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+def floor_bytes(sent: float, received: float) -> float:
+    """The bytes the enclave must touch per step at the least: every byte it sends is read from
+    its plaintext source and written masked (or opened), every byte that comes back is read and
+    written as a result: ``2 · (sent + received)``. Verification, encoding and the layers it
+    keeps come on top unless they ride along those passes."""
+    return 2.0 * (sent + received)
+
+
 def run(model: str = "resnet18", batch_size: int = 32, steps: int = 3, modes=MODES, relays: int = 2,
         device: str = "cpu", pipeline: bool = True, width: int | None = None,
         shape: tuple[int, ...] = (3, 32, 32), classes: int = 10, warmup: int = 1, arena_mb: int = 4096,
@@ -316,6 +338,20 @@ def run(model: str = "resnet18", batch_size: int = 32, steps: int = 3, modes=MOD
     enclave_work = work("tempo")
     shares_work = work("shares")
     plain_cpu = results["plain-cpu"].step_s if "plain-cpu" in results else None
+    bandwidth = copy_bandwidth() if enclave_work is not None or shares_work is not None else None
+
+    def floor(mode: str) -> float | None:  # seconds the enclave's bytes take at copy bandwidth
+        r = results.get(mode)
+        if r is None or r.step_s is None or not bandwidth:
+            return None
+        sent, received = ((r.relays["mb_sent"] * 1e6, r.relays["mb_received"] * 1e6) if mode == "tempo"
+                          else (r.relays["bytes_sent"], r.relays["bytes_received"]))
+        return round(floor_bytes(sent, received) / bandwidth, 6)
+
+    def over(a, b):
+        return round(a / b, 4) if a is not None and b else None
+
+    enclave_floor, shares_floor = floor("tempo"), floor("shares")
     return {
         "model": model, "width": width, "batch_size": batch_size, "steps": steps, "warmup": warmup,
         "shape": list(shape), "relays": relays, "device": device, "pipeline": pipeline,
@@ -328,10 +364,19 @@ def run(model: str = "resnet18", batch_size: int = 32, steps: int = 3, modes=MOD
         # the enclave's own work per step (the step less the time blocked on replies) over a whole
         # pure-TEE step: its inverse is the speed-up infinitely fast relays would give (SPEC §11)
         "enclave_work_s": enclave_work,
-        "enclave_work_over_plain_cpu": (round(enclave_work / plain_cpu, 4)
-                                        if enclave_work is not None and plain_cpu else None),
+        "enclave_work_over_plain_cpu": over(enclave_work, plain_cpu),
+        # what infinitely fast relays would make of a pure-TEE step: pure-TEE step ÷ enclave work
+        "projected_speedup_ideal_relays": over(plain_cpu, enclave_work),
+        # the floor: the bytes the enclave must touch per step (`floor_bytes`) at this machine's
+        # copy bandwidth; enclave work ÷ floor says how close the work is to that limit
+        "copy_bandwidth_gb_s": round(bandwidth / 1e9, 3) if bandwidth else None,
+        "enclave_floor_s": enclave_floor,
+        "enclave_work_over_floor": over(enclave_work, enclave_floor),
         "shares_enclave_work_s": shares_work,
-        "shares_enclave_work_over_plain_cpu": round(shares_work / plain_cpu, 4) if shares_work is not None and plain_cpu else None,
+        "shares_enclave_work_over_plain_cpu": over(shares_work, plain_cpu),
+        "shares_projected_speedup_ideal_relays": over(plain_cpu, shares_work),
+        "shares_enclave_floor_s": shares_floor,
+        "shares_enclave_work_over_floor": over(shares_work, shares_floor),
         # the shares mode's goal (issue 15): at most 2x the masking's enclave work
         "shares_over_masking_enclave_work": (round(shares_work / enclave_work, 4)
                                              if shares_work is not None and enclave_work else None),
@@ -368,6 +413,14 @@ def table(figures: dict) -> str:
                        ("shares_over_masking_enclave_work", "enclave work, shares / masking")):
         if figures.get(key) is not None:
             lines.append(f"  {label}: {figures[key]:.2f}")
+    for prefix, what in (("", "masking"), ("shares_", "shares")):
+        if figures.get(f"{prefix}enclave_floor_s") is not None:
+            speedup = figures.get(f"{prefix}projected_speedup_ideal_relays")
+            lines.append(f"  {what}: projected speed-up over pure TEE with ideal relays "
+                         f"{speedup if speedup is not None else float('nan'):.2f}x; floor "
+                         f"{figures[f'{prefix}enclave_floor_s']:.3f}s (the bytes it must touch at "
+                         f"{figures['copy_bandwidth_gb_s']:.1f} GB/s), work = "
+                         f"{figures[f'{prefix}enclave_work_over_floor']:.1f}x the floor")
     return "\n".join(lines)
 
 
@@ -392,6 +445,10 @@ def plot(figures: dict, path: str) -> None:
                 continue
             ax.barh(row, v, left=left, color=colors[ci % len(colors)], label=cat)
             left += v
+        floor = figures.get({"tempo": "enclave_floor_s", "shares": "shares_enclave_floor_s"}.get(mode, ""))
+        if floor:  # the enclave's floor: its bytes at copy bandwidth
+            ax.plot([floor, floor], [row - 0.45, row + 0.45], color="black", linewidth=2,
+                    label="enclave floor (bytes at copy bandwidth)")
     ax.set_yticks(range(len(modes)), [m for m, _ in modes])
     ax.set_xlabel("seconds per training step (mean)")
     ax.set_title(f"{figures['model']}, batch {figures['batch_size']}, {figures['relays']} relay(s) on "

@@ -38,6 +38,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <pthread.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -442,6 +443,133 @@ static PyObject *scaled_gather(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* |A| v and |A|ᵀ w without materialising |A|: the rounding bounds of Freivalds' checks
+ * (tempo/enclave/verify.py, `operand_bound`). One streaming read of A, the absolute value and
+ * the multiply-add in registers: torch's composition (a chunk's abs into a buffer, then a GEMV)
+ * runs at about a third of a plain read's bandwidth. `src` is rows × cols with unit column
+ * stride and row stride s_row. Not transposed: out[i] = sum_j |src[i,j]|·v[j], rows split over
+ * threads. Transposed: out[j] = sum_i |src[i,j]|·v[i]; each thread sums its rows into its own
+ * partial vector, and the partials are added in thread order (the same result for the same
+ * thread count). Sums in the source's precision, in a fixed order per thread; the caller's
+ * bound has slack for its own rounding. */
+typedef struct {
+    const char *src;
+    const char *v;
+    char *out; /* not transposed: rows; transposed: this thread's partial, cols */
+    int64_t rows, cols, s_row, begin, end;
+    int transposed, dtype;
+} absmv_t;
+
+#define DEFINE_ABSMV(NAME, T, ABS)                                                        \
+    static void NAME(const absmv_t *jb) {                                                 \
+        const T *v = (const T *)jb->v;                                                    \
+        T *out = (T *)jb->out;                                                            \
+        const int64_t cols = jb->cols;                                                    \
+        if (!jb->transposed) {                                                            \
+            for (int64_t i = jb->begin; i < jb->end; ++i) {                               \
+                const T *row = (const T *)jb->src + i * jb->s_row;                        \
+                T acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                      \
+                int64_t j = 0;                                                            \
+                for (; j + 8 <= cols; j += 8)                                             \
+                    for (int q = 0; q < 8; ++q) acc[q] += ABS(row[j + q]) * v[j + q];     \
+                T total = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])); \
+                for (; j < cols; ++j) total += ABS(row[j]) * v[j];                        \
+                out[i] = total;                                                           \
+            }                                                                             \
+        } else {                                                                          \
+            for (int64_t j = 0; j < cols; ++j) out[j] = 0;                                \
+            for (int64_t i = jb->begin; i < jb->end; ++i) {                               \
+                const T *row = (const T *)jb->src + i * jb->s_row;                        \
+                const T w = v[i];                                                         \
+                for (int64_t j = 0; j < cols; ++j) out[j] += ABS(row[j]) * w;             \
+            }                                                                             \
+        }                                                                                 \
+    }
+DEFINE_ABSMV(absmv_f32, float, fabsf)
+DEFINE_ABSMV(absmv_f64, double, fabs)
+
+static void *run_absmv(void *arg) {
+    const absmv_t *jb = (const absmv_t *)arg;
+    if (jb->dtype == 0)
+        absmv_f32(jb);
+    else
+        absmv_f64(jb);
+    return NULL;
+}
+
+static PyObject *abs_matvec(PyObject *Py_UNUSED(self), PyObject *args) {
+    int dtype, transposed, nthreads;
+    unsigned long long out, src, v, scratch;
+    long long rows, cols, s_row;
+    if (!PyArg_ParseTuple(args, "iKKKLLLpKi", &dtype, &out, &src, &v, &rows, &cols, &s_row, &transposed,
+                          &scratch, &nthreads))
+        return NULL;
+    if (dtype != 0 && dtype != 1) {
+        PyErr_SetString(PyExc_ValueError, "dtype code must be 0 (float32) or 1 (float64)");
+        return NULL;
+    }
+    if (rows <= 0 || cols <= 0) Py_RETURN_NONE;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    if (rows < nthreads) nthreads = (int)rows;
+    const size_t esize = dtype == 0 ? sizeof(float) : sizeof(double);
+    absmv_t jobs[MAX_THREADS];
+    for (int k = 0; k < nthreads; ++k) {
+        absmv_t *jb = &jobs[k];
+        jb->src = (const char *)(uintptr_t)src;
+        jb->v = (const char *)(uintptr_t)v;
+        /* transposed: thread 0 writes `out`, the others their slice of `scratch` (cols each) */
+        jb->out = !transposed ? (char *)(uintptr_t)out
+                  : k == 0    ? (char *)(uintptr_t)out
+                              : (char *)(uintptr_t)scratch + (size_t)(k - 1) * (size_t)cols * esize;
+        jb->rows = rows;
+        jb->cols = cols;
+        jb->s_row = s_row;
+        jb->begin = rows * k / nthreads;
+        jb->end = rows * (k + 1) / nthreads;
+        jb->transposed = transposed;
+        jb->dtype = dtype;
+    }
+    Py_BEGIN_ALLOW_THREADS
+#ifdef _OPENMP
+    if (nthreads > 1) {
+#pragma omp parallel num_threads(nthreads)
+        {
+            const int nt = omp_get_num_threads();
+            for (int k = omp_get_thread_num(); k < nthreads; k += nt) run_absmv(&jobs[k]);
+        }
+    } else {
+        run_absmv(&jobs[0]);
+    }
+#else
+    pthread_t tids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int k = 1; k < nthreads; ++k)
+        started[k] = pthread_create(&tids[k], NULL, run_absmv, &jobs[k]) == 0;
+    run_absmv(&jobs[0]);
+    for (int k = 1; k < nthreads; ++k) {
+        if (started[k])
+            pthread_join(tids[k], NULL);
+        else
+            run_absmv(&jobs[k]);
+    }
+#endif
+    if (transposed) /* the partials, added in thread order */
+        for (int k = 1; k < nthreads; ++k) {
+            if (dtype == 0) {
+                float *o = (float *)(uintptr_t)out;
+                const float *p = (const float *)jobs[k].out;
+                for (int64_t j = 0; j < cols; ++j) o[j] += p[j];
+            } else {
+                double *o = (double *)(uintptr_t)out;
+                const double *p = (const double *)jobs[k].out;
+                for (int64_t j = 0; j < cols; ++j) o[j] += p[j];
+            }
+        }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *use_tiles(PyObject *Py_UNUSED(self), PyObject *args) {
     int on;
     if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
@@ -468,6 +596,10 @@ static PyMethodDef methods[] = {
      "row_scale, row_key_stride, col_idx, col_scale, col_key_stride, nthreads, stream): "
      "out[b,i,j] = (row_scale[i] * col_scale[j]) * src[b, row_idx[i], col_idx[j]] (raw "
      "pointers, int32 indices; the caller validates everything)."},
+    {"abs_matvec", abs_matvec, METH_VARARGS,
+     "abs_matvec(dtype, out, src, v, rows, cols, s_row, transposed, scratch, nthreads): out = |src| v "
+     "(or |src|^T v when transposed; scratch then holds (nthreads - 1) * cols partials). Raw pointers; "
+     "the caller validates everything."},
     {"uses_openmp", uses_openmp, METH_NOARGS, "Whether threads come from OpenMP (else pthreads)."},
     {"use_tiles", use_tiles, METH_VARARGS,
      "use_tiles(on) -> bool: switch the transposed-tile float32 path (default on); returns the "

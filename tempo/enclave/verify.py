@@ -186,7 +186,12 @@ def _matmul(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _abs_matvec(a: torch.Tensor, v: torch.Tensor, chunk_bytes: int = 1 << 22) -> torch.Tensor:
-    """``|A| @ v`` without materialising ``|A|``: row chunks of about `chunk_bytes` stay in cache."""
+    """``|A| @ v`` without materialising ``|A|``: by the C kernel (`_kernel_abs_matvec`) in one
+    streaming read where it applies, else in row chunks of about `chunk_bytes` that stay in
+    cache."""
+    out = _kernel_abs_matvec(a, v)
+    if out is not None:
+        return out
     rows = a.shape[-2]
     per_row = max(a.shape[-1] * a.element_size(), 1)
     step = max(1, chunk_bytes // per_row)
@@ -194,6 +199,46 @@ def _abs_matvec(a: torch.Tensor, v: torch.Tensor, chunk_bytes: int = 1 << 22) ->
         return _matmul(a.abs(), v)
     parts = [_matmul(a[..., i : i + step, :].abs(), v) for i in range(0, rows, step)]
     return torch.cat(parts, dim=-2)
+
+
+_KERNEL_SLICES = 8  # batched operands with more slices than this (attention) go by torch
+
+
+def _kernel_abs_matvec(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """``|A| @ v`` (v: (…, n, 1)) by the C kernel (`tempo.enclave._gather.abs_matvec`) when `A`
+    is a CPU float32/float64 matrix, or a batch of few, whose rows or columns are stored with
+    unit stride (a transposed view is read by the kernel's transposed loop, in stored order);
+    None otherwise (the caller's torch path)."""
+    from tempo.enclave.obfuscation import _KERNEL_DTYPES, _PARALLEL_MIN_ELEMENTS, _kernel
+
+    if (_kernel is None or not hasattr(_kernel, "abs_matvec") or not a.is_cpu or a.dtype not in _KERNEL_DTYPES
+            or v.dtype != a.dtype or v.shape[-1] != 1 or a.dim() < 2 or a.numel() == 0):
+        return None
+    m, n = a.shape[-2:]
+    batch = torch.broadcast_shapes(a.shape[:-2], v.shape[:-2])
+    slices = math.prod(batch)
+    if slices > _KERNEL_SLICES or tuple(v.shape[-2:]) != (n, 1):
+        return None
+    if a.stride(-1) == 1 or n == 1:
+        transposed, src_of = False, lambda x: x
+    elif a.stride(-2) == 1:
+        transposed, src_of = True, lambda x: x.mT  # (n, m), rows stored in order
+    else:
+        return None
+    a_b, v_b = a.expand(*batch, m, n), v.expand(*batch, n, 1)
+    out = torch.empty((*batch, m, 1), dtype=a.dtype)
+    threads = torch.get_num_threads() if m * n >= _PARALLEL_MIN_ELEMENTS else 1
+    for idx in np.ndindex(*batch) if batch else [()]:
+        src = src_of(a_b[idx])
+        vec = v_b[idx].reshape(-1).contiguous()
+        rows, cols = src.shape
+        if rows > 1 and src.stride(0) < cols:
+            return None  # rows that overlap (a broadcast view): not for the kernel
+        scratch = torch.empty((max(threads - 1, 0) * cols if transposed else 0) or 1, dtype=a.dtype)
+        dst = out[idx]
+        _kernel.abs_matvec(_KERNEL_DTYPES[a.dtype], dst.data_ptr(), src.data_ptr(), vec.data_ptr(), rows, cols,
+                           src.stride(0) if rows > 1 else cols, transposed, scratch.data_ptr(), threads)
+    return out
 
 
 def random_bits(shape: tuple[int, ...], random_bytes: RandomBytes = os.urandom) -> np.ndarray:
