@@ -346,7 +346,7 @@ def run(model: str = "resnet18", batch_size: int = 32, steps: int = 3, modes=MOD
             return None
         sent, received = ((r.relays["mb_sent"] * 1e6, r.relays["mb_received"] * 1e6) if mode == "tempo"
                           else (r.relays["bytes_sent"], r.relays["bytes_received"]))
-        return round(floor_bytes(sent, received) / bandwidth, 6)
+        return round(floor_bytes(sent, received) / bandwidth, 9)
 
     def over(a, b):
         return round(a / b, 4) if a is not None and b else None
