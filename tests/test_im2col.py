@@ -31,6 +31,12 @@ def test_patch_rows_and_their_fold_are_unfold_and_fold_and_the_checks_products_a
     rows = im2col.patch_rows(x, conv)
     assert torch.equal(rows, want.transpose(1, 2).reshape(-1, want.shape[1]))
     assert rows.shape == im2col.rows_shape(tuple(x.shape), conv)
+    assert torch.equal(im2col._patch_rows_torch(x, conv), rows)  # the kernel's and torch's paths agree
+    xg = x.clone().requires_grad_()
+    g_rows = torch.randn(rows.shape, generator=g, dtype=torch.float64).float()
+    im2col.patch_rows(xg, conv).backward(g_rows)  # differentiable: the backward is the fold
+    assert torch.allclose(xg.grad, F.fold(g_rows.view(2, -1, rows.shape[1]).transpose(1, 2), (9, 10), k, dilation=d,
+                                          padding=p, stride=s), atol=1e-5)
     # in the ring: int64 with wrapping sums, as the shares mode's pools and checks use them
     xi = torch.randint(-2**62, 2**62, x.shape, generator=g)
     ri = im2col.patch_rows(xi, conv)
