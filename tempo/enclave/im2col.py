@@ -57,8 +57,10 @@ def _kernel():
 def _by_kernel(fold: bool, src: torch.Tensor, x_shape: tuple, conv: Conv) -> torch.Tensor | None:
     """The C kernel's patch rows of `src` (NCHW), or fold of rows `src` (None: not for it)."""
     kernel = _kernel()
+    # a 1×1 kernel's rows are a permuted copy, which torch does faster (the kernel would read the
+    # images across channels, H·W apart, for every row)
     if (kernel is None or not src.is_cpu or src.dtype not in _KERNEL_DTYPES or not src.is_contiguous()
-            or src.numel() == 0):
+            or src.numel() == 0 or conv[0] * conv[1] == 1):
         return None
     n, c, h, w = x_shape
     ho, wo = out_size(h, w, conv)
@@ -90,7 +92,8 @@ def patch_rows(x: torch.Tensor, conv: Conv) -> torch.Tensor:
     By the C kernel (rows written in order, about 3× torch's composition) for CPU float32,
     float64 and int64 images, differentiable; else windows as strided views of the (zero-padded)
     input and one reshape."""
-    if x.dim() == 4 and x.is_cpu and x.dtype in _KERNEL_DTYPES and x.numel() and _kernel() is not None:
+    if (x.dim() == 4 and x.is_cpu and x.dtype in _KERNEL_DTYPES and x.numel() and conv[0] * conv[1] > 1
+            and _kernel() is not None):
         if x.requires_grad and torch.is_grad_enabled():
             return _PatchRows.apply(x, tuple(conv))
         out = _by_kernel(False, x.contiguous(), tuple(x.shape), conv)
