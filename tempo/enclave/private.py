@@ -266,14 +266,18 @@ class PrivateContext:
 
 
 class OffloadedMatmul(torch.autograd.Function):
-    """``A @ B`` computed by the engine, forward and backward (one encryption of ``Δᵀ`` back)."""
+    """``A @ B`` computed by the engine, forward and backward (one encryption of ``Δᵀ`` back).
+    With `conv` (an engine that unfolds the images itself, `conv_forward`: the shares mode),
+    ``A`` is a convolution's images and the product ``patch_rows(A) @ B``; ``dL/dA`` comes
+    back folded, in the images' shape."""
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor, pctx: PrivateContext, track: bool,
-                weight: Weight | None = None) -> torch.Tensor:
+                weight: Weight | None = None, conv: tuple | None = None) -> torch.Tensor:
         bind = pctx.next_bind()
         a_, b_ = a.detach(), b.detach()  # views are fine: masking reads strided rows
-        c = pctx.engine.forward(a_, b_, bind, weight=weight)
+        c = (pctx.engine.conv_forward(a_, b_, conv, bind) if conv is not None
+             else pctx.engine.forward(a_, b_, bind, weight=weight))
         ctx.bind, ctx.pctx = bind, pctx
         if track:  # a backward can come: keep the operands (here and on the relay) until then
             pctx._open.add(bind)
@@ -286,7 +290,7 @@ class OffloadedMatmul(torch.autograd.Function):
         ctx.pctx._open.discard(ctx.bind)
         # engines return each gradient in its operand's shape (relays sum broadcast slices)
         da, db = ctx.pctx.engine.backward(grad_c.contiguous(), ctx.bind)
-        return da, db, None, None, None
+        return da, db, None, None, None, None
 
 
 def private_matmul(a: torch.Tensor, b: torch.Tensor, pctx: PrivateContext, weight: Weight | None = None) -> torch.Tensor:
@@ -295,28 +299,6 @@ def private_matmul(a: torch.Tensor, b: torch.Tensor, pctx: PrivateContext, weigh
     layer's weight (see `Weight`)."""
     track = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
     return OffloadedMatmul.apply(a, b, pctx, track, weight)
-
-
-class OffloadedConv(torch.autograd.Function):
-    """A convolution's ``patch_rows(x) · W`` by an engine that unfolds the images itself
-    (`conv_forward`: the shares mode); its backward gives ``dL/dx`` folded, in x's shape."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, conv: tuple, pctx: PrivateContext, track: bool) -> torch.Tensor:
-        bind = pctx.next_bind()
-        c = pctx.engine.conv_forward(x.detach(), w.detach(), conv, bind)
-        ctx.bind, ctx.pctx = bind, pctx
-        if track:
-            pctx._open.add(bind)
-        else:
-            pctx.engine.release(bind)
-        return c
-
-    @staticmethod
-    def backward(ctx, grad_c: torch.Tensor):
-        ctx.pctx._open.discard(ctx.bind)
-        dx, dw = ctx.pctx.engine.backward(grad_c.contiguous(), ctx.bind)
-        return dx, dw, None, None, None
 
 
 class PrivateLinear(nn.Module):
@@ -408,8 +390,9 @@ class PrivateConv2d(nn.Module):
         wo = (w + 2 * pw - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
         conv = (kh, kw, *self.dilation, ph, pw, *self.stride)
         if g == 1 and hasattr(self.pctx.engine, "conv_forward"):  # the engine unfolds (the shares mode)
-            y = OffloadedConv.apply(x, self.weight.reshape(out_ch, -1).t(), conv, self.pctx,
-                                    torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+            w = self.weight.reshape(out_ch, -1).t()
+            y = OffloadedMatmul.apply(x, w, self.pctx, torch.is_grad_enabled() and (x.requires_grad or w.requires_grad),
+                                      None, conv)
             y = y.view(n, -1, out_ch).transpose(1, 2)  # (n, out, L)
         elif g == 1 and self.pctx.patch_rows:
             rows = im2col.patch_rows(x, conv)  # (n·L, in·kh·kw)
