@@ -361,6 +361,39 @@ static void *run_task(void *arg) {
 
 #define MAX_THREADS 256
 
+/* Runs fn on each of `count` jobs laid out `stride` bytes apart, with the GIL released by the
+ * caller. With OpenMP: torch is imported first and its bundled runtime has the soname
+ * libgomp.so.1, so this resolves to torch's own OpenMP pool: its workers are already up (often
+ * spinning after torch's last parallel op) and take the work at once, instead of our threads
+ * fighting them for the cores. If the runtime gives fewer threads, each takes several jobs.
+ * Without OpenMP: POSIX threads; job 0 runs on the calling thread, and a job whose thread cannot
+ * be created runs there too, so the work is complete either way. */
+static void run_jobs(void *(*fn)(void *), char *jobs, size_t stride, int count) {
+#ifdef _OPENMP
+    if (count > 1) {
+#pragma omp parallel num_threads(count)
+        {
+            const int nt = omp_get_num_threads();
+            for (int k = omp_get_thread_num(); k < count; k += nt) fn(jobs + (size_t)k * stride);
+        }
+    } else {
+        fn(jobs);
+    }
+#else
+    pthread_t tids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int k = 1; k < count; ++k)
+        started[k] = pthread_create(&tids[k], NULL, fn, jobs + (size_t)k * stride) == 0;
+    fn(jobs);
+    for (int k = 1; k < count; ++k) {
+        if (started[k])
+            pthread_join(tids[k], NULL);
+        else
+            fn(jobs + (size_t)k * stride);
+    }
+#endif
+}
+
 static PyObject *scaled_gather(PyObject *Py_UNUSED(self), PyObject *args) {
     int dtype, nthreads, stream;
     unsigned long long out, src, row_idx, row_scale, col_idx, col_scale;
@@ -388,10 +421,6 @@ static PyObject *scaled_gather(PyObject *Py_UNUSED(self), PyObject *args) {
     if (total < nthreads) nthreads = (int)total;
 
     task_t tasks[MAX_THREADS];
-#ifndef _OPENMP
-    pthread_t tids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-#endif
     for (int k = 0; k < nthreads; ++k) {
         job_t *jb = &tasks[k].job;
         jb->out = (char *)(uintptr_t)out;
@@ -413,33 +442,7 @@ static PyObject *scaled_gather(PyObject *Py_UNUSED(self), PyObject *args) {
         tasks[k].dtype = dtype;
     }
     Py_BEGIN_ALLOW_THREADS
-#ifdef _OPENMP
-    /* torch is imported first and its bundled runtime has the soname libgomp.so.1, so this
-     * resolves to torch's own OpenMP pool: its workers are already up (often spinning after
-     * torch's last parallel op) and take the work at once, instead of our threads fighting
-     * them for the cores. If the runtime gives fewer threads, each takes several shares. */
-    if (nthreads > 1) {
-#pragma omp parallel num_threads(nthreads)
-        {
-            const int nt = omp_get_num_threads();
-            for (int k = omp_get_thread_num(); k < nthreads; k += nt) run_task(&tasks[k]);
-        }
-    } else {
-        run_task(&tasks[0]);
-    }
-#else
-    /* Thread 0's share runs on the calling thread; if a thread cannot be created, its share
-     * runs here too, so the result is complete either way. */
-    for (int k = 1; k < nthreads; ++k)
-        started[k] = pthread_create(&tids[k], NULL, run_task, &tasks[k]) == 0;
-    run_task(&tasks[0]);
-    for (int k = 1; k < nthreads; ++k) {
-        if (started[k])
-            pthread_join(tids[k], NULL);
-        else
-            run_task(&tasks[k]);
-    }
-#endif
+    run_jobs(run_task, (char *)tasks, sizeof(task_t), nthreads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -532,29 +535,7 @@ static PyObject *abs_matvec(PyObject *Py_UNUSED(self), PyObject *args) {
         jb->dtype = dtype;
     }
     Py_BEGIN_ALLOW_THREADS
-#ifdef _OPENMP
-    if (nthreads > 1) {
-#pragma omp parallel num_threads(nthreads)
-        {
-            const int nt = omp_get_num_threads();
-            for (int k = omp_get_thread_num(); k < nthreads; k += nt) run_absmv(&jobs[k]);
-        }
-    } else {
-        run_absmv(&jobs[0]);
-    }
-#else
-    pthread_t tids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    for (int k = 1; k < nthreads; ++k)
-        started[k] = pthread_create(&tids[k], NULL, run_absmv, &jobs[k]) == 0;
-    run_absmv(&jobs[0]);
-    for (int k = 1; k < nthreads; ++k) {
-        if (started[k])
-            pthread_join(tids[k], NULL);
-        else
-            run_absmv(&jobs[k]);
-    }
-#endif
+    run_jobs(run_absmv, (char *)jobs, sizeof(absmv_t), nthreads);
     if (transposed) /* the partials, added in thread order */
         for (int k = 1; k < nthreads; ++k) {
             if (dtype == 0) {
@@ -687,30 +668,8 @@ static PyObject *conv_rows(PyObject *Py_UNUSED(self), PyObject *args) {
         jb->esize = dtype == 0 ? 4 : 8;
         jb->dtype = dtype;
     }
-    void *(*fn)(void *) = fold ? run_fold : run_patch_rows;
     Py_BEGIN_ALLOW_THREADS
-#ifdef _OPENMP
-    if (nthreads > 1) {
-#pragma omp parallel num_threads(nthreads)
-        {
-            const int nt = omp_get_num_threads();
-            for (int k = omp_get_thread_num(); k < nthreads; k += nt) fn(&jobs[k]);
-        }
-    } else {
-        fn(&jobs[0]);
-    }
-#else
-    pthread_t tids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    for (int k = 1; k < nthreads; ++k) started[k] = pthread_create(&tids[k], NULL, fn, &jobs[k]) == 0;
-    fn(&jobs[0]);
-    for (int k = 1; k < nthreads; ++k) {
-        if (started[k])
-            pthread_join(tids[k], NULL);
-        else
-            fn(&jobs[k]);
-    }
-#endif
+    run_jobs(fold ? run_fold : run_patch_rows, (char *)jobs, sizeof(conv_job_t), nthreads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
