@@ -142,8 +142,8 @@ def _capture_shares(cfg: CaptureConfig, model, split, truth: RunTruth, record_di
     `tempo.audit.view.shares_records` reads them) in place of a view; in-process, or from
     recording pool relays. As in `tempo train`, a convolution's pools get the images (their
     shares) and unfold them; the view and the truth put it in the paper's layout (weights times
-    each image's patches), the one the CNN attacks read (`tempo.audit.view._paper_layout`)."""
-    from tempo.enclave import im2col
+    each image's patches), the one the CNN attacks read (`tempo.audit.view.paper_layout`)."""
+    from tempo.audit.view import paper_grads, paper_layout
     from tempo.enclave.pools import POOL_NAMES, LocalPools, RelayPools, SharesEngine
     from tempo.enclave.private import PrivateContext
     from tempo.enclave.shares import ROLES
@@ -155,18 +155,17 @@ def _capture_shares(cfg: CaptureConfig, model, split, truth: RunTruth, record_di
             truth.products[(bind.step, bind.layer, bind.part)] = ProductTruth(a.detach().clone(), b.detach().clone())
             return super().forward(a, b, bind, weight)
 
-        def conv_forward(self, x, w, conv, bind):  # recorded as the paper's layout (`view._paper_layout`)
-            n = x.shape[0]
-            patches = im2col.patch_rows(x.detach(), conv).view(n, -1, w.shape[0]).transpose(1, 2)
-            truth.products[(bind.step, bind.layer, bind.part)] = ProductTruth(w.detach().t().clone(), patches.clone())
-            images[bind] = n
+        def conv_forward(self, x, w, conv, bind):  # recorded in the paper's layout, as the view is
+            a, b = paper_layout(x.detach(), w.detach(), conv)
+            truth.products[(bind.step, bind.layer, bind.part)] = ProductTruth(a.clone(), b.clone())
+            images[bind] = x.shape[0]
             return super().conv_forward(x, w, conv, bind)
 
         def backward(self, grad_c, bind):
             g = grad_c.detach()
             n = images.pop(bind, None)
             if n is not None:
-                g = g.view(n, -1, g.shape[-1]).transpose(1, 2)
+                g = paper_grads(g, n)
             truth.products[(bind.step, bind.layer, bind.part)].grad_c = g.clone()
             return super().backward(grad_c, bind)
 

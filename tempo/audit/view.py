@@ -138,26 +138,27 @@ def shares_records(root: str | Path, job: str | None = None) -> list[dict]:
     return out
 
 
-def _paper_layout(header: dict, x, w, g, plaintext: bool):
-    """A convolution's request (images, ``W`` as C·kh·kw × out, ``Δ`` as patch rows × out) in
-    the paper's layout, the one the CNN attacks read: ``W`` (out × C·kh·kw) times each image's
-    patches (n × C·kh·kw × positions), ``Δ`` (n × out × positions). The pool never receives the
-    padding (it pads by itself, a public geometry): in a pool's own view the padded positions
-    are uniform ring values, as the opened patch rows would show them, and zeros only in the
-    `plaintext` a collusion rebuilds. Nothing about the data is added to or taken from the view."""
+def paper_layout(x, w, conv, padding_uniform: bool = False) -> tuple:
+    """A convolution's product as the shares mode sends it (images `x`, ``W`` as C·kh·kw × out)
+    in the paper's layout, the one the CNN attacks read: ``(W`` (out × C·kh·kw), each image's
+    patches (n × C·kh·kw × positions)``)``. With `padding_uniform` the padded positions are
+    uniform ring values (a pool's own view: it never receives the padding, a public geometry, and
+    the opened patch rows would show it uniform), else zeros (the plaintext)."""
     from tempo.enclave import im2col
     from tempo.enclave.shares import Randomness
 
-    kh, kw, dh, dw, ph, pw, sh, sw = im2col.check_conv(header["conv"])
+    kh, kw, dh, dw, ph, pw, sh, sw = im2col.check_conv(conv)
     n, c, h, wd = x.shape
-    if plaintext:
-        padded = torch.zeros((n, c, h + 2 * ph, wd + 2 * pw), dtype=x.dtype)
-    else:
+    if padding_uniform:
         padded = Randomness().uniform((n, c, h + 2 * ph, wd + 2 * pw)).to(x.dtype)
-    padded[:, :, ph:ph + h, pw:pw + wd] = x
-    patches = im2col.patch_rows(padded, (kh, kw, dh, dw, 0, 0, sh, sw)).view(n, -1, w.shape[0]).transpose(1, 2)
-    grads = None if g is None else g.view(n, -1, g.shape[-1]).transpose(1, 2)
-    return w.t(), patches, grads
+        padded[:, :, ph:ph + h, pw:pw + wd] = x
+        x, conv = padded, (kh, kw, dh, dw, 0, 0, sh, sw)
+    return w.t(), im2col.patch_rows(x, conv).view(n, -1, w.shape[0]).transpose(1, 2)
+
+
+def paper_grads(g, images: int):
+    """``Δ`` of a convolution as patch rows × out, in the paper's layout (n × out × positions)."""
+    return g.view(images, -1, g.shape[-1]).transpose(1, 2)
 
 
 def pools_view(records: list[dict], pools: tuple[str, ...], roles: dict[str, int]) -> tuple[RunView, str]:
@@ -201,7 +202,9 @@ def pools_view(records: list[dict], pools: tuple[str, ...], roles: dict[str, int
             if g is not None and set(entry["grad_seeds"]) == {1, 2}:
                 g = g + sum(sh._expand(entry["grad_seeds"][i], g.shape)[0] for i in (1, 2))
         if "conv" in entry["header"]:
-            e, f, g = _paper_layout(entry["header"], e, f, g, plaintext=colluding and set(entry["seeds"]) == {1, 2})
+            images = e.shape[0]
+            e, f = paper_layout(e, f, entry["header"]["conv"], padding_uniform=not (colluding and set(entry["seeds"]) == {1, 2}))
+            g = None if g is None else paper_grads(g, images)
         products.append(ProductView(*key, a=e.double(), b=f.double(), e=None if g is None else g.double(),
                                     relay="+".join(pools)))
     what = ("the plaintext of every product, up to a power of two per operand (a collusion)" if colluding and products

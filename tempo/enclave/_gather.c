@@ -361,6 +361,15 @@ static void *run_task(void *arg) {
 
 #define MAX_THREADS 256
 
+/* The number of jobs to split `units` of work into: the caller's threads, at least 1, at most
+ * MAX_THREADS and at most one per unit. */
+static int clamp_threads(int nthreads, int64_t units) {
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    if (units < nthreads) nthreads = (int)units;
+    return nthreads;
+}
+
 /* Runs fn on each of `count` jobs laid out `stride` bytes apart, with the GIL released by the
  * caller. With OpenMP: torch is imported first and its bundled runtime has the soname
  * libgomp.so.1, so this resolves to torch's own OpenMP pool: its workers are already up (often
@@ -416,9 +425,7 @@ static PyObject *scaled_gather(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     const int64_t total = (int64_t)slices * rows;
     if (total == 0 || cols == 0) Py_RETURN_NONE;
-    if (nthreads < 1) nthreads = 1;
-    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
-    if (total < nthreads) nthreads = (int)total;
+    nthreads = clamp_threads(nthreads, total);
 
     task_t tasks[MAX_THREADS];
     for (int k = 0; k < nthreads; ++k) {
@@ -513,9 +520,7 @@ static PyObject *abs_matvec(PyObject *Py_UNUSED(self), PyObject *args) {
         return NULL;
     }
     if (rows <= 0 || cols <= 0) Py_RETURN_NONE;
-    if (nthreads < 1) nthreads = 1;
-    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
-    if (rows < nthreads) nthreads = (int)rows;
+    nthreads = clamp_threads(nthreads, rows);
     const size_t esize = dtype == 0 ? sizeof(float) : sizeof(double);
     absmv_t jobs[MAX_THREADS];
     for (int k = 0; k < nthreads; ++k) {
@@ -653,9 +658,7 @@ static PyObject *conv_rows(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     const int64_t units = fold ? n : n * ho;
     if (units <= 0 || c <= 0 || wo <= 0) Py_RETURN_NONE;
-    if (nthreads < 1) nthreads = 1;
-    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
-    if (units < nthreads) nthreads = (int)units;
+    nthreads = clamp_threads(nthreads, units);
     conv_job_t jobs[MAX_THREADS];
     for (int k = 0; k < nthreads; ++k) {
         conv_job_t *jb = &jobs[k];

@@ -293,12 +293,14 @@ class OffloadedMatmul(torch.autograd.Function):
         return da, db, None, None, None, None
 
 
-def private_matmul(a: torch.Tensor, b: torch.Tensor, pctx: PrivateContext, weight: Weight | None = None) -> torch.Tensor:
+def private_matmul(a: torch.Tensor, b: torch.Tensor, pctx: PrivateContext, weight: Weight | None = None,
+                   conv: tuple | None = None) -> torch.Tensor:
     """``A @ B`` offloaded; differentiable. (Grad mode is always off inside a Function's
     forward, so whether a backward can come is decided here.) `weight` says which operand is a
-    layer's weight (see `Weight`)."""
+    layer's weight (see `Weight`); `conv`, that ``A`` is a convolution's images for an engine
+    that unfolds them itself (`OffloadedMatmul`)."""
     track = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
-    return OffloadedMatmul.apply(a, b, pctx, track, weight)
+    return OffloadedMatmul.apply(a, b, pctx, track, weight, conv)
 
 
 class PrivateLinear(nn.Module):
@@ -385,19 +387,15 @@ class PrivateConv2d(nn.Module):
         if self.pad is not None:
             x = F.pad(x, self.pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
         n, _, h, w = x.shape
-        ph, pw = self.unfold_padding
-        ho = (h + 2 * ph - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        wo = (w + 2 * pw - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
-        conv = (kh, kw, *self.dilation, ph, pw, *self.stride)
-        if g == 1 and hasattr(self.pctx.engine, "conv_forward"):  # the engine unfolds (the shares mode)
-            w = self.weight.reshape(out_ch, -1).t()
-            y = OffloadedMatmul.apply(x, w, self.pctx, torch.is_grad_enabled() and (x.requires_grad or w.requires_grad),
-                                      None, conv)
-            y = y.view(n, -1, out_ch).transpose(1, 2)  # (n, out, L)
-        elif g == 1 and self.pctx.patch_rows:
-            rows = im2col.patch_rows(x, conv)  # (n·L, in·kh·kw)
-            y = private_matmul(rows, self.weight.reshape(out_ch, -1).t(), self.pctx,  # (n·L, out)
-                               weight=("b", lambda: self.weight.detach().reshape(out_ch, -1).t()))
+        conv = (kh, kw, *self.dilation, *self.unfold_padding, *self.stride)
+        ho, wo = im2col.out_size(h, w, conv)
+        engine_unfolds = hasattr(self.pctx.engine, "conv_forward")  # the shares mode's pools unfold
+        if g == 1 and (engine_unfolds or self.pctx.patch_rows):
+            if engine_unfolds:  # (n·L, out) from the images
+                y = private_matmul(x, self.weight.reshape(out_ch, -1).t(), self.pctx, conv=conv)
+            else:  # patch rows (n·L, in·kh·kw) @ Wᵀ
+                y = private_matmul(im2col.patch_rows(x, conv), self.weight.reshape(out_ch, -1).t(), self.pctx,
+                                   weight=("b", lambda: self.weight.detach().reshape(out_ch, -1).t()))
             y = y.view(n, -1, out_ch).transpose(1, 2)  # (n, out, L)
         elif g == 1:
             y = private_matmul(self.weight.reshape(out_ch, -1), self._patches(x), self.pctx,  # (n, out, L)

@@ -219,25 +219,22 @@ def _kernel_abs_matvec(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
     slices = math.prod(batch)
     if slices > _KERNEL_SLICES or tuple(v.shape[-2:]) != (n, 1):
         return None
-    if a.stride(-1) == 1 or n == 1:
-        transposed, src_of = False, lambda x: x
-    elif a.stride(-2) == 1:
-        transposed, src_of = True, lambda x: x.mT  # (n, m), rows stored in order
+    # the kernel reads rows of unit column stride that do not overlap (a broadcast view has)
+    if (a.stride(-1) == 1 or n == 1) and (m == 1 or a.stride(-2) >= n):
+        transposed, src_of, cols = False, (lambda x: x), n
+    elif a.stride(-2) == 1 and (n == 1 or a.stride(-1) >= m):
+        transposed, src_of, cols = True, (lambda x: x.mT), m  # (n, m): rows as stored
     else:
         return None
     a_b, v_b = a.expand(*batch, m, n), v.expand(*batch, n, 1)
     out = torch.empty((*batch, m, 1), dtype=a.dtype)
     threads = torch.get_num_threads() if m * n >= _PARALLEL_MIN_ELEMENTS else 1
+    scratch = torch.empty(max(1, (threads - 1) * cols if transposed else 1), dtype=a.dtype)  # the partials
     for idx in np.ndindex(*batch) if batch else [()]:
         src = src_of(a_b[idx])
         vec = v_b[idx].reshape(-1).contiguous()
-        rows, cols = src.shape
-        if rows > 1 and src.stride(0) < cols:
-            return None  # rows that overlap (a broadcast view): not for the kernel
-        scratch = torch.empty((max(threads - 1, 0) * cols if transposed else 0) or 1, dtype=a.dtype)
-        dst = out[idx]
-        _kernel.abs_matvec(_KERNEL_DTYPES[a.dtype], dst.data_ptr(), src.data_ptr(), vec.data_ptr(), rows, cols,
-                           src.stride(0) if rows > 1 else cols, transposed, scratch.data_ptr(), threads)
+        _kernel.abs_matvec(_KERNEL_DTYPES[a.dtype], out[idx].data_ptr(), src.data_ptr(), vec.data_ptr(), *src.shape,
+                           src.stride(0) if src.shape[0] > 1 else cols, transposed, scratch.data_ptr(), threads)
     return out
 
 
