@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import random
 
 import pytest
 from click.testing import CliRunner
@@ -125,11 +127,18 @@ def _audit_json(args):
     return json.loads(result.stdout.strip().splitlines()[-1]), result.stdout
 
 
-def test_one_pool_of_the_shares_mode_learns_nothing_and_two_pools_learn_everything(tmp_path):
+def test_one_pool_of_the_shares_mode_learns_nothing_and_two_pools_learn_everything(tmp_path, monkeypatch):
     """Pool p1's view attacked: images below the public mean image, labels and neighbours at
     chance, no zeros, no stolen model. p1+p2 (a collusion): the images and labels of the paper's
     scheme. Captured in-process (the view read back from real pool relays' recordings is
-    tests/test_pools.py's)."""
+    tests/test_pools.py's).
+
+    The shares' seeds come from a fixed stream here, not the CSPRNG: a model stolen from uniform
+    shares is a random model, whose accuracy on 360 public digits wanders around chance (0.08 to
+    0.11 over six fresh runs, once 0.23 in CI): with fixed seeds the test is one draw, the same
+    on every machine, and a leak (0.9 in the paper's scheme) still fails it."""
+    stream = random.Random(1515)
+    monkeypatch.setattr(os, "urandom", lambda n: stream.randbytes(n))
     attacks = "images,labels,scale_invariant,zeros_signs,steal"
     one, text = _audit_json(["--protection", "shares", "--pools", "p1", "--model", "mlp", "--epochs", "1",
                              "--relays", "0", "--attacks", attacks, "--out", str(tmp_path / "p1")])
@@ -139,7 +148,7 @@ def test_one_pool_of_the_shares_mode_learns_nothing_and_two_pools_learn_everythi
     assert a["labels"]["grouped_exactly"] == 0.0 and a["labels"]["label_accuracy_known"] < 0.2
     assert max(v["nn_same_label"] for v in a["scale_invariant"].values() if isinstance(v, dict)) < 0.15
     assert a["zeros_signs"]["input"]["wire_zeros"] == 0 and a["zeros_signs"]["input"]["signs_match"] == 0.0
-    assert a["steal"]["stolen_accuracy"] < 0.2
+    assert a["steal"]["stolen_accuracy"] < 0.2, a["steal"]
     assert "shares mode, the view of pool(s) p1" in text
     both, _ = _audit_json(["--protection", "shares", "--pools", "p1,p2", "--model", "mlp", "--epochs", "1",
                            "--relays", "0", "--attacks", "images,labels", "--out", str(tmp_path / "p12")])
