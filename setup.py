@@ -1,7 +1,7 @@
 """Build the optional C kernel for MM-obfuscation.
 
 The extension is `optional`: without a C compiler the install still succeeds and
-`tempo.enclave.obfuscation` falls back to a pure-torch implementation (bit-identical, slower).
+`tempo.core.obfuscation` falls back to a pure-torch implementation (bit-identical, slower).
 OpenMP is used when the compiler supports it, so the kernel's threads come from the same
 OpenMP pool as torch's (see _gather.c); otherwise the kernel uses POSIX threads.
 """
@@ -38,8 +38,8 @@ setup(
     cmdclass={"build_ext": BuildExt},
     ext_modules=[
         Extension(
-            "tempo.enclave._gather",
-            sources=["tempo/enclave/_gather.c"],
+            "tempo.core._gather",
+            sources=["tempo/core/_gather.c"],
             extra_compile_args=["-O3", "-std=c11", "-fno-strict-aliasing"],
             extra_link_args=["-pthread"],
             optional=True,

@@ -47,7 +47,8 @@ def _logger(ctx: click.Context, role: str, **ids):
 def selfcheck(ctx: click.Context, trials: int, max_dim: int, rounds: int, bench: bool) -> None:
     """Check the MM-obfuscation round trip end to end: encrypt, multiply, decrypt, verify,
     backward key-shift reuse against autograd, and tamper detection."""
-    from tempo.enclave import obfuscation, selfcheck as sc
+    from tempo.core import obfuscation
+    from tempo.enclave import selfcheck as sc
 
     log = _logger(ctx, "selfcheck")
     log.info("selfcheck.start", trials=trials, max_dim=max_dim, backend=obfuscation.default_backend())
@@ -446,7 +447,7 @@ PARTIAL_DATA = click.option("--partial-data", is_flag=True, default=None,
 @click.pass_context
 def train(ctx: click.Context, plot: bool, progress_every: float, **options) -> None:
     """Train privately: Linear and Conv2d products masked and offloaded to local relays."""
-    from tempo.enclave.train import TrainConfig
+    from tempo.train import TrainConfig
 
     log = _logger(ctx, "enclave")
     options["partial_data"] = bool(options["partial_data"])
@@ -475,7 +476,7 @@ def enclave(ctx: click.Context, config, offloader, relays, relay_wait, out, data
             overwrite, progress_every) -> None:
     """The enclave process as deployed: train the job in CONFIG through a separately started
     off-loader (and its relays). Runs under Gramine in ops/gramine."""
-    from tempo.enclave.train import load_job
+    from tempo.train import load_job
 
     log = _logger(ctx, "enclave")
     try:
@@ -494,9 +495,8 @@ def _run_training(cfg, log, plot: bool, progress_every: float, command: str) -> 
     stderr and a non-zero exit (a signal: 128 + its number, after saying how to resume)."""
     from tempo import interrupt, report
     from tempo.arena import ArenaFull
-    from tempo.cluster import ClusterDied
     from tempo.enclave.client import OffloadError
-    from tempo.enclave.train import Diverged, Halted, RunInterrupted, TrainingStopped, run
+    from tempo.train import Diverged, Halted, RunInterrupted, TrainingStopped, run
     from tempo.progress import ProgressView
 
     if plot:
@@ -520,7 +520,7 @@ def _run_training(cfg, log, plot: bool, progress_every: float, command: str) -> 
         name = getattr(exc, "name", "SIGINT")
         click.echo(f"{command}: interrupted by {name} before training started: nothing to resume", err=True)
         sys.exit(128 + getattr(exc, "signum", 2))
-    except (ValueError, FileNotFoundError, TrainingStopped, OffloadError, Diverged, ClusterDied, ArenaFull) as exc:
+    except (ValueError, FileNotFoundError, TrainingStopped, OffloadError, Diverged, ArenaFull) as exc:  # ClusterDied too
         view.close()
         raise click.ClickException(" ".join(str(exc).split())) from None
     except Halted as exc:
@@ -580,15 +580,14 @@ def report(run_dir: str, plot_path: str | None, no_plot: bool) -> None:
 def infer(ctx: click.Context, checkpoint, model, width, dataset, data_dir, partial_data, batch_size, relays, device,
           seed, integrity_t, json_path) -> None:
     """Private inference: forward passes only, every product masked and offloaded."""
-    from tempo.cluster import ClusterDied
     from tempo.enclave.client import OffloadError
-    from tempo.enclave.infer import run_inference
+    from tempo.infer import run_inference
 
     log = _logger(ctx, "enclave")
     try:
         result = run_inference(checkpoint, model, width, dataset, data_dir, batch_size, relays, device, seed,
                                integrity_t=integrity_t, log=log, partial_data=bool(partial_data))
-    except (ValueError, FileNotFoundError, OffloadError, ClusterDied) as exc:
+    except (ValueError, FileNotFoundError, OffloadError) as exc:  # ClusterDied is an OffloadError
         raise click.ClickException(" ".join(str(exc).split())) from None
     click.echo(f"private inference of {model} on {dataset}: accuracy {result['accuracy']:.4f} over "
                f"{result['images']} images, {result['images_per_s']:.1f} images/s with {relays} relay(s)")

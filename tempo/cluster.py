@@ -1,7 +1,8 @@
 """Start and stop a local off-loader and relays as real processes (Tempo-l on one machine).
 
 Used by `tempo train`, `tempo infer`, the benchmarks and the integration tests. Each process is
-``python -m tempo …``; its stderr (JSON log lines) is collected so a failure can show it. `stop`
+``python -m tempo …``; its stderr (JSON log lines) is collected so a failure can show it, and the
+off-loader's readiness is its ``offloader.listening`` event read from those lines. `stop`
 sends SIGINT, waits, then SIGKILLs whatever is left, so nothing outlives the cluster.
 
 The processes belong to the one that started them: each gets ``--parent-pid`` and exits by itself
@@ -13,8 +14,8 @@ reconnecting to its off-loader, which is its job.
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -24,9 +25,23 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from tempo.enclave.client import OffloaderGone
 
-class ClusterDied(RuntimeError):
-    """A process of the local cluster exited while the job still needed it."""
+
+class ClusterDied(OffloaderGone):
+    """A process of the local cluster exited (or did not start) while the job needed it: to the
+    enclave's side, the off-loader is gone."""
+
+
+def _event(line: str) -> dict | None:
+    """A structured log line (a JSON object) read back, or None for any other line."""
+    if not line.startswith("{"):
+        return None
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) else None
 
 
 def exit_status(returncode: int | None) -> str:
@@ -59,7 +74,6 @@ class LocalCluster:
         heartbeat_timeout_s: float = 3.0,
         heartbeat_s: float = 0.5,
         cache_mb: int = 1024,
-        log_format: str = "json",
         faults: dict[int, str] | None = None,
         offloader_args: list[str] | None = None,
         record_dir: str | None = None,
@@ -74,7 +88,6 @@ class LocalCluster:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.heartbeat_s = heartbeat_s
         self.cache_mb = cache_mb
-        self.log_format = log_format
         self.faults = faults or {}  # relay index -> --fault MODE[:RATE]
         self.record_dir = record_dir  # relays record what they receive there (tempo relay --record)
         self.workdir: str | None = None  # made by `start`, so a cluster never started leaves nothing
@@ -83,23 +96,26 @@ class LocalCluster:
         self.relay_endpoint = ""
         self.enclave_endpoint = ""
 
-    def _spawn(self, name: str, args: list[str], wait_for: str | None = None, timeout_s: float = 60.0) -> tuple[Proc, re.Match | None]:
-        cmd = [sys.executable, "-m", "tempo", "--log-format", self.log_format, *args,
+    def _spawn(self, name: str, args: list[str], wait_for: str | None = None,
+               timeout_s: float = 60.0) -> tuple[Proc, dict | None]:
+        """Start ``tempo ARGS``; with `wait_for`, wait until it logs that structured event (a JSON
+        line whose ``event`` is `wait_for`) and return the event's fields."""
+        cmd = [sys.executable, "-m", "tempo", "--log-format", "json", *args,
                "--parent-pid", str(os.getpid())]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.PIPE, text=True, env=env)
         proc = Proc(name, popen)
-        found: dict[str, re.Match] = {}
+        found: dict[str, dict] = {}
         seen = threading.Event()
 
         def drain() -> None:
             for line in popen.stderr:
                 proc.lines.append(line.rstrip("\n"))
                 if wait_for and not seen.is_set():
-                    m = re.search(wait_for, line)
-                    if m:
-                        found["m"] = m
+                    event = _event(line)
+                    if event is not None and event.get("event") == wait_for:
+                        found["m"] = event
                         seen.set()
             seen.set()
 
@@ -129,9 +145,9 @@ class LocalCluster:
                 ["offloader", "--relay-bind", "tcp://127.0.0.1:*", "--enclave-bind", f"ipc://{ipc}",
                  "--heartbeat-timeout", str(self.heartbeat_timeout_s), "--cleanup-dir", self.workdir,
                  *self.offloader_args],
-                wait_for=r"offloader listening: relays (\S+) enclave (\S+)",
+                wait_for="offloader.listening",
             )
-            self.relay_endpoint, self.enclave_endpoint = m.group(1), m.group(2)
+            self.relay_endpoint, self.enclave_endpoint = m["relays"], m["enclave"]
             for i in range(self.n_relays):
                 self.add_relay(fault=self.faults.get(i))
             for pool, count in self.pools.items():

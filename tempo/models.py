@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from tempo.layers import AddTokens, Matmul
+from tempo.core.layers import AddTokens, Matmul
 
 MODELS = ("mlp", "cnn", "resnet18", "resnet50", "vit")
 

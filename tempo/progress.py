@@ -25,7 +25,7 @@ def duration(seconds: float) -> str:
 
 
 class ProgressView:
-    """The `progress` callback of `tempo.enclave.train.run`: call it with each event."""
+    """The `progress` callback of `tempo.train.run`: call it with each event."""
 
     def __init__(self, log=None, tty: bool | None = None, every_s: float = 10.0, stream=None) -> None:
         self.log = log

@@ -18,8 +18,8 @@ from tempo.audit import score as sc
 from tempo.audit import unmix as um
 from tempo.audit.public import Public
 from tempo.audit.view import ProductView, RunView
-from tempo.enclave.keys import axis_keygen
-from tempo.enclave.obfuscation import mask
+from tempo.core.keys import axis_keygen
+from tempo.core.obfuscation import mask
 
 
 def _bytes(seed):

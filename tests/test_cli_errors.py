@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from tempo.cli import main
-from tempo.enclave.train import TrainConfig, run
+from tempo.train import TrainConfig, run
 
 
 def tempo(*args: str):
@@ -168,7 +168,7 @@ def test_nan_inputs_through_the_library_never_leave_the_enclave():
     from tempo.cluster import LocalCluster
     from tempo.enclave.client import OffloadClient
     from tempo.enclave.private import ClientEngine, InProcessEngine, PrivateContext, to_private
-    from tempo.enclave.verify import NonFiniteError
+    from tempo.core.verify import NonFiniteError
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
     x = torch.rand(8, 1, 8, 8)

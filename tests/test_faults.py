@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from tempo.cli import main
-from tempo.enclave.train import TrainConfig, TrainingStopped, run
+from tempo.train import TrainConfig, TrainingStopped, run
 from tempo.relay import FAULT_MODES, Fault
 
 FAST = dict(model="mlp", epochs=1, batch_size=256, seed=5, relays=2, part_timeout_s=2.0, heartbeat_timeout_s=1.0,
@@ -99,7 +99,7 @@ def test_balanced_noise_on_wide_products_is_caught_through_the_off_loader(monkey
     grew with the relay's own |C|, let these through (docs/BENCHMARKS.md)."""
     from tempo.cluster import LocalCluster
     from tempo.enclave.client import OffloadClient
-    from tempo.enclave.verify import IntegrityError
+    from tempo.core.verify import IntegrityError
     from tempo.protocol import Binding
 
     with LocalCluster(relays=0) as cluster, OffloadClient(cluster.enclave_endpoint, "wide", rounds=20,

@@ -1,4 +1,4 @@
-"""im2col in any dtype (tempo.enclave.im2col): patch rows equal to F.unfold's, their fold equal
+"""im2col in any dtype (tempo.core.im2col): patch rows equal to F.unfold's, their fold equal
 to F.fold's, and the products with patch rows that never build them, exact in int64."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tempo.enclave import im2col
+from tempo.core import im2col
 
 GEOMETRY = dict(k=st.tuples(st.integers(1, 4), st.integers(1, 4)), d=st.tuples(st.integers(1, 3), st.integers(1, 3)),
                 p=st.tuples(st.integers(0, 2), st.integers(0, 2)), s=st.tuples(st.integers(1, 3), st.integers(1, 3)))

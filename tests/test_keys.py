@@ -4,7 +4,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tempo.enclave.keys import (
+from tempo.core.keys import (
     AxisKey,
     KeySpace,
     axis_keygen,
@@ -143,7 +143,7 @@ def test_keygen_rejects_empty_axes(bad):
 
 
 def test_keys_drawn_ahead_are_fresh_for_every_product_and_of_the_asked_shape():
-    from tempo.enclave.keys import KeySchedule
+    from tempo.core.keys import KeySchedule
 
     schedule = KeySchedule(mix=4, ahead=True)
     keys = [schedule.key(0, 37, 9, 5) for _ in range(4)] + [schedule.key(1, 8, 6, 3) for _ in range(3)]

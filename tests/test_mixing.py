@@ -8,10 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tempo.enclave.keys import KeySchedule, KeySpace, axis_keygen, keygen, random_orthogonal
-from tempo.enclave.obfuscation import mask, unmask
-from tempo.enclave.roundtrip import MaskedProduct
-from tempo.protocol import relay_backward, relay_forward
+from tempo.core.keys import KeySchedule, KeySpace, axis_keygen, keygen, random_orthogonal
+from tempo.core.obfuscation import mask, unmask
+from tempo.core.roundtrip import MaskedProduct
+from tempo.core.products import relay_backward, relay_forward
 
 
 def test_random_orthogonal_blocks_are_orthogonal_and_from_the_byte_source(seeded_bytes):
@@ -99,7 +99,7 @@ def test_private_training_with_mixing_keys_matches_plain_training():
        col_mix=st.sampled_from([0, 3, 16]), role=st.sampled_from(["mask", "unmask", "mask-t", "unmask-t"]),
        dtype=st.sampled_from([torch.float32, torch.float64]))
 def test_the_fast_mixed_gather_equals_the_reference_path(m, n, row_mix, col_mix, role, dtype):
-    from tempo.enclave.obfuscation import _keyed_gather, kernel_available
+    from tempo.core.obfuscation import _keyed_gather, kernel_available
     if not kernel_available():
         pytest.skip("the C kernel is not built")
     rk, ck = axis_keygen(m, mix=row_mix), axis_keygen(n, mix=col_mix)

@@ -5,9 +5,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tempo.enclave import obfuscation as ob
-from tempo.enclave.keys import KeySpace, axis_keygen, keygen
-from tempo.enclave.verify import rounding_bound
+from tempo.core import obfuscation as ob
+from tempo.core.keys import KeySpace, axis_keygen, keygen
+from tempo.core.verify import rounding_bound
 
 BACKENDS = ["c", "torch"] if ob.kernel_available() else ["torch"]
 KEY_SPACES = [KeySpace(), KeySpace("int", 1024, True), KeySpace("continuous", 100)]

@@ -33,6 +33,13 @@ def _unparsed(ctx: click.Context) -> list[str]:
     return [*getattr(ctx, "_protected_args", []), *ctx.args]
 
 
+def trusted_files() -> list[str]:
+    """What the Makefile passes as -Dtrusted: ops/gramine/trusted_files.py's lines, run as it runs."""
+    out = subprocess.run([sys.executable, str(GRAMINE / "trusted_files.py")], capture_output=True, text=True,
+                         check=True, cwd=GRAMINE).stdout
+    return out.split()
+
+
 def makefile_defines() -> set[str]:
     """The -D variables the Makefile passes to gramine-manifest."""
     return set(re.findall(r"-D(\w+)=", (GRAMINE / "Makefile").read_text()))
@@ -53,7 +60,7 @@ def render(tmp_path: Path, **overrides) -> dict:
         log_level="error", arch_libdir="/lib/x86_64-linux-gnu", entrypoint=os.path.realpath(sys.executable),
         site_packages=site, job=str(job), out_dir=str(tmp_path / "out"), data_dir="", debug="true",
         edmm="false", enclave_size="16G", max_threads=64, compute_threads=8, attestation="none",
-        insecure_out_key="", pool_keys_dir="",
+        insecure_out_key="", pool_keys_dir="", trusted=" ".join(trusted_files()),
     )
     values.update(overrides)
     return tomllib.loads(env.from_string(source).render(**values)), values
@@ -71,13 +78,21 @@ def test_the_manifest_renders_to_toml_naming_what_the_enclave_needs(tmp_path):
     assert manifest["libos"]["entrypoint"] == entry
     assert manifest["loader"]["entrypoint"]["uri"] == "file:" + values["gramine"].libos
     trusted = manifest["sgx"]["trusted_files"]
-    for needed in (entry, site + "/", values["python"].stdlib + "/", values["job"]):
+    for needed in (entry, values["python"].stdlib + "/", values["job"]):
         assert "file:" + needed in trusted, needed
-    # tempo and every dependency it imports in the enclave live under a trusted directory
+    assert "file:" + site + "/" not in trusted  # not every installed package: what the enclave imports
+    # tempo's trusted parts and every dependency it imports in the enclave lie in a trusted path
     import click, msgpack, numpy, structlog, torch, zmq  # noqa: E401
-    for module in (tempo, torch, numpy, zmq, msgpack, structlog, click):
+    from tempo import session
+    from tempo.core import keys
+    from tempo.enclave import private
+    paths = [t.removeprefix("file:") for t in trusted]
+    for module in (tempo, session, keys, private, torch, numpy, zmq, msgpack, structlog, click):
         path = str(Path(module.__file__).resolve())
-        assert path.startswith(site + "/"), (module.__name__, path)
+        assert any(path == p or (p.endswith("/") and path.startswith(p)) for p in paths), (module.__name__, path)
+    root = str(Path(tempo.__file__).resolve().parent)
+    for untrusted in ("relay/", "offloader/", "cluster.py", "audit/", "bench/"):  # the host's, never measured in
+        assert not any(p.startswith(f"{root}/{untrusted}") for p in paths), untrusted
     mounts = {m["path"]: m for m in manifest["fs"]["mounts"]}
     assert mounts["/dev/shm/"]["type"] == "untrusted_shm"  # the arena
     assert mounts["/tempo/out"]["type"] == "encrypted"  # the trained model leaves sealed
@@ -118,14 +133,14 @@ def test_the_manifest_options_render(tmp_path):
 
 
 def test_the_shipped_job_file_is_a_valid_job():
-    from tempo.enclave.train import load_job
+    from tempo.train import load_job
 
     cfg = load_job(GRAMINE / "job.toml")
     assert cfg.model == "cnn" and cfg.relays == 2
 
 
 def test_job_files_with_mistakes_are_refused(tmp_path):
-    from tempo.enclave.train import load_job
+    from tempo.train import load_job
 
     cases = {"epochs = 'five'": "epochs must be a whole number", "modle = 'cnn'": "unknown key", "pipeline = 1": "true or false",
              "epochs = [": "not valid TOML"}

@@ -6,7 +6,7 @@ from conftest import ask_relay
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tempo.enclave import partition
+from tempo.core import partition
 
 
 @st.composite
@@ -75,7 +75,7 @@ def test_a_grouped_convolution_is_split_by_data_with_its_weight_whole_in_every_p
     """``W (g × out/g × K) @ patches (batch × g × K × L)``: cut along the batch (not the groups),
     the weight sent whole to each part, its gradient the sum of the parts' (each already summed
     over its part's batch by the relay, as `protocol.relay_backward` does)."""
-    from tempo.protocol import relay_backward
+    from tempo.core.products import relay_backward
 
     torch.manual_seed(0)
     g, o, k, n, L = 4, 3, 18, 5, 7
@@ -209,7 +209,7 @@ def test_a_relay_refuses_a_staged_forward_it_holds_nothing_for(relay_driven_by_t
 
 def test_patch_rows_split_by_rows_reassemble_the_product_and_both_gradients():
     """``patches (m × K) @ Wᵀ (K × p)`` cut along m: C and dA concatenated, dB summed."""
-    from tempo.protocol import relay_backward
+    from tempo.core.products import relay_backward
 
     torch.manual_seed(1)
     a = torch.randn(700, 9, dtype=torch.float64, requires_grad=True)

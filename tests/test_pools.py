@@ -1,4 +1,4 @@
-"""The shares mode (tempo.enclave.shares, tempo.enclave.pools, tempo.protocol.sealed): products
+"""The shares mode (tempo.core.shares, tempo.enclave.pools, tempo.protocol.sealed): products
 rebuilt exactly over the ring, forward and backward, linear and conv, fp32 and fp64 callers;
 each pool's view independent of the data; a lying pool member caught; sealed blobs that open
 only for their pool, binding and direction; the off-loader's routing invariant."""
@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tempo.enclave import im2col
-from tempo.enclave import shares as sh
+from tempo.core import im2col
+from tempo.core import shares as sh
 from tempo.enclave.pools import LocalPools, SharesEngine
 from tempo.enclave.private import PrivateContext, to_private
-from tempo.enclave.verify import IntegrityError
+from tempo.core.verify import IntegrityError
 from tempo.protocol import Binding, ProtocolError, sealed
 
 SHAPES = [((8, 12), (12, 5)),  # a linear layer
@@ -211,7 +211,7 @@ def test_any_change_to_an_answer_fails_the_exact_check():
 def test_products_that_would_overflow_the_ring_are_refused():
     with pytest.raises(sh.RingOverflow):
         sh.open_forward(torch.ones(2, sh.MAX_INNER + 1), torch.ones(sh.MAX_INNER + 1, 1))
-    from tempo.enclave.verify import NonFiniteError
+    from tempo.core.verify import NonFiniteError
 
     with pytest.raises(NonFiniteError):  # a diverged model, not an overflow: nothing leaves
         sh.open_forward(torch.tensor([[float("inf")]]), torch.ones(1, 1))
@@ -352,7 +352,7 @@ def test_through_real_pools_every_fault_is_survived_and_no_relay_sees_another_po
 
 
 def test_tempo_train_shares_matches_plain_accuracy_on_the_digits_mlp(tmp_path):
-    from tempo.enclave.train import TrainConfig, run
+    from tempo.train import TrainConfig, run
 
     common = dict(model="mlp", epochs=1, val_fraction=0.0, checkpoint_every=0)
     plain = run(TrainConfig(mode="plain", out=str(tmp_path / "plain"), **common))
@@ -382,7 +382,7 @@ def test_fewer_pools_than_the_mode_needs_is_a_clear_error_at_start():
 
 
 def test_the_shares_mode_is_the_default_wherever_the_three_pools_are_configured(tmp_path):
-    from tempo.enclave.train import TrainConfig, load_job
+    from tempo.train import TrainConfig, load_job
 
     assert not TrainConfig().uses_shares()  # no pools: the masking (and its one-line notice)
     assert TrainConfig(pool_keys="keys").uses_shares()
@@ -396,7 +396,7 @@ def test_the_shares_mode_is_the_default_wherever_the_three_pools_are_configured(
 def test_edge_shapes_and_values_are_handled_or_refused_clearly():
     """Found in review: the largest entry rounding up to 2^h, empty batches, 1-D operands, and
     a diverged model (NaN) all take a defined path."""
-    from tempo.enclave.verify import NonFiniteError
+    from tempo.core.verify import NonFiniteError
 
     a = torch.full((1, 1, 1), 1 - 2.0**-31, dtype=torch.float64)  # rounds up to 2^h at its scale
     b = torch.randn(1 << 12, 1, 2, dtype=torch.float64)

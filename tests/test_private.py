@@ -472,7 +472,7 @@ def test_layers_kept_in_the_enclave_are_never_offloaded_and_gradients_stay_exact
 def test_convolutions_as_rows_of_the_whole_batch_match_autograd_and_hide_the_images(bias, stride, padding):
     """`patch_rows` (masking `mixed`): the relay gets one (batch·positions × in·kh·kw) matrix
     under one row key, not the images one by one; gradients are autograd's."""
-    from tempo.enclave.keys import KeySchedule
+    from tempo.core.keys import KeySchedule
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 5, 3, stride=stride, padding=padding, bias=bias), nn.ReLU(), nn.Flatten(),

@@ -14,8 +14,8 @@ from conftest import ask_relay
 from tempo import arena as arena_mod
 from tempo.cluster import LocalCluster
 from tempo.enclave.client import NoHealthyRelay, OffloadClient, OffloadError
-from tempo.enclave.keys import KeySchedule
-from tempo.enclave.verify import rounding_bound
+from tempo.core.keys import KeySchedule
+from tempo.core.verify import rounding_bound
 from tempo.protocol import (
     PROTOCOL_VERSION,
     RELAY_OPS,

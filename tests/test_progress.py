@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from tempo.cli import main
-from tempo.enclave.train import Halted, TrainConfig, run
+from tempo.train import Halted, TrainConfig, run
 
 
 def run_on_a_terminal(args: list[str], timeout_s: float = 240) -> tuple[int, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tempo.enclave import protection
-from tempo.enclave.train import ConfigError, TrainConfig
+from tempo.train import ConfigError, TrainConfig
 
 
 def test_presets_and_options():

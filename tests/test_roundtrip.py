@@ -1,5 +1,5 @@
 """The one masked round trip: every engine masks, unmasks and verifies through
-`tempo.enclave.roundtrip`, and checks what relays compute (`protocol.relay_forward/backward`)."""
+`tempo.core.roundtrip`, and checks what relays compute (`protocol.relay_forward/backward`)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import tempo
-from tempo.enclave.keys import keygen
-from tempo.enclave.roundtrip import MaskedProduct
-from tempo.enclave.verify import NonFiniteError
-from tempo.protocol import relay_backward, relay_forward
+from tempo.core.keys import keygen
+from tempo.core.roundtrip import MaskedProduct
+from tempo.core.verify import NonFiniteError
+from tempo.core.products import relay_backward, relay_forward
 
 PRIMITIVES = {"mask", "unmask", "encrypt", "decrypt", "encrypt_grad", "decrypt_grads", "freivalds_check",
               "checked_bound", "operand_bound"}
@@ -25,7 +25,7 @@ def test_engines_use_the_round_trip_not_the_primitives(path):
     """Masking, unmasking and verification are written once (roundtrip.py), not per engine."""
     tree = ast.parse((ROOT / path).read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-                and node.module in ("tempo.enclave.obfuscation", "tempo.enclave.verify") for alias in node.names}
+                and node.module in ("tempo.core.obfuscation", "tempo.core.verify") for alias in node.names}
     assert not imported & PRIMITIVES, imported & PRIMITIVES
 
 

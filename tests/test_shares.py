@@ -1,4 +1,4 @@
-"""Secret-shared products over Z/2⁶⁴ (tempo.enclave.shares): exact ring arithmetic, three pools
+"""Secret-shared products over Z/2⁶⁴ (tempo.core.shares): exact ring arithmetic, three pools
 whose sum is the product, views independent of the data, overflow refused."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tempo.enclave import shares as sh
+from tempo.core import shares as sh
 
 MOD = 1 << 64
 

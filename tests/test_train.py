@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from tempo import models
 from tempo.cli import main
-from tempo.enclave.train import TrainConfig, run
+from tempo.train import TrainConfig, run
 
 
 def test_private_training_matches_plain_training(tmp_path):
@@ -50,7 +50,7 @@ def test_train_refuses_bad_options(tmp_path):
 
 import pytest  # noqa: E402
 
-from tempo.enclave.train import Halted  # noqa: E402
+from tempo.train import Halted  # noqa: E402
 
 
 def weights(path):
@@ -93,7 +93,7 @@ def test_key_refresh_epoch_reuses_one_key_per_layer_and_shape(tmp_path):
 
 
 def test_integrity_target_sets_the_freivalds_rounds(tmp_path):
-    from tempo.enclave.verify import freivalds_rounds, training_alpha
+    from tempo.core.verify import freivalds_rounds, training_alpha
 
     s = run(TrainConfig(model="mlp", epochs=1, batch_size=512, integrity_t=1e-12, mode="tempo", masking="paper",
                         out=str(tmp_path)))

@@ -6,9 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 import torch
 
-from tempo.enclave import obfuscation as ob
-from tempo.enclave.keys import KeySpace, keygen
-from tempo.enclave.verify import (
+from tempo.core import obfuscation as ob
+from tempo.core.keys import KeySpace, keygen
+from tempo.core.verify import (
     IntegrityError,
     freivalds_check,
     freivalds_rounds,
@@ -218,7 +218,7 @@ def test_balanced_noise_on_wide_products_is_caught(p, times):
 
 
 def test_non_finite_operands_are_the_enclaves_fault_not_the_relays():
-    from tempo.enclave.verify import NonFiniteError, checked_bound
+    from tempo.core.verify import NonFiniteError, checked_bound
 
     a, b, c = honest(6, 5, 4)
     a[2, 3] = float("nan")
@@ -241,7 +241,7 @@ def test_non_finite_operands_are_the_enclaves_fault_not_the_relays():
 
 @pytest.mark.parametrize("summed", [False, True])
 def test_a_precomputed_operand_bound_gives_the_same_verdict(summed):
-    from tempo.enclave.verify import operand_bound
+    from tempo.core.verify import operand_bound
 
     a, b = torch.randn(3, 7, 5), torch.randn(5, 4)
     c = (a @ b).sum(0) if summed else a @ b
@@ -270,8 +270,8 @@ def test_a_change_just_above_the_tolerance_is_caught_at_the_stated_rate(rounds, 
 def test_the_bounds_kernel_is_abs_times_vector_in_every_layout_it_takes(dtype):
     """`|A| v` by the C kernel: row-stored and transposed (column-stored) matrices, batches with a
     shared or a per-slice vector; views it cannot read go to torch. Always equal to |A| @ v."""
-    from tempo.enclave import verify
-    from tempo.enclave.obfuscation import _kernel
+    from tempo.core import verify
+    from tempo.core.obfuscation import _kernel
 
     if _kernel is None or not hasattr(_kernel, "abs_matvec"):
         pytest.skip("the C kernel is not built here")

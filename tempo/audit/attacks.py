@@ -1464,7 +1464,7 @@ def zeros_and_signs(view: RunView, public: Public, max_steps: int = 4) -> list[Z
     multisets: the rows' order is the key's) are the plaintext's. Signs: with positive keys the
     pattern is the plaintext's; with signed keys it is flipped by a sign per row and column,
     which the attacker undoes as far as it can (`_sign_factors`: exactly, for non-negative data)."""
-    from tempo.enclave.keys import KeySpace
+    from tempo.core.keys import KeySpace
 
     signed = KeySpace.parse(public.key_space).signed
     steps = train_steps(view)
@@ -1577,8 +1577,8 @@ def distinguishing_game(public: Public, variant: str = "batch", trials: int = 10
     ``2·accuracy − 1`` (chance: 0)."""
     import torch
 
-    from tempo.enclave.keys import KeySpace, keygen
-    from tempo.enclave.obfuscation import mask
+    from tempo.core.keys import KeySpace, keygen
+    from tempo.core.obfuscation import mask
 
     ks = KeySpace.parse(key_space or public.key_space)
     rng = np.random.default_rng(seed)

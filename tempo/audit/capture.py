@@ -146,7 +146,7 @@ def _capture_shares(cfg: CaptureConfig, model, split, truth: RunTruth, record_di
     from tempo.audit.view import paper_grads, paper_layout
     from tempo.enclave.pools import POOL_NAMES, LocalPools, RelayPools, SharesEngine
     from tempo.enclave.private import PrivateContext
-    from tempo.enclave.shares import ROLES
+    from tempo.core.shares import ROLES
 
     images: dict = {}  # convolutions' batch sizes, by binding, until their backward
 

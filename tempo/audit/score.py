@@ -91,7 +91,7 @@ def score_zeros_signs(records: list, truth: RunTruth, public: Public) -> dict:
     """Per operand kind: the fraction of plaintext zeros that are zeros on the wire; the
     fraction of operands whose rows' and columns' zero counts match the plaintext's as multisets;
     the same for negative counts after the attacker's sign normalisation (`signs_match`)."""
-    from tempo.enclave.keys import KeySpace
+    from tempo.core.keys import KeySpace
 
     signed = KeySpace.parse(public.key_space).signed
     out: dict[str, dict] = {}

@@ -2,7 +2,7 @@
 
 A mixing key masks an axis as ``S · Q · P`` (permutation P, block-diagonal orthogonal Q with
 blocks of g consecutive masked positions, then a positive scale S per masked position;
-`tempo.enclave.obfuscation._keyed_gather`). A relay holding ``M' = (S_r Q_r P_r) M (S_c Q_c P_c)ᵀ``
+`tempo.core.obfuscation._keyed_gather`). A relay holding ``M' = (S_r Q_r P_r) M (S_c Q_c P_c)ᵀ``
 (the column side with reciprocal scales) knows where the blocks are (consecutive positions)
 and that every block of ``M'`` is ``L_r M_rc R_c`` with invertible ``L_r``, ``R_c``.
 
@@ -301,8 +301,8 @@ def one_sided_experiment(public: Public, g: int, side: str = "rows", seed: int =
     found up to scale (cosine > 0.99; the plain side's key is undone for scoring only)."""
     import torch
 
-    from tempo.enclave.keys import axis_keygen
-    from tempo.enclave.obfuscation import mask
+    from tempo.core.keys import axis_keygen
+    from tempo.core.obfuscation import mask
 
     x = relu_features(public, seed=seed) if x is None else np.asarray(x, dtype=np.float64)
     src = np.random.default_rng(seed + 1)

@@ -144,8 +144,8 @@ def paper_layout(x, w, conv, padding_uniform: bool = False) -> tuple:
     patches (n × C·kh·kw × positions)``)``. With `padding_uniform` the padded positions are
     uniform ring values (a pool's own view: it never receives the padding, a public geometry, and
     the opened patch rows would show it uniform), else zeros (the plaintext)."""
-    from tempo.enclave import im2col
-    from tempo.enclave.shares import Randomness
+    from tempo.core import im2col
+    from tempo.core.shares import Randomness
 
     kh, kw, dh, dw, ph, pw, sh, sw = im2col.check_conv(conv)
     n, c, h, wd = x.shape
@@ -168,7 +168,7 @@ def pools_view(records: list[dict], pools: tuple[str, ...], roles: dict[str, int
     together hold both seeds of a product and its opened values (any two) rebuild ``A, B`` and
     ``Δ`` up to the enclave's private power-of-two scales, and that is their view. Returns the
     view and what it is, in words."""
-    from tempo.enclave import shares as sh
+    from tempo.core import shares as sh
 
     mine = [r for r in records if r["pool"] in pools]
     by_key: dict[tuple, dict] = {}

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tempo.enclave.keys import keygen
-from tempo.enclave.obfuscation import decrypt, default_backend, encrypt
-from tempo.enclave.verify import freivalds_check
+from tempo.core.keys import keygen
+from tempo.core.obfuscation import decrypt, default_backend, encrypt
+from tempo.core.verify import freivalds_check
 
 
 # Writing this many bytes evicts the operands from every cache level (L3 here: 32 MiB).

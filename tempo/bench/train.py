@@ -30,7 +30,6 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -114,26 +113,19 @@ def _plain(model_name, shape, classes, width, batch, steps, warmup, device, say)
                       {"forward_backward": statistics.fmean(fb), "optimizer": statistics.fmean(op)})
 
 
-@contextmanager
-def _client_of(cluster, arena_mb: int, log, relays: int, **kw):
-    """A started local cluster and an off-load client on it, both stopped on the way out."""
-    from tempo.enclave.client import OffloadClient, default_job_id
+def _session(relays: int, device: str, arena_mb: int, log, **settings):
+    """A session on local processes as `tempo train` starts them, with 16 Freivalds rounds and
+    patience for large products."""
+    from tempo.session import Session
 
-    client = None
-    try:
-        cluster.start()
-        client = OffloadClient(cluster.enclave_endpoint, default_job_id(), arena_bytes=arena_mb << 20, log=log,
-                               max_attempts=relays + 1, timeout_s=600.0, **kw)
-        yield client
-    finally:
-        if client is not None:
-            client.close()
-        cluster.stop()
+    return Session(relays=relays, device=device, arena_mb=arena_mb, log=log, rounds=16, reply_timeout_s=600.0,
+                   **settings)
 
 
-def _timed_steps(label, net, opt, pctx, x, y, warmup, steps, say, counters) -> tuple[dict, list[float]]:
-    """The loop both offloading modes time: over the timed steps, the mean of how much each of
-    `counters()` moved per step, of the step and of the optimizer's share; and the step times."""
+def _timed_steps(label, net, opt, x, y, warmup, steps, say, counters) -> tuple[dict, list[float]]:
+    """The loop both offloading modes time (`opt` wrapped by the session: its step ends the
+    session's): over the timed steps, the mean of how much each of `counters()` moved per step,
+    of the step and of the optimizer's share; and the step times."""
     rows: list[dict] = []
     for i in range(warmup + steps):
         before = counters()
@@ -143,7 +135,6 @@ def _timed_steps(label, net, opt, pctx, x, y, warmup, steps, say, counters) -> t
         loss.backward()
         t1 = time.perf_counter()
         opt.step()
-        pctx.end_step()
         t2 = time.perf_counter()
         row = {k: v - before[k] for k, v in counters().items()}
         row.update(step=t2 - t0, optimizer=t2 - t1)
@@ -159,20 +150,16 @@ _CLIENT_FIELDS = ("encrypt_s", "decrypt_s", "verify_s", "wait_s", "send_s", "rel
 
 def _tempo(model_name, shape, classes, width, batch, steps, warmup, relays, device, pipeline, arena_mb, say,
            log, split_min_mb, masking) -> ModeResult:
-    from tempo.cluster import LocalCluster
-    from tempo.enclave.private import ClientEngine, PrivateContext, to_private
-
     torch.manual_seed(0)
     model = models.build(model_name, shape, classes, width)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = _data(shape, classes, batch, torch.device("cpu"))
-    with _client_of(LocalCluster(relays=relays, device=device), arena_mb, log, relays, keys=masking.keys()) as client:
-        job = client.job
-        client.wait_for_relays(relays)
-        engine = ClientEngine(client, parts=relays, pipeline=pipeline, split_min_mb=split_min_mb)
-        pctx = PrivateContext(engine, job=job, patch_rows=masking.patch_rows)
-        net = to_private(model, pctx, keep=masking.keep)
-        means, times = _timed_steps("tempo", net, opt, pctx, x, y, warmup, steps, say, lambda: {
+    with _session(relays, device, arena_mb, log, protection="masking", masking=masking, pipeline=pipeline,
+                  split_min_mb=split_min_mb) as session:
+        client, engine = session.client, session.engine
+        net = session.private(model)
+        session.wrap(opt)
+        means, times = _timed_steps("tempo", net, opt, x, y, warmup, steps, say, lambda: {
             **{k: getattr(client.counters, k) for k in _CLIENT_FIELDS}, "offload": engine.offload_s,
             "split_gather": engine.gather_s})
     mean = means.__getitem__
@@ -222,38 +209,32 @@ def _product_work(shapes: list[tuple], repeat: int = 3) -> float:
 
 
 def _shares(model_name, shape, classes, width, batch, steps, warmup, relays, device, arena_mb, say, log) -> ModeResult:
-    from tempo.cluster import LocalCluster
-    from tempo.enclave import im2col
-    from tempo.enclave.pools import POOL_NAMES, RelayPools, SharesEngine
-    from tempo.enclave.private import PrivateContext, to_private
-    from tempo.enclave.shares import ROLES
+    from tempo.core import im2col
 
     torch.manual_seed(0)
     model = models.build(model_name, shape, classes, width)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = _data(shape, classes, batch, torch.device("cpu"))
     shapes: list[tuple] = []
-    cluster = LocalCluster(relays=0, device=device, pools=dict.fromkeys(POOL_NAMES, relays))
-    with _client_of(cluster, arena_mb, log, relays) as client:
-        job = client.job
-        pools = RelayPools(client, {r: (n, cluster.pool_keys[n]) for r, n in zip(ROLES, POOL_NAMES)})
+    with _session(relays, device, arena_mb, log, protection="shares") as session:
+        client, engine = session.client, session.engine
+        forward, conv_forward = engine.forward, engine.conv_forward
 
-        class Traced(SharesEngine):  # the products' shapes, for their plain work
-            def forward(self, a, b, bind, weight=None):
-                if len(shapes) < 10_000 and bind.step == 0:
-                    shapes.append((tuple(a.shape), tuple(b.shape)))
-                return super().forward(a, b, bind, weight)
+        def traced(a, b, bind, weight=None):  # the products' shapes, for their plain work
+            if len(shapes) < 10_000 and bind.step == 0:
+                shapes.append((tuple(a.shape), tuple(b.shape)))
+            return forward(a, b, bind, weight)
 
-            def conv_forward(self, x, w, conv, bind):  # the pools' product: patch rows times the weight
-                if len(shapes) < 10_000 and bind.step == 0:
-                    shapes.append((im2col.rows_shape(tuple(x.shape), conv), tuple(w.shape)))
-                return super().conv_forward(x, w, conv, bind)
+        def traced_conv(x, w, conv, bind):  # the pools' product: patch rows times the weight
+            if len(shapes) < 10_000 and bind.step == 0:
+                shapes.append((im2col.rows_shape(tuple(x.shape), conv), tuple(w.shape)))
+            return conv_forward(x, w, conv, bind)
 
-        engine = Traced(pools, rounds=16, max_attempts=relays + 1)
-        pctx = PrivateContext(engine, job=job, patch_rows=True)
-        net = to_private(model, pctx, keep=())
+        engine.forward, engine.conv_forward = traced, traced_conv
+        net = session.private(model)
+        session.wrap(opt)
         fields = ("open_s", "seal_s", "combine_s", "blame_s", "wait_s", "bytes_sent", "bytes_received")
-        means, times = _timed_steps("shares", net, opt, pctx, x, y, warmup, steps, say, lambda: {
+        means, times = _timed_steps("shares", net, opt, x, y, warmup, steps, say, lambda: {
             **{k: getattr(engine.shares, k) for k in fields}, "relay_compute": client.counters.relay_compute_s})
 
     mean = means.__getitem__

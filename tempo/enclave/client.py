@@ -22,9 +22,9 @@ import zmq
 
 from tempo.arena import Arena, Descriptor
 from tempo.enclave import protection
-from tempo.enclave.keys import DEFAULT_KEY_SPACE, KeySchedule, KeySpace, MatmulKey
-from tempo.enclave.roundtrip import MaskedProduct, mask_operand
-from tempo.enclave.verify import IntegrityError
+from tempo.core.keys import DEFAULT_KEY_SPACE, KeySchedule, KeySpace, MatmulKey
+from tempo.core.roundtrip import MaskedProduct, mask_operand
+from tempo.core.verify import IntegrityError
 from tempo.protocol import (
     OFFLOADER_TO_ENCLAVE_OPS,
     Binding,

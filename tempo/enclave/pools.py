@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tempo.enclave import shares
+from tempo.core import shares
 from tempo.enclave.private import EngineCounters
-from tempo.enclave.verify import IntegrityError
+from tempo.core.verify import IntegrityError
 from tempo.protocol import Binding
 
 POOL_NAMES = ("p1", "p2", "p3")  # default names of the three pools (roles 1, 2, 3)

@@ -25,11 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tempo.enclave import im2col, partition, protection
-from tempo.enclave.keys import KeySchedule
-from tempo.enclave.roundtrip import MaskedProduct
-from tempo.layers import AddTokens, Matmul
-from tempo.protocol import Binding, relay_backward, relay_forward
+from tempo.core import im2col, partition
+from tempo.enclave import protection
+from tempo.enclave.protection import KEEP_CHOICES
+from tempo.core.keys import KeySchedule
+from tempo.core.roundtrip import MaskedProduct
+from tempo.core.layers import AddTokens, Matmul
+from tempo.core.products import relay_backward, relay_forward
+from tempo.protocol import Binding
 
 
 # Which operand of a product is a layer's weight, and how to read it now: ("a" | "b", callable).
@@ -49,7 +52,7 @@ class EngineCounters:
 
 class InProcessEngine:
     """Mask, multiply the masked operands here exactly as a relay would, unmask, verify: the
-    one masked round trip (`tempo.enclave.roundtrip`) without processes.
+    one masked round trip (`tempo.core.roundtrip`) without processes.
 
     `observer`, when given, is called with what a relay would receive for each product,
     ``observer("forward", bind, (A', B'), product)`` and ``observer("backward", bind, (D'ᵀ,),
@@ -100,7 +103,7 @@ class InProcessEngine:
 class ClientEngine:
     """Offload through a running off-loader and relays (`OffloadClient`).
 
-    Each product is cut into up to `parts` parts (`tempo.enclave.partition`: convolutions and
+    Each product is cut into up to `parts` parts (`tempo.core.partition`: convolutions and
     attention by batch, fully connected layers by output features), each under its own key.
     Products smaller than `split_min_mb` (operands and result) stay whole. With `pipeline` on,
     every part of a product is masked and sent before the first is awaited,
@@ -450,7 +453,10 @@ def supported_layers() -> list[str]:
     return sorted(c.__name__ for c in (*OFFLOADED, *ENCLAVE_LAYERS, *CONTAINERS))
 
 
-KEEP_CHOICES = ("first", "last")
+
+def offloaded_products(module: nn.Module) -> int:
+    """Products per forward pass: Linear, Conv2d and Matmul modules (L in Theorem V.2)."""
+    return sum(isinstance(m, (nn.Linear, nn.Conv2d, Matmul)) for m in module.modules())
 
 
 def to_private(module: nn.Module, pctx: PrivateContext, keep: tuple[str, ...] | None = None) -> nn.Module:

@@ -37,7 +37,7 @@ class Masking:
 
     def keys(self):
         """The key schedule (`keys.KeySchedule`) this masking draws every product's key from."""
-        from tempo.enclave.keys import KeySchedule, KeySpace
+        from tempo.core.keys import KeySchedule, KeySpace
 
         return KeySchedule(self.key_refresh, KeySpace.parse(self.key_space), mix=self.mix, ahead=True)
 
@@ -66,6 +66,7 @@ PRESETS: dict[str, Masking] = {
 # nothing per sample, at about the paper's enclave work (2× on ResNet-18). Aggregates still
 # leak (a block's rank counts dead units): README, what a relay learns.
 DEFAULT = "mixed"
+KEEP_CHOICES = ("first", "last")  # layers that can stay in the enclave (`to_private`'s keep)
 
 
 # What relays were measured to learn under each preset (`tempo audit`, README: what a relay
@@ -107,8 +108,6 @@ def parse_keep(text: str | None) -> tuple[str, ...] | None:
         return None
     if text.strip() in ("", "none"):
         return ()
-    from tempo.enclave.private import KEEP_CHOICES
-
     parts = tuple(p.strip() for p in text.split(",") if p.strip())
     bad = [p for p in parts if p not in KEEP_CHOICES]
     if bad:

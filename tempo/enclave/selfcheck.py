@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tempo.enclave.keys import KeySpace, keygen
-from tempo.enclave.roundtrip import MaskedProduct
-from tempo.enclave.verify import rounding_bound
-from tempo.protocol import relay_backward, relay_forward
+from tempo.core.keys import KeySpace, keygen
+from tempo.core.roundtrip import MaskedProduct
+from tempo.core.verify import rounding_bound
+from tempo.core.products import relay_backward, relay_forward
 
 
 @dataclass

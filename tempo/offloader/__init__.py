@@ -30,6 +30,7 @@ import torch
 import zmq
 
 from tempo.arena import Arena
+from tempo.core.products import ProductShapeError, grad_shapes
 from tempo.protocol import (
     DTYPES,
     ENCLAVE_OPS,
@@ -42,7 +43,6 @@ from tempo.protocol import (
     decode_header,
     encode,
     error_frames,
-    grad_shapes,
     inputs_digest,
     new_request_id,
 )
@@ -106,7 +106,10 @@ def _expected_outputs(kind: str, inputs: list[Descriptor], operands: list[Descri
     if kind == "backward":
         if len(inputs) != 1 or len(operands) != 2:
             raise ProtocolError("a backward submit has inputs [D'ᵀ] and operands [A', B']")
-        return list(grad_shapes(operands[0].shape, operands[1].shape, inputs[0].shape))
+        try:
+            return list(grad_shapes(operands[0].shape, operands[1].shape, inputs[0].shape))
+        except ProductShapeError as exc:
+            raise ProtocolError(str(exc)) from None
     raise ProtocolError(f"unknown submit kind {kind!r}")
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import zmq
 
+from tempo.core.products import relay_backward, relay_forward
 from tempo.protocol import (
     OFFLOADER_TO_RELAY_OPS,
     Binding,
@@ -31,8 +32,6 @@ from tempo.protocol import (
     encode,
     error_frames,
     inputs_digest,
-    relay_backward,
-    relay_forward,
 )
 
 
@@ -266,7 +265,7 @@ class Relay:
     def _sealed(self, msg: Message):
         """The shares mode: open the pool's request (a forward's, and for a backward the
         backward's too), compute this pool's share of the product, seal the answer."""
-        from tempo.enclave.shares import pool_answer
+        from tempo.core.shares import pool_answer
         from tempo.protocol import sealed
 
         if self.pool is None:

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tempo.enclave import im2col
+from tempo.core import im2col
 
 FRAC_BITS = 16
 LIMB_BITS = 16
@@ -321,7 +321,7 @@ def scale_for(t: torch.Tensor, bits: int) -> tuple[int, int]:
     (rounding is monotonic: the largest entry's encoding is the largest encoding), so no pass
     over the encoding is needed for it. A non-finite operand is the model's divergence
     (`NonFiniteError`), before anything leaves."""
-    from tempo.enclave.verify import NonFiniteError
+    from tempo.core.verify import NonFiniteError
 
     top = _abs_max(t)
     if not np.isfinite(top):
@@ -396,7 +396,7 @@ class Opened:
     grad_seeds: tuple[bytes, bytes] | None = None
     grad_requests: dict[int, tuple[dict, tuple[torch.Tensor, ...]]] | None = None
     # a convolution (`open_forward`'s `conv`): ``A`` is the image batch (`x_shape`) and
-    # `a_shape` its patch rows' shape, which the pools build themselves (`tempo.enclave.im2col`)
+    # `a_shape` its patch rows' shape, which the pools build themselves (`tempo.core.im2col`)
     conv: im2col.Conv | None = None
     x_shape: tuple | None = None
 
@@ -406,7 +406,7 @@ def open_forward(a: torch.Tensor, b: torch.Tensor, seeds: tuple[bytes, bytes] | 
     """Encode ``A`` and ``B`` under private scales and open ``E = A − U``, ``F = B − V``: the
     three pools' requests for ``C = A·B`` (pools 1, 2: seed and ``E, F``; pool 3: both seeds).
 
-    With `conv` (a convolution's geometry, `tempo.enclave.im2col`), ``A`` is the image batch
+    With `conv` (a convolution's geometry, `tempo.core.im2col`), ``A`` is the image batch
     (n, C, H, W) and the product is ``patch_rows(A) · B``, ``B`` (C·kh·kw × out): the enclave
     opens the images, not their patch rows (kh·kw times fewer entries for a stride-1 kernel),
     and every pool unfolds its own share (unfolding is linear, so the shares of the patch rows
@@ -551,7 +551,7 @@ def _bounded(result: torch.Tensor, bound: int, rounds: int) -> tuple[bool, int]:
 def _conv_checks(op: Opened, rounds: int, rng: Randomness, c: torch.Tensor | None = None,
                  dx: torch.Tensor | None = None, dw: torch.Tensor | None = None) -> bool:
     """`_freivalds` for a convolution's products, each in one pass over what it checks and one
-    over the images (or ``Δ``), never building patch rows (`tempo.enclave.im2col`):
+    over the images (or ``Δ``), never building patch rows (`tempo.core.im2col`):
     ``C = R·B`` as ``s·C = (s·R)·B``; ``dL/dB = Rᵀ·Δ`` as ``dL/dB·r = (Δr)ᵀ·R`` transposed;
     ``dL/dA = fold(Δ·Bᵀ)`` as ``s·dL/dA = Σ_k (S_k·Δ)·B_kᵀ`` with ``S_k`` the image-position
     vectors `s` read at each output position by kernel offset ``k``. Each is a uniform vector

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tempo.enclave.keys import RandomBytes
+from tempo.core.keys import RandomBytes
 
 
 class IntegrityError(RuntimeError):
@@ -205,11 +205,11 @@ _KERNEL_SLICES = 8  # batched operands with more slices than this (attention) go
 
 
 def _kernel_abs_matvec(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
-    """``|A| @ v`` (v: (…, n, 1)) by the C kernel (`tempo.enclave._gather.abs_matvec`) when `A`
+    """``|A| @ v`` (v: (…, n, 1)) by the C kernel (`tempo.core._gather.abs_matvec`) when `A`
     is a CPU float32/float64 matrix, or a batch of few, whose rows or columns are stored with
     unit stride (a transposed view is read by the kernel's transposed loop, in stored order);
     None otherwise (the caller's torch path)."""
-    from tempo.enclave.obfuscation import _KERNEL_DTYPES, _PARALLEL_MIN_ELEMENTS, _kernel
+    from tempo.core.obfuscation import _KERNEL_DTYPES, _PARALLEL_MIN_ELEMENTS, _kernel
 
     if (_kernel is None or not hasattr(_kernel, "abs_matvec") or not a.is_cpu or a.dtype not in _KERNEL_DTYPES
             or v.dtype != a.dtype or v.shape[-1] != 1 or a.dim() < 2 or a.numel() == 0):

@@ -96,6 +96,12 @@ class TrainConfig:
             self.masking_preset()
         except ValueError as exc:
             raise ConfigError("masking", str(exc)) from None
+        if self.inject_fault is not None and self.offloader:
+            raise ConfigError("inject_fault", "inject_fault starts a local relay; start a relay with --fault instead")
+        if self.offloader and self.mode == "tempo" and self.uses_shares() and self.pool_keys is None:
+            raise ConfigError("pool_keys", "the shares mode with a separately started off-loader needs pool_keys "
+                                           "(--pool-keys DIR holding p1.key, p2.key and p3.key, the keys its pools' "
+                                           "relays use)")
         if self.inject_fault is not None:
             from tempo.relay import Fault
 
@@ -309,13 +315,6 @@ def evaluate(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size:
     return correct / max(1, len(x))
 
 
-def offloaded_products(module: torch.nn.Module) -> int:
-    """Products per forward pass: Linear, Conv2d and Matmul modules (L in Theorem V.2)."""
-    from tempo.layers import Matmul
-
-    return sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, Matmul)) for m in module.modules())
-
-
 def _schedule(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: int):
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
@@ -422,26 +421,16 @@ def _diverged(step: int, what: str, last_ckpt: tuple[int, Path] | None) -> Diver
                     "Try a lower learning rate (--lr) or check the inputs for NaN")
 
 
-def _read_pool_keys(directory: str | None) -> dict[str, bytes]:
-    """The three pools' keys from DIR/<pool>.key (the shares mode with a separate off-loader)."""
-    from tempo.enclave.pools import POOL_NAMES
-    from tempo.protocol.sealed import read_key
-
-    if directory is None:
-        raise ConfigError("pool_keys", "the shares mode with a separately started off-loader needs pool_keys "
-                                       "(--pool-keys DIR holding p1.key, p2.key and p3.key, the keys its pools' relays use)")
-    return {name: read_key(Path(directory) / f"{name}.key") for name in POOL_NAMES}
-
-
 def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=None) -> Summary:
     """Train as `cfg` says; returns the `Summary` it also writes to ``out/summary.json``.
 
     `progress` gets an event after every step (``kind="step"``: epoch, batch of batches, step of
     total, loss, images per second over this epoch's steps, ETA) and after every epoch
     (``kind="epoch"``: the epoch's history row)."""
-    from tempo.cluster import ClusterDied
+    from tempo.core.verify import IntegrityError, NonFiniteError, freivalds_rounds, training_alpha
     from tempo.enclave.client import OffloadError, OffloaderGone
-    from tempo.enclave.verify import IntegrityError, NonFiniteError, freivalds_rounds, training_alpha
+    from tempo.enclave.pools import POOL_NAMES
+    from tempo.enclave.private import offloaded_products
 
     cfg.validate()
     out = resolve_out(cfg)
@@ -492,56 +481,28 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
     compute = torch.device(cfg.device if cfg.mode == "plain" else "cpu")
     model.to(compute)
 
-    cluster = client = engine = None
+    session = client = engine = None
     net = model
-    pctx = None
     keys = masking.keys()
     start = time.perf_counter()
     try:
         try:  # the set-up: a signal here (Ctrl-C while the cluster starts) leaves nothing behind
             if cfg.mode == "tempo":
-                from tempo.cluster import LocalCluster
-                from tempo.enclave.client import OffloadClient, default_job_id
-                from tempo.enclave.pools import POOL_NAMES, RelayPools, SharesEngine
-                from tempo.enclave.private import ClientEngine, PrivateContext, to_private
-                from tempo.enclave.shares import ROLES
+                from tempo.session import Session, SessionConfig
 
-                if cfg.offloader:  # Tempo as deployed: off-loader and relays started on their own
-                    if cfg.inject_fault:
-                        raise ConfigError("inject_fault", "inject_fault starts a local relay; start a relay with "
-                                                          "--fault instead")
-                    endpoint = cfg.offloader
-                else:  # Tempo-l in one command: start them here
-                    faults = {0: cfg.inject_fault} if cfg.inject_fault else {}
-                    cluster = LocalCluster(relays=0 if shared else cfg.relays, device=cfg.device, faults=faults,
-                                           heartbeat_timeout_s=cfg.heartbeat_timeout_s,
-                                           heartbeat_s=min(0.5, cfg.heartbeat_timeout_s / 4),
-                                           pools=dict.fromkeys(POOL_NAMES, cfg.relays) if shared else None)
-                    cluster.start()
-                    endpoint = cluster.enclave_endpoint
-                job = default_job_id()
-                arena_mb = cfg.arena_mb or (1024 if shared else 256)  # shares: int64, three pools' answers
-                client = OffloadClient(endpoint, job, arena_bytes=arena_mb << 20,
-                                       rounds=rounds, log=log, keys=keys, part_timeout_s=cfg.part_timeout_s,
-                                       max_attempts=cfg.relays + 1)
-                if cluster is not None:
-                    client.watchdog = cluster.check  # the off-loader's exit is noticed within a second
-                if log:
-                    log.info("train.waiting_for_relays", offloader=endpoint, relays=cfg.relays,
-                             **({"pools": list(POOL_NAMES)} if shared else {}))
-                wait_s = cfg.relay_wait_s if cfg.offloader else 30.0
-                if shared:
-                    keys_by_pool = cluster.pool_keys if cluster is not None else _read_pool_keys(cfg.pool_keys)
-                    engine = SharesEngine(RelayPools(client, {r: (name, keys_by_pool[name])
-                                                              for r, name in zip(ROLES, POOL_NAMES)}, wait_s),
-                                          rounds=rounds, max_attempts=cfg.relays + 1)
-                else:
-                    client.wait_for_relays(cfg.relays, timeout_s=wait_s)
-                    engine = ClientEngine(client, parts=cfg.relays, pipeline=cfg.pipeline,
-                                          split_min_mb=cfg.split_min_mb)
-                pctx = PrivateContext(engine, job=job, patch_rows=True if shared else masking.patch_rows)
-                net = to_private(model, pctx, keep=kept)
+                session = Session(SessionConfig(
+                    relays=cfg.relays, offloader=cfg.offloader, protection=cfg.protection, masking=masking,
+                    pool_keys=cfg.pool_keys, device=cfg.device, integrity_t=cfg.integrity_t, rounds=rounds,
+                    pipeline=cfg.pipeline, split_min_mb=cfg.split_min_mb, part_timeout_s=cfg.part_timeout_s,
+                    heartbeat_timeout_s=cfg.heartbeat_timeout_s,
+                    relay_wait_s=cfg.relay_wait_s if cfg.offloader else 30.0, arena_mb=cfg.arena_mb,
+                    faults={0: cfg.inject_fault} if cfg.inject_fault else {}), log=log)
+                keys = session.keys or keys  # the masking's keys (none in the shares mode)
+                net = session.private(model, keep=kept)
+                client, engine = session.client, session.engine
             opt = _optimizer(cfg, model.parameters())
+            if session is not None:
+                session.wrap(opt)  # each optimizer step ends the session's step
             sched = _schedule(cfg, opt, total_steps)
             g = torch.Generator().manual_seed(cfg.seed)
             steps, first_epoch, first_batch, loss_value = 0, 0, 0, float("nan")
@@ -603,12 +564,13 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
                         loss.backward()
                     except NonFiniteError as exc:
                         raise _diverged(steps + 1, str(exc), last_ckpt) from None
-                    except (OffloadError, IntegrityError, ClusterDied) as exc:
+                    except (OffloadError, IntegrityError) as exc:
                         # nothing of this step was applied: checkpoint the state before it and stop
                         save_checkpoint(*resume_point)
                         events = client.relay_events if client is not None else []
-                        if isinstance(exc, (ClusterDied, OffloaderGone)):
-                            what, fix = str(exc), "start the off-loader again" if cluster is None else "fix what killed it"
+                        if isinstance(exc, OffloaderGone):  # a local cluster's death too (ClusterDied)
+                            what = str(exc)
+                            fix = "start the off-loader again" if session.cluster is None else "fix what killed it"
                         else:
                             what = f"{exc}. Relays quarantined or lost: {[e['relay'] + ' (' + e['reason'] + ')' for e in events]}"
                             fix = "fix the relays"
@@ -620,8 +582,6 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
                         opt.step()
                         if sched is not None:
                             sched.step()
-                        if pctx is not None:
-                            pctx.end_step()
                         took = time.perf_counter() - step_start
                         step_times.append(took)
                         steps += 1
@@ -648,7 +608,7 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
                 if split.val_x is not None and validate:
                     net.eval()
                     val_accuracy = evaluate(net, split.val_x.to(compute), split.val_y.to(compute), cfg.batch_size,
-                                            after_batch=pctx.end_step if pctx is not None else None)
+                                            after_batch=session.end_step if session is not None else None)
                 row = {"epoch": epoch + 1, "steps": steps, "train_loss": round(loss_value, 6),
                        "val_accuracy": val_accuracy, "epoch_s": round(epoch_time, 4),
                        "images_per_s": round(epoch_images / epoch_time, 2) if epoch_time > 0 else 0.0,
@@ -667,7 +627,7 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
             net.eval()
             test_x, test_y = split.test_x.to(compute), split.test_y.to(compute)
             accuracy = evaluate(net, test_x, test_y, cfg.batch_size,
-                                after_batch=pctx.end_step if pctx is not None else None)
+                                after_batch=session.end_step if session is not None else None)
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP under interrupt.handle_signals
             if steps > steps_at_start:
                 save_checkpoint(*resume_point)
@@ -712,7 +672,5 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
         (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
         return summary
     finally:
-        if client is not None:
-            client.close()
-        if cluster is not None:
-            cluster.stop()
+        if session is not None:
+            session.close()

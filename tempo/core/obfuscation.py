@@ -11,7 +11,7 @@ reciprocal coefficients, so both run through one function (`_keyed_gather`) and 
 Keys act on the last two dimensions. Leading dimensions are batch slices; an axis key with an
 empty batch shape is shared by all slices, otherwise its batch shape must equal the operand's.
 
-Backends: a C kernel (``tempo.enclave._gather``, built at install time when a C compiler is
+Backends: a C kernel (``tempo.core._gather``, built at install time when a C compiler is
 present) reads and writes each element once; a pure-torch fallback gives bit-identical results,
 several times slower. ``TEMPO_OBFUSCATION_BACKEND=torch`` forces the fallback.
 """
@@ -22,10 +22,10 @@ import os
 
 import torch
 
-from tempo.enclave.keys import AxisKey, MatmulKey
+from tempo.core.keys import AxisKey, MatmulKey
 
 try:  # the optional C kernel; see setup.py
-    from tempo.enclave import _gather as _kernel
+    from tempo.core import _gather as _kernel
 except ImportError:  # pragma: no cover - depends on the install
     _kernel = None
 

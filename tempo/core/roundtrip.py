@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import torch
 
-from tempo.enclave.keys import MatmulKey
-from tempo.enclave.obfuscation import decrypt, decrypt_grads, encrypt_grad, mask
-from tempo.enclave.verify import Verdict, checked_bound, freivalds_check, masked_relay_bound
-from tempo.protocol import grad_shapes
+from tempo.core.keys import MatmulKey
+from tempo.core.obfuscation import decrypt, decrypt_grads, encrypt_grad, mask
+from tempo.core.verify import Verdict, checked_bound, freivalds_check, masked_relay_bound
+from tempo.core.products import grad_shapes
 
 
 def mask_operand(key: MatmulKey, side: str, t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -13,12 +13,11 @@ def run_inference(checkpoint: str, model_name: str, width: int | None, dataset: 
                   log=None, partial_data: bool = False) -> dict:
     """Classify the test images of `dataset` privately with the weights in `checkpoint` (a
     ``model.pt`` or a training ``checkpoint.pt``); returns accuracy and throughput."""
-    from tempo.cluster import LocalCluster
-    from tempo.enclave.client import OffloadClient, default_job_id
-    from tempo.enclave.private import ClientEngine, PrivateContext, to_private
-    from tempo.enclave.train import evaluate, offloaded_products
+    from tempo.core.verify import freivalds_rounds
     from tempo.enclave.checkpoint import read_weights
-    from tempo.enclave.verify import freivalds_rounds
+    from tempo.enclave.private import offloaded_products
+    from tempo.session import Session
+    from tempo.train import evaluate
 
     weights = read_weights(checkpoint)  # a file that is not ours fails here, before any process starts
     split = datasets.load(dataset, data_dir, seed=seed, partial=partial_data)
@@ -28,16 +27,13 @@ def run_inference(checkpoint: str, model_name: str, width: int | None, dataset: 
     rounds = freivalds_rounds(integrity_t, 1, relays, max(1, offloaded_products(model)))  # alpha = 1: inference
     if log:
         log.info("infer.integrity", t=integrity_t, relays=relays, freivalds_rounds=rounds)
-    with LocalCluster(relays=relays, device=device) as cluster:
-        job = default_job_id()
-        with OffloadClient(cluster.enclave_endpoint, job, rounds=rounds, log=log) as client:
-            client.wait_for_relays(relays)
-            pctx = PrivateContext(ClientEngine(client, parts=relays), job=job)  # split across the relays
-            net = to_private(model, pctx)
-            net.eval()
-            start = time.perf_counter()
-            accuracy = evaluate(net, split.test_x, split.test_y, batch_size, after_batch=pctx.end_step)
-            seconds = time.perf_counter() - start
+    # the masking's default, every product split across the relays, the default masking's kept layers
+    with Session(relays=relays, device=device, rounds=rounds, protection="masking", log=log) as session:
+        net = session.private(model)
+        net.eval()
+        start = time.perf_counter()
+        accuracy = evaluate(net, split.test_x, split.test_y, batch_size, after_batch=session.end_step)
+        seconds = time.perf_counter() - start
     images = len(split.test_x)
     return {"accuracy": accuracy, "images": images, "seconds": seconds, "images_per_s": images / seconds,
             "relays": relays, "model": model_name, "dataset": dataset, "freivalds_rounds": rounds}

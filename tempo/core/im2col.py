@@ -6,7 +6,7 @@ symmetric zero padding, stride (what goes on the wire as a list). Patch rows are
 ``(batch·positions × in·kh·kw)``, rows image-major then row-major over output positions,
 columns channel-major ``(c, ki, kj)`` as ``F.unfold`` orders them. Every function here is
 linear and exact in any dtype, int64 ring elements included (sums wrap), which is what lets the
-shares mode's pools unfold and fold their own shares (`tempo.enclave.shares`) and the enclave
+shares mode's pools unfold and fold their own shares (`tempo.core.shares`) and the enclave
 check products with patch rows in one pass over the image (`rows_left`, `windows_left`).
 """
 
@@ -49,7 +49,7 @@ _KERNEL_DTYPES = {torch.float32: 0, torch.float64: 1, torch.int64: 2}
 
 
 def _kernel():
-    from tempo.enclave.obfuscation import _kernel as kernel
+    from tempo.core.obfuscation import _kernel as kernel
 
     return kernel if kernel is not None and hasattr(kernel, "conv_rows") else None
 

@@ -1,0 +1,90 @@
+"""The trust boundary, in the code: what each trusted package may import.
+
+Read from the source (every import statement, at module level or inside a function), so an
+import that only runs on some path counts as much as one at the top."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "tempo"
+STDLIB = set(sys.stdlib_module_names)
+
+# package -> (third-party top-level modules, tempo modules) it may import; the standard library
+# is always allowed. The core: the mathematics the guarantees rest on, nothing that does I/O.
+# The enclave: the core, the wire format and the arena (its one channel out), and nothing that
+# starts, serves or attacks a process (tempo.cluster, tempo.relay, tempo.offloader, tempo.audit).
+# `cryptography`: AES, the shares' counter-mode randomness (a vetted implementation, not our own).
+RULES = {
+    "core": ({"torch", "numpy", "cryptography"}, ("tempo.core",)),
+    "enclave": ({"torch", "numpy", "zmq", "msgpack"}, ("tempo.core", "tempo.enclave", "tempo.protocol", "tempo.arena")),
+}
+
+
+def imports_of(path: Path) -> list[tuple[int, str]]:
+    """Every module `path` imports (absolute names), with the line it is on."""
+    tree = ast.parse(path.read_text(), str(path))
+    package = ".".join(path.relative_to(ROOT.parent).with_suffix("").parts[:-1])
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module
+            if name == "__future__":
+                continue
+            # `from tempo.core import keys` imports tempo.core.keys: check the submodules too
+            found += [(node.lineno, f"{name}.{alias.name}" if name in {"tempo", "tempo.core", "tempo.enclave"}
+                       else name) for alias in node.names]
+    return found
+
+
+def allowed(name: str, third_party: set[str], tempo: tuple[str, ...]) -> bool:
+    top = name.split(".")[0]
+    if top == "tempo":
+        return any(name == t or name.startswith(t + ".") for t in tempo)
+    return top in STDLIB or top in third_party
+
+
+@pytest.mark.parametrize("package", sorted(RULES))
+def test_each_trusted_package_imports_only_what_its_rule_allows(package):
+    third_party, tempo = RULES[package]
+    files = sorted((ROOT / package).glob("*.py"))
+    assert files
+    bad = [f"{f.relative_to(ROOT.parent)}:{line}: {name}" for f in files for line, name in imports_of(f)
+           if not allowed(name, third_party, tempo)]
+    assert not bad, "imports outside the trust boundary:\n" + "\n".join(bad)
+
+
+def test_the_rule_reads_function_level_and_relative_imports(tmp_path):
+    """The checker itself: an import inside a function, and a relative one, are found."""
+    pkg = ROOT / "core"
+    probe = pkg / "_probe_for_test.py"
+    probe.write_text("def f():\n    import zmq\n    from ..cluster import LocalCluster\n")
+    try:
+        names = [n for _, n in imports_of(probe)]
+    finally:
+        probe.unlink()
+    assert names == ["zmq", "tempo.cluster"]
+    assert not allowed("tempo.cluster", *RULES["core"]) and not allowed("zmq", *RULES["core"])
+    assert allowed("tempo.core.keys", *RULES["core"]) and allowed("hashlib", *RULES["core"])
+
+
+def test_the_deployed_enclave_process_loads_nothing_that_starts_or_serves_processes():
+    """What `tempo enclave` (the process Gramine runs) imports once it has read its job and
+    connected its session: no relay, off-loader, local cluster, audit or bench code."""
+    code = ("import sys, tempo.cli, tempo.train, tempo.session, tempo.enclave.client, tempo.enclave.pools;"
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('tempo'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert "tempo.core.keys" in out and "tempo.enclave.private" in out
+    leaked = [m for m in out if m.split(".")[1:2] and m.split(".")[1] in {"cluster", "relay", "offloader", "audit", "bench"}]
+    assert not leaked, leaked
