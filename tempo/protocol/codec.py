@@ -17,18 +17,19 @@ from typing import Any
 import msgpack
 import torch
 
-from tempo.protocol.errors import ProtocolError
+from tempo.protocol.errors import ErrorCode, ProtocolError
 
 __all__ = [
-    "DEFAULT_MAX_FRAME_BYTES", "DTYPES", "ENCLAVE_OPS", "FIELDS", "MAX_DIMS", "MAX_HEADER_BYTES", "MAX_TENSORS",
-    "OFFLOADER_TO_ENCLAVE_OPS", "OFFLOADER_TO_RELAY_OPS", "PROTOCOL_VERSION", "RELAY_OPS", "REQUIRED", "Binding",
-    "Descriptor", "Message", "ProtocolError", "TensorSpec", "check_fields", "claimed_request_id", "decode",
-    "decode_header", "encode", "error_frames", "inputs_digest", "new_request_id", "tensor_specs",
+    "DEFAULT_MAX_FRAME_BYTES", "DTYPES", "FIELDS", "MAX_DIMS", "MAX_HEADER_BYTES", "MAX_TENSORS", "PROTOCOL_VERSION",
+    "REQUIRED", "Binding", "Descriptor", "ErrorCode", "Message", "ProtocolError", "TensorSpec", "check_fields",
+    "claimed_request_id", "decode", "decode_header", "encode", "inputs_digest", "new_request_id", "tensor_specs",
 ]
 
 # 2: backward sends D'ᵀ and returns T1'ᵀ, T2'ᵀ summed (grad_shapes); 2.1: pong carries `tables`;
-# 2.2: sealed parts for relay pools (kind and op ``sealed``, ``pool``; pong carries ``pools``)
-PROTOCOL_VERSION = (2, 2)
+# 2.2: sealed parts for relay pools (kind and op ``sealed``, ``pool``; pong carries ``pools``);
+# 2.3: ``release_job`` (was a ``release`` with a ``job`` and a made-up binding), ``error`` carries a ``code``.
+# Stamped on every header by `encode`, and checked by `decode_header`: nowhere else.
+PROTOCOL_VERSION = (2, 3)
 
 # dtype names on the wire -> torch dtypes. Nothing else is ever built from a frame.
 DTYPES: dict[str, torch.dtype] = {
@@ -44,12 +45,6 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSORS = 8
 MAX_DIMS = 6
 DEFAULT_MAX_FRAME_BYTES = 2 << 30  # 2 GiB per tensor frame
-
-ENCLAVE_OPS = frozenset({"submit", "release", "ping", "quarantine", "stage"})
-OFFLOADER_TO_ENCLAVE_OPS = frozenset({"done", "error", "pong", "relay_event"})
-OFFLOADER_TO_RELAY_OPS = frozenset({"forward", "backward", "backward_full", "release", "ping", "stage", "sealed"})
-RELAY_OPS = frozenset({"ready", "heartbeat", "result", "error", "pong"})
-
 
 @dataclass(frozen=True)
 class Binding:
@@ -125,6 +120,20 @@ class Descriptor:
     dtype: str
     shape: tuple[int, ...]
 
+    @classmethod
+    def at(cls, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> Descriptor:
+        """The descriptor of a tensor of `shape` and `dtype` (an allowed one) at `offset`."""
+        if dtype not in _DTYPE_NAMES:
+            raise ProtocolError(f"dtype {dtype} is not allowed on the wire")
+        spec = TensorSpec(_DTYPE_NAMES[dtype], tuple(shape))
+        return cls(offset, spec.nbytes, spec.dtype, spec.shape)
+
+    def inside(self, arena_size: int) -> Descriptor:
+        """This descriptor, checked to lie inside an arena of `arena_size` bytes."""
+        if self.offset < 0 or self.offset + self.nbytes > arena_size:
+            raise ProtocolError("descriptor lies outside the arena")
+        return self
+
     def to_wire(self) -> dict:
         return {"offset": self.offset, "nbytes": self.nbytes, "dtype": self.dtype, "shape": list(self.shape)}
 
@@ -140,9 +149,8 @@ class Descriptor:
         spec = TensorSpec.from_wire({"dtype": value["dtype"], "shape": value["shape"]})
         if nbytes != spec.nbytes:
             raise ProtocolError("descriptor length does not match its dtype and shape")
-        if arena_size is not None and offset + nbytes > arena_size:
-            raise ProtocolError("descriptor lies outside the arena")
-        return cls(offset, nbytes, spec.dtype, spec.shape)
+        desc = cls(offset, nbytes, spec.dtype, spec.shape)
+        return desc if arena_size is None else desc.inside(arena_size)
 
 
 # -- header fields: one type each, checked on arrival --
@@ -227,22 +235,12 @@ FIELDS: dict[str, Check] = {
     "relay_s": _seconds,
     "turnaround_s": _seconds,
     "tables": _tables,
+    "code": _text(64),  # an error's `ErrorCode` (one this peer does not know reads as ERROR)
 }
-_OP_FIELDS: dict[tuple[str, str], Check] = {
-    ("done", "staged"): _flag,  # whether the forward used an operand shipped ahead
-}
-# Fields an op cannot do without (ops that take one of two forms check theirs in the handler).
-REQUIRED: dict[str, tuple[str, ...]] = {
-    "submit": ("id", "bind", "arena", "kind"),
-    "stage": ("bind", "slot"),
-    "forward": ("id", "bind"),
-    "backward": ("id", "bind"),
-    "backward_full": ("id", "bind"),
-    "sealed": ("id", "bind", "pool"),
-    "result": ("id", "bind"),
-    "done": ("id", "bind"),
-    "relay_event": ("relay", "event"),
-}
+# Filled by `tempo.protocol.messages` from its message classes (their fields are the one list):
+# the exceptions to `FIELDS` by (op, field), and the fields each op cannot do without.
+_OP_FIELDS: dict[tuple[str, str], Check] = {}
+REQUIRED: dict[str, tuple[str, ...]] = {}
 
 
 def check_fields(op: str, header: dict) -> None:
@@ -432,13 +430,3 @@ def _tensor_from(frame: bytes | memoryview, spec: TensorSpec) -> torch.Tensor:
         warnings.simplefilter("ignore", UserWarning)
         flat = torch.frombuffer(buf, dtype=torch.uint8)
     return flat.view(dtype).reshape(spec.shape)
-
-
-def error_frames(reason: str, request_id: str | None = None, bind: list | None = None) -> list:
-    """An ``error`` reply; the reason is cut to a safe length (and is never empty)."""
-    fields: dict[str, Any] = {"reason": reason[:500] or "error"}
-    if request_id is not None:
-        fields["id"] = request_id
-    if bind is not None:
-        fields["bind"] = bind
-    return encode("error", **fields)
