@@ -261,7 +261,8 @@ def check_fields(op: str, header: dict) -> None:
 
 @dataclass
 class Message:
-    """A decoded message: the header map, and its tensors (views of the received frames)."""
+    """A decoded envelope: the checked header map, and its tensors (views of the received frames).
+    The peers read messages as their classes (`tempo.protocol.messages.parse`), built from this."""
 
     op: str
     header: dict
