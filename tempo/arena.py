@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 # Descriptor lives with the rest of the wire format; importable from here as before
-from tempo.protocol import DTYPES, Descriptor, ProtocolError, TensorSpec
+from tempo.protocol import DTYPES, Descriptor, ProtocolError
 
 __all__ = ["Arena", "Descriptor", "cleanup_stale", "list_segments", "segment_name"]
 
@@ -179,9 +179,8 @@ class Arena:
 
     def alloc_tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Descriptor, torch.Tensor]:
         """Allocate a region for a tensor; return its descriptor and a tensor viewing it."""
-        names = {v: k for k, v in DTYPES.items()}
-        spec = TensorSpec(names[dtype], tuple(shape))
-        desc = Descriptor(self.alloc(spec.nbytes), spec.nbytes, spec.dtype, spec.shape)
+        nbytes = Descriptor.at(0, shape, dtype).nbytes  # the wire form is the protocol's (it checks the dtype)
+        desc = Descriptor.at(self.alloc(nbytes), shape, dtype)
         return desc, self.tensor(desc)
 
     # -- access (both sides) --
@@ -189,8 +188,7 @@ class Arena:
         """A tensor viewing the region (no copy). The descriptor must lie inside the arena."""
         if self._closed:
             raise ValueError("arena is closed")
-        if desc.offset < 0 or desc.offset + desc.nbytes > self.size:
-            raise ProtocolError("descriptor lies outside the arena")
+        desc.inside(self.size)
         dtype = DTYPES[desc.dtype]
         if desc.nbytes == 0:
             return torch.empty(desc.shape, dtype=dtype)
@@ -199,8 +197,7 @@ class Arena:
 
     def buffer(self, desc: Descriptor) -> memoryview:
         """The region's bytes as a memoryview (to send as a frame without a copy)."""
-        if desc.offset < 0 or desc.offset + desc.nbytes > self.size:
-            raise ProtocolError("descriptor lies outside the arena")
+        desc.inside(self.size)
         return memoryview(self._mm)[desc.offset : desc.offset + desc.nbytes]
 
     def close(self) -> None:

@@ -210,7 +210,7 @@ def enclave_seeds(arena_name):
         "submit backward": encode("submit", id="f2", bind=bind, arena=arena_name, kind="backward", inputs=[d],
                                   operands=[a, b], outputs=[t1, t2]),
         "release binding": encode("release", bind=bind),
-        "release job": encode("release", job="fuzzjob", arena=arena_name),
+        "release job": encode("release_job", job="fuzzjob", arena=arena_name),
         "ping": encode("ping", id="f3"),
         "quarantine": encode("quarantine", relay="fuzz-nobody", reason="fuzz", id="f4"),
     }
@@ -249,7 +249,7 @@ def offloader_seeds():
         "backward": encode("backward", [d], id="o3", bind=bind, digest=digest(d)),
         "backward_full": encode("backward_full", [a, b, d], id="o4", bind=bind, digest=digest(a, b, d)),
         "release binding": encode("release", bind=bind),
-        "release job": encode("release", job="fuzzjob", bind=["-", 0, 0, 0]),
+        "release job": encode("release_job", job="fuzzjob"),
         "ping": encode("ping", id="o5", bind=bind),
         "sealed": encode("sealed", [blob], id="o6", bind=bind, pool="fuzzpool", digest=digest(blob)),
     }
@@ -377,7 +377,7 @@ def test_every_field_of_every_op_type_confused_while_a_job_runs(relay_driven_by_
             assert "dtype" in recv_reply(stranger, meanwhile=prober.serve)["reason"]
             victim_arena = client.arena.name
             hostile = {
-                "release of its arena": encode("release", job="victim", arena=victim_arena, id="t1"),
+                "release of its arena": encode("release_job", job="victim", arena=victim_arena, id="t1"),
                 "release of one of its bindings": encode("release", bind=["victim", 0, 0, 0], id="t2"),
                 "submit into its arena": encode("submit", id="t3", bind=["intruder", 0, 0, 0], arena=victim_arena,
                                                 kind="forward", inputs=[desc(0, (1, 1)), desc(64, (1, 1))],

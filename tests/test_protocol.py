@@ -115,7 +115,7 @@ def test_unhashable_or_foreign_dtypes_are_a_protocol_error(value):
 # The msgpack type each field has on the wire (the values it may take are narrower still).
 WIRE_TYPES = {
     **dict.fromkeys(("id", "digest", "arena", "kind", "staged", "slot", "job", "relay", "reason", "event", "device",
-                     "name", "pool"), str),
+                     "name", "pool", "code"), str),
     **dict.fromkeys(("free_memory", "cache_bytes", "relays"), int),
     **dict.fromkeys(("compute_s", "relay_s", "turnaround_s"), (int, float)),
     **dict.fromkeys(("tensors", "bind", "inputs", "operands", "outputs"), list),

@@ -26,17 +26,32 @@ from tempo.core.keys import DEFAULT_KEY_SPACE, KeySchedule, KeySpace, MatmulKey
 from tempo.core.roundtrip import MaskedProduct, mask_operand
 from tempo.core.verify import IntegrityError
 from tempo.protocol import (
-    OFFLOADER_TO_ENCLAVE_OPS,
+    TO_ENCLAVE,
     Binding,
+    Done,
+    Error,
+    ErrorCode,
+    Ping,
+    Pong,
     ProtocolError,
-    decode,
-    encode,
+    Quarantine,
+    RelayEvent,
+    Release,
+    ReleaseJob,
+    Stage,
+    Submit,
     new_request_id,
+    parse,
 )
 
 
 class OffloadError(RuntimeError):
-    """An offloaded part failed: an error reply, a timeout, or a protocol violation."""
+    """An offloaded part failed: an error reply, a timeout, or a protocol violation; `code` is
+    the error reply's (`ErrorCode`), or ``None`` for a failure found here."""
+
+    def __init__(self, message: str = "", code: ErrorCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class PartTimeout(OffloadError):
@@ -163,9 +178,9 @@ class OffloadClient:
             if d is not None:
                 self.arena.free(d.offset)
 
-    def _send(self, **fields) -> None:
+    def _send(self, rid: str, bind: Binding, kind: str, **fields) -> None:
         t0 = time.perf_counter()
-        self.sock.send_multipart(encode("submit", arena=self.arena.name, **fields), copy=False)
+        self.sock.send_multipart(Submit(rid, bind, self.arena.name, kind, **fields).to_frames(), copy=False)
         self.counters.send_s += time.perf_counter() - t0
 
     # -- forward --
@@ -184,8 +199,7 @@ class OffloadClient:
         if stage:
             t1 = time.perf_counter()
             self.counters.bytes_sent += desc.nbytes
-            self.sock.send_multipart(encode("stage", arena=self.arena.name, bind=bind.to_wire(), slot=side,
-                                            inputs=[desc.to_wire()]), copy=False)
+            self.sock.send_multipart(Stage(bind, side, arena=self.arena.name, inputs=(desc,)).to_frames(), copy=False)
             self.counters.send_s += time.perf_counter() - t1
         return Premasked(sk, side, desc, tuple(operand.shape), bind if stage else None)
 
@@ -194,7 +208,7 @@ class OffloadClient:
         at all); one shipped ahead is released, so neither the off-loader nor a relay keeps it."""
         self._free(pre.desc)
         if pre.bind is not None:
-            self.sock.send_multipart(encode("release", bind=pre.bind.to_wire()), copy=False)
+            self.sock.send_multipart(Release(pre.bind).to_frames(), copy=False)
         self.counters.premasks_dropped += 1
 
     def submit_forward(self, a: torch.Tensor, b: torch.Tensor, bind: Binding,
@@ -237,9 +251,8 @@ class OffloadClient:
         pending = Pending(rid, "forward", bind, [state.c_enc])
         self._pending[rid] = pending
         self.counters.bytes_sent += (0 if staged == "a" else state.a_enc.nbytes) + (0 if staged == "b" else state.b_enc.nbytes)
-        self._send(id=rid, bind=bind.to_wire(), kind="forward",
-                   inputs=[state.a_enc.to_wire(), state.b_enc.to_wire()], outputs=[state.c_enc.to_wire()],
-                   **({"staged": staged} if staged else {}))
+        self._send(rid, bind, "forward", inputs=(state.a_enc, state.b_enc), outputs=(state.c_enc,),
+                   staged=staged or None)
         return pending
 
     def finish_forward(self, pending: Pending) -> torch.Tensor:
@@ -299,9 +312,8 @@ class OffloadClient:
         pending = Pending(rid, "backward", bind, outputs)
         self._pending[rid] = pending
         self.counters.bytes_sent += d_desc.nbytes
-        self._send(id=rid, bind=bind.to_wire(), kind="backward", inputs=[d_desc.to_wire()],
-                   operands=[state.a_enc.to_wire(), state.b_enc.to_wire()],
-                   outputs=[t1_desc.to_wire(), t2_desc.to_wire()])
+        self._send(rid, bind, "backward", inputs=(d_desc,), operands=(state.a_enc, state.b_enc),
+                   outputs=(t1_desc, t2_desc))
         return pending
 
     def finish_backward(self, pending: Pending) -> tuple[torch.Tensor, torch.Tensor]:
@@ -333,7 +345,7 @@ class OffloadClient:
         self.counters.failed_verifications += 1
         if self.log:
             self.log.warning("client.verification_failed", relay=pending.relay, evidence=evidence)
-        self.sock.send_multipart(encode("quarantine", relay=pending.relay, reason=evidence), copy=False)
+        self.sock.send_multipart(Quarantine(relay=pending.relay, reason=evidence).to_frames(), copy=False)
 
     def _wait_or_quarantine(self, pending: Pending) -> None:
         """Wait for a part; if its relay stays silent past the part timeout, quarantine that relay
@@ -352,10 +364,10 @@ class OffloadClient:
                     # may have reached its new relay a moment ago, which is not to blame. Wait again.
                     continue
                 self.sock.send_multipart(
-                    encode("quarantine", id=pending.rid, reason=f"no answer within {self.part_timeout_s}s"),
+                    Quarantine(id=pending.rid, reason=f"no answer within {self.part_timeout_s}s").to_frames(),
                     copy=False)
             except OffloadError as exc:
-                if "no relay holds this request" in str(exc):
+                if exc.code is ErrorCode.NO_RELAY:
                     raise NoHealthyRelay(f"{pending.kind} {pending.bind}: no healthy relay left "
                                          f"({len(self.relay_events)} quarantined or lost)") from None
                 raise
@@ -373,15 +385,14 @@ class OffloadClient:
         state = self._forwards.pop(bind, None)
         if state is not None:
             self._free(state.a_enc, state.b_enc, state.c_enc)
-        self.sock.send_multipart(encode("release", bind=bind.to_wire()), copy=False)
+        self.sock.send_multipart(Release(bind).to_frames(), copy=False)
 
     def submit_masked(self, bind: Binding, inputs: list[Descriptor], outputs: list[Descriptor]) -> Pending:
         """Submit a forward of operands already masked in the arena (the transport benchmark)."""
         rid = new_request_id()
         pending = Pending(rid, "forward", bind, outputs)
         self._pending[rid] = pending
-        self._send(id=rid, bind=bind.to_wire(), kind="forward", inputs=[d.to_wire() for d in inputs],
-                   outputs=[d.to_wire() for d in outputs])
+        self._send(rid, bind, "forward", inputs=tuple(inputs), outputs=tuple(outputs))
         return pending
 
     # -- sealed parts: the shares mode (tempo.enclave.pools) --
@@ -400,8 +411,7 @@ class OffloadClient:
         rid = new_request_id()
         pending = Pending(rid, "sealed", bind, [*inputs, out], kind_pool=pool)
         self._pending[rid] = pending
-        self._send(id=rid, bind=bind.to_wire(), kind="sealed", pool=pool, inputs=[d.to_wire() for d in inputs],
-                   outputs=[out.to_wire()])
+        self._send(rid, bind, "sealed", pool=pool, inputs=tuple(inputs), outputs=(out,))
         return pending
 
     def finish_sealed(self, pending: Pending) -> memoryview:
@@ -422,7 +432,7 @@ class OffloadClient:
 
     def pools(self, timeout_s: float = 5.0) -> dict[str, int]:
         """Relays per pool at the off-loader (protocol 2.2)."""
-        return dict(self._ping(timeout_s).get("pools", {}))
+        return dict(self._ping(timeout_s).pools or {})
 
     def wait_for_pools(self, names: list[str], timeout_s: float = 30.0) -> None:
         """Wait until every pool in `names` has a relay; then a clear error naming the missing."""
@@ -455,8 +465,8 @@ class OffloadClient:
                     self._receive()
             reply = self._replies.pop(pending.rid)
             self._pending.pop(pending.rid, None)
-            if not (isinstance(reply, tuple) and reply[0] == "done"):
-                raise OffloadError(f"{pending.kind} {pending.bind} failed: {reply}")
+            if isinstance(reply, Error):
+                raise OffloadError(f"{pending.kind} {pending.bind} failed: {reply.reason}", reply.code)
             pending.relay = reply[1]
             self.counters.parts_by_relay[pending.relay] = self.counters.parts_by_relay.get(pending.relay, 0) + 1
             self.counters.relay_compute_s += reply[2]
@@ -475,26 +485,26 @@ class OffloadClient:
             raise OffloaderGone(f"the off-loader has not answered for {silent:.0f}s (is it running?)")
         if silent > self.offloader_silence_s / 3 and now - self._probe_at > self.offloader_silence_s / 3:
             self._probe_at = now
-            self.sock.send_multipart(encode("ping", id=new_request_id()), copy=False)
+            self.sock.send_multipart(Ping(id=new_request_id()).to_frames(), copy=False)
 
     def _receive(self) -> None:
         frames = self.sock.recv_multipart(copy=False)
         self._last_heard = time.monotonic()
         try:
-            msg = decode([f.buffer for f in frames], OFFLOADER_TO_ENCLAVE_OPS, max_frame_bytes=0)
+            msg = parse([f.buffer for f in frames], TO_ENCLAVE, max_frame_bytes=0)
         except ProtocolError as exc:
             if self.log:
                 self.log.warning("client.bad_reply", reason=str(exc))
             return
-        if msg.op == "relay_event":
-            event = {k: msg.header.get(k, "")[:500] for k in ("relay", "event", "reason")}
+        if isinstance(msg, RelayEvent):
+            event = {"relay": msg.relay[:500], "event": msg.event[:500], "reason": (msg.reason or "")[:500]}
             self.relay_events.append(event)
             if self.log:
                 self.log.warning("client.relay_event", relay=event["relay"], what=event["event"],
                                  reason=event["reason"])
             return
-        rid = msg.request_id
-        if msg.op == "pong" or (msg.op == "error" and rid in self._pings):
+        rid = msg.id
+        if isinstance(msg, Pong) or (isinstance(msg, Error) and rid in self._pings):
             if rid in self._pings:  # a liveness probe's pong only counts as having heard it
                 self._pings.discard(rid)
                 self._replies[rid] = msg
@@ -502,29 +512,29 @@ class OffloadClient:
         pending = self._pending.get(rid) if rid else None
         # An error about one of our control messages carries our id but no binding; an error can
         # only fail a request, never deliver data, so the id alone is enough for it.
-        bind_ok = msg.header.get("bind") == pending.bind.to_wire() if pending else False
-        if msg.op == "error" and pending is not None and "bind" not in msg.header:
+        bind_ok = msg.bind == pending.bind if pending else False
+        if isinstance(msg, Error) and pending is not None and msg.bind is None:
             bind_ok = True
         if pending is None or not bind_ok or rid in self._replies:
             self.counters.unmatched_replies += 1
             if self.log:
-                self.log.warning("client.unmatched_reply", op=msg.op, id=str(rid)[:64])
+                self.log.warning("client.unmatched_reply", op=msg.OP, id=str(rid)[:64])
             return
-        if msg.op == "done":
-            if msg.header.get("staged") is True:
+        if isinstance(msg, Done):
+            if msg.staged is True:
                 self.counters.staged_forwards += 1
-            timing = [msg.header.get(k, 0.0) for k in ("relay_s", "turnaround_s")]
+            timing = [t or 0.0 for t in (msg.relay_s, msg.turnaround_s)]
             timing = [float(t) if t < 1e6 else 0.0 for t in timing]
-            self._replies[rid] = ("done", msg.header.get("relay", ""), *timing)
+            self._replies[rid] = ("done", msg.relay or "", *timing)
         else:
-            self._replies[rid] = msg.header.get("reason", "error")
+            self._replies[rid] = msg  # an Error
 
-    def _ping(self, timeout_s: float) -> dict:
-        """Ping the off-loader; return its pong's header. Replies to parts in flight that come
+    def _ping(self, timeout_s: float) -> Pong:
+        """Ping the off-loader; return its pong. Replies to parts in flight that come
         meanwhile are kept for their `wait`."""
         rid = new_request_id()
         self._pings.add(rid)
-        self.sock.send_multipart(encode("ping", id=rid), copy=False)
+        self.sock.send_multipart(Ping(id=rid).to_frames(), copy=False)
         deadline = time.monotonic() + timeout_s
         try:
             while rid not in self._replies:
@@ -538,19 +548,19 @@ class OffloadClient:
         finally:
             self._pings.discard(rid)
         reply = self._replies.pop(rid)
-        if reply.op != "pong":
-            raise OffloadError(f"the off-loader refused a ping: {reply.header.get('reason', '')}")
-        return reply.header
+        if isinstance(reply, Error):
+            raise OffloadError(f"the off-loader refused a ping: {reply.reason}", reply.code)
+        return reply
 
     def ping(self, timeout_s: float = 5.0) -> int:
         """Ask the off-loader how many relays it has; raises `OffloaderGone` if it does not answer."""
-        return self._ping(timeout_s).get("relays", 0)
+        return self._ping(timeout_s).relays or 0
 
     def offloader_tables(self, timeout_s: float = 5.0) -> dict[str, int]:
         """The sizes of the off-loader's tables (parts in flight and waiting, affinity, staged
         operands, arenas, jobs, quarantined relays, …), from a ping: what a long job must not
         make grow. Empty from an off-loader older than protocol 2.1."""
-        return dict(self._ping(timeout_s).get("tables", {}))
+        return dict(self._ping(timeout_s).tables or {})
 
     def wait_for_relays(self, count: int, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -562,7 +572,7 @@ class OffloadClient:
 
     def close(self) -> None:
         try:
-            self.sock.send_multipart(encode("release", job=self.job, arena=self.arena.name), copy=False)
+            self.sock.send_multipart(ReleaseJob(self.job, arena=self.arena.name).to_frames(), copy=False)
         except zmq.ZMQError:
             pass
         self.sock.close(linger=0)

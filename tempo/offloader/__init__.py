@@ -33,24 +33,35 @@ from tempo.arena import Arena
 from tempo.core.products import ProductShapeError, grad_shapes
 from tempo.protocol import (
     DTYPES,
-    ENCLAVE_OPS,
-    RELAY_OPS,
+    FROM_ENCLAVE,
+    FROM_RELAY,
+    Backward,
+    BackwardFull,
     Binding,
     Descriptor,
+    Done,
+    Error,
+    ErrorCode,
+    Forward,
+    Heartbeat,
+    Ping,
+    Pong,
     ProtocolError,
+    Quarantine,
+    Ready,
+    RelayEvent,
+    Release,
+    ReleaseJob,
+    Result,
+    Sealed,
+    Stage,
+    Submit,
     claimed_request_id,
-    decode,
-    decode_header,
-    encode,
     error_frames,
     inputs_digest,
     new_request_id,
+    parse,
 )
-
-# Relay errors that say a relay lost what it was asked to keep (evicted, restarted): the part
-# goes again with all its operands, and the relay is not to blame. Any other error is.
-_NO_CACHE = "no cached operands"
-_NO_STAGE = "no staged operand"
 
 
 @dataclass
@@ -155,16 +166,16 @@ class Offloader:
         self.stats = {"dispatched": 0, "redispatched": 0, "dropped_replies": 0, "bad_messages": 0, "quarantined": 0,
                       "staged": 0, "staged_used": 0, "handler_failed": 0}
         self.staged: dict[Binding, tuple[bytes, str, Descriptor]] = {}  # shipped ahead: relay, slot, region
-        self.enclave_handlers = {"submit": self._submit, "release": self._release, "ping": self._ping, "stage": self._stage,
-                                 "quarantine": self._quarantine}
+        self.enclave_handlers = {Submit: self._submit, Release: self._release, ReleaseJob: self._release_job,
+                                 Ping: self._ping, Stage: self._stage, Quarantine: self._quarantine}
         self.relay_handlers = {
-            "ready": self._relay_ready,
-            "heartbeat": self._relay_ready,
-            "result": self._relay_result,
-            "error": self._relay_error,
-            "pong": self._relay_pong,
+            Ready: self._relay_ready,
+            Heartbeat: self._relay_ready,
+            Result: self._relay_result,
+            Error: self._relay_error,
+            Pong: self._relay_pong,
         }
-        assert set(self.enclave_handlers) == ENCLAVE_OPS and set(self.relay_handlers) == RELAY_OPS
+        assert set(self.enclave_handlers) == FROM_ENCLAVE and set(self.relay_handlers) == FROM_RELAY
 
     def _info(self, event: str, **kw) -> None:
         if self.log is not None:
@@ -195,31 +206,31 @@ class Offloader:
         another connection opened the job or the arena (its results would land in their memory)."""
         for owners, key, what in ((self.job_owners, job, "job"), (self.arena_owners, name, "arena")):
             if owners.get(key, client) != client:
-                raise ProtocolError(f"{what} {key!r} belongs to another enclave connection")
+                raise ProtocolError(f"{what} {key!r} belongs to another enclave connection", ErrorCode.FORBIDDEN)
         if name not in self.arenas:
             self.arenas[name] = Arena.attach(name)
         self.job_owners[job] = client
         self.arena_owners[name] = client
         return self.arenas[name]
 
-    def _submit(self, client: bytes, header: dict) -> None:
-        bind = Binding.from_wire(header["bind"])
-        arena = self._claim(client, bind.job, header["arena"])
+    def _submit(self, client: bytes, msg: Submit) -> None:
+        bind = msg.bind
+        arena = self._claim(client, bind.job, msg.arena)
 
-        def descs(key: str) -> list[Descriptor]:
-            return [Descriptor.from_wire(v, arena.size) for v in header.get(key, [])]
+        def descs(given: tuple[Descriptor, ...]) -> list[Descriptor]:
+            return [d.inside(arena.size) for d in given]
 
-        kind = header["kind"]
-        inputs, operands, outputs = descs("inputs"), descs("operands"), descs("outputs")
+        kind = msg.kind
+        inputs, operands, outputs = descs(msg.inputs), descs(msg.operands), descs(msg.outputs)
         if kind == "sealed":  # the shares mode: blobs this process cannot open, for one pool's relays
-            if "pool" not in header:
+            if msg.pool is None:
                 raise ProtocolError("a sealed submit names its pool")
             if (not 1 <= len(inputs) <= 4 or operands or len(outputs) != 1
                     or any(d.dtype != "uint8" or len(d.shape) != 1 for d in inputs + outputs)):
                 raise ProtocolError("a sealed submit has one to four sealed inputs and one sealed output (uint8)")
-            self._dispatch(Part(client, header["id"], kind, bind, arena, inputs, [], outputs, pool=header["pool"]))
+            self._dispatch(Part(client, msg.id, kind, bind, arena, inputs, [], outputs, pool=msg.pool))
             return
-        if "pool" in header:
+        if msg.pool is not None:
             raise ProtocolError("only a sealed submit names a pool")
         expected = _expected_outputs(kind, inputs, operands)
         if [tuple(o.shape) for o in outputs] != expected:
@@ -227,32 +238,31 @@ class Offloader:
         dtypes = {d.dtype for d in inputs + operands + outputs}
         if len(dtypes) != 1:
             raise ProtocolError("all tensors of a submit must share one dtype")
-        staged = header.get("staged")
+        staged = msg.staged
         if staged is not None and kind != "forward":
             raise ProtocolError("staged is for a forward")
-        part = Part(client, header["id"], kind, bind, arena, inputs, operands, outputs, staged=staged)
+        part = Part(client, msg.id, kind, bind, arena, inputs, operands, outputs, staged=staged)
         self._dispatch(part)
 
-    def _stage(self, client: bytes, header: dict) -> None:
+    def _stage(self, client: bytes, msg: Stage) -> None:
         """Ship a forward's weight operand to a relay before the forward itself (the pipeline:
         while the relays compute one layer, the next layer's masked weights travel)."""
-        bind = Binding.from_wire(header["bind"])
-        if "arena" not in header:
+        bind = msg.bind
+        if msg.arena is None:
             raise ProtocolError("stage lacks an arena")
-        arena = self._claim(client, bind.job, header["arena"])
-        inputs = header.get("inputs", [])
-        if len(inputs) != 1:
+        arena = self._claim(client, bind.job, msg.arena)
+        if len(msg.inputs) != 1:
             raise ProtocolError("stage takes one descriptor and a slot, a or b")
-        desc = Descriptor.from_wire(inputs[0], arena.size)
+        desc = msg.inputs[0].inside(arena.size)
         relay = self._least_loaded()
         if relay is None:
             return  # the forward will carry the operand itself
         self._unstage(bind, keep=relay.identity)  # staged again elsewhere: the first holder drops it
         relay.given += 1  # spread a product's parts over the relays
-        extra = {"digest": inputs_digest([arena.buffer(desc)])} if self.input_digest else {}
-        frames = encode("stage", [arena.tensor(desc)], bind=bind.to_wire(), slot=header["slot"], **extra)
+        digest = inputs_digest([arena.buffer(desc)]) if self.input_digest else None
+        frames = Stage(bind, msg.slot, digest=digest, tensors=(arena.tensor(desc),)).to_frames()
         self.relay_sock.send_multipart([relay.identity, *frames], copy=False)
-        self.staged[bind] = (relay.identity, header["slot"], desc)
+        self.staged[bind] = (relay.identity, msg.slot, desc)
         self.stats["staged"] += 1
 
     def _unstage(self, bind: Binding, keep: bytes | None = None) -> None:
@@ -260,31 +270,29 @@ class Offloader:
         which is about to take it with the forward) drop it too."""
         held = self.staged.pop(bind, None)
         if held is not None and held[0] != keep and held[0] in self.relays:
-            self.relay_sock.send_multipart([held[0], *encode("release", bind=bind.to_wire())], copy=False)
+            self.relay_sock.send_multipart([held[0], *Release(bind).to_frames()], copy=False)
 
-    def _release(self, client: bytes, header: dict) -> None:
-        """Drop a job (its parts, cached operands and arena) or one binding's cached and staged
-        operands; only the connection that opened the job may."""
-        job = header.get("job")
-        if job is None:
-            if "bind" not in header:
-                raise ProtocolError("release names a job or a binding")
-            bind = Binding.from_wire(header["bind"])
-            if self.job_owners.get(bind.job, client) != client:
-                raise ProtocolError(f"job {bind.job!r} belongs to another enclave connection")
-            holder = self.affinity.pop(bind, None)
-            self._unstage(bind, keep=holder)
-            if holder in self.relays:
-                self.relay_sock.send_multipart([holder, *encode("release", bind=bind.to_wire())], copy=False)
-            return
-        name = header.get("arena")
+    def _release(self, client: bytes, msg: Release) -> None:
+        """Drop one binding's cached and staged operands; only the connection that opened the job may."""
+        bind = msg.bind
+        if self.job_owners.get(bind.job, client) != client:
+            raise ProtocolError(f"job {bind.job!r} belongs to another enclave connection", ErrorCode.FORBIDDEN)
+        holder = self.affinity.pop(bind, None)
+        self._unstage(bind, keep=holder)
+        if holder in self.relays:
+            self.relay_sock.send_multipart([holder, *Release(bind).to_frames()], copy=False)
+
+    def _release_job(self, client: bytes, msg: ReleaseJob) -> None:
+        """Drop a job: its parts, cached and staged operands, and arena; only the connection
+        that opened the job may."""
+        job, name = msg.job, msg.arena
         for owners, key, what in ((self.job_owners, job, "job"), (self.arena_owners, name, "arena")):
             if key is not None and owners.get(key, client) != client:
-                raise ProtocolError(f"{what} {key!r} belongs to another enclave connection")
+                raise ProtocolError(f"{what} {key!r} belongs to another enclave connection", ErrorCode.FORBIDDEN)
         arena = self.arenas.pop(name, None) if name is not None else None
         self.arena_owners.pop(name, None)
         if self.job_owners.pop(job, None) is not None:
-            frames = encode("release", job=job, bind=["-", 0, 0, 0])
+            frames = ReleaseJob(job).to_frames()
             for identity in self.relays:
                 self.relay_sock.send_multipart([identity, *frames], copy=False)
         for key in [k for k in self.affinity if k.job == job]:
@@ -303,27 +311,25 @@ class Offloader:
         if arena is not None:
             arena.close()
 
-    def _ping(self, client: bytes, header: dict) -> None:
-        rid = {"id": header["id"]} if "id" in header else {}
+    def _ping(self, client: bytes, msg: Ping) -> None:
+        pong = Pong(id=msg.id, relays=len(self.relays), tables=self.tables(), pools=self.pools())
+        self.enclave_sock.send_multipart([client, *pong.to_frames()], copy=False)
+
+    def _reply_error(self, part: Part, reason: str, code: ErrorCode) -> None:
         self.enclave_sock.send_multipart(
-            [client, *encode("pong", relays=len(self.relays), tables=self.tables(), pools=self.pools(), **rid)], copy=False
+            [part.client, *error_frames(reason, part.client_id, part.bind, code)], copy=False
         )
 
-    def _reply_error(self, part: Part, reason: str) -> None:
-        self.enclave_sock.send_multipart(
-            [part.client, *error_frames(reason, part.client_id, part.bind.to_wire())], copy=False
-        )
-
-    def _quarantine(self, client: bytes, header: dict) -> None:
+    def _quarantine(self, client: bytes, msg: Quarantine) -> None:
         """Stop using a relay for good: by name, or the one holding the enclave's request `id`."""
-        reason = header.get("reason", "")[:500]
-        identity = header["relay"].encode() if "relay" in header else None
-        rid = header.get("id")
+        reason = (msg.reason or "")[:500]
+        identity = msg.relay.encode() if msg.relay is not None else None
+        rid = msg.id
         if identity is None and rid is not None:
             holder = next((p for p in self.parts.values() if p.client == client and p.client_id == rid), None)
             identity = holder.relay if holder else None
         if identity is None:
-            raise ProtocolError("no relay holds this request (is any healthy relay left?)")
+            raise ProtocolError("no relay holds this request (is any healthy relay left?)", ErrorCode.NO_RELAY)
         self._remove_relay(identity, quarantine_reason=reason or "quarantined by the enclave")
         self._notify(client, identity, "quarantined", reason)
 
@@ -364,8 +370,8 @@ class Offloader:
 
     def _notify(self, client: bytes, identity: bytes, event: str, reason: str) -> None:
         self.enclave_sock.send_multipart(
-            [client, *encode("relay_event", relay=identity.decode("utf-8", "replace"), event=event,
-                             **({"reason": reason[:500]} if reason else {}))], copy=False)
+            [client, *RelayEvent(identity.decode("utf-8", "replace"), event, reason[:500] or None).to_frames()],
+            copy=False)
 
     # -- dispatch --
     def _staged_for(self, part: Part) -> tuple[bytes, str, Descriptor] | None:
@@ -407,34 +413,33 @@ class Offloader:
             return
         part.attempts += 1
         if part.attempts > 5:
-            self._reply_error(part, "gave up after 5 dispatch attempts")
+            self._reply_error(part, "gave up after 5 dispatch attempts", ErrorCode.GAVE_UP)
             return
         part.relay = relay
         part.relay_rid = new_request_id()
         arena = part.arena
-        extra = {}
         if part.kind == "forward":
             self._unstage(part.bind, keep=relay)  # a relay keeps a staged operand until this forward
         part.used_staged = held is not None
+        extra = {}
         if part.kind == "sealed":
-            op, descs = "sealed", part.inputs
+            cls, descs = Sealed, part.inputs
             extra["pool"] = part.pool
         elif part.used_staged:  # only the activation travels now
-            op, descs = "forward", [part.inputs[1 if part.staged == "a" else 0]]
+            cls, descs = Forward, [part.inputs[1 if part.staged == "a" else 0]]
             extra["staged"] = part.staged
             self.stats["staged_used"] += 1
         elif part.kind == "forward":
-            op, descs = "forward", part.inputs
+            cls, descs = Forward, part.inputs
         elif part.full:
-            op, descs = "backward_full", [*part.operands, *part.inputs]
+            cls, descs = BackwardFull, [*part.operands, *part.inputs]
         else:
-            op, descs = "backward", part.inputs
-        tensors = [arena.tensor(d) for d in descs]
+            cls, descs = Backward, part.inputs
         if self.input_digest:
             part.digest = inputs_digest(arena.buffer(d) for d in descs)
-            extra["digest"] = part.digest
-        frames = encode(op, tensors, id=part.relay_rid, bind=part.bind.to_wire(), **extra)
-        self.relay_sock.send_multipart([relay, *frames], copy=False)
+        request = cls(id=part.relay_rid, bind=part.bind, digest=part.digest or None,
+                      tensors=tuple(arena.tensor(d) for d in descs), **extra)
+        self.relay_sock.send_multipart([relay, *request.to_frames()], copy=False)
         part.sent_at = time.perf_counter()
         self.parts[part.relay_rid] = part
         self.relays[relay].inflight.add(part.relay_rid)
@@ -450,14 +455,14 @@ class Offloader:
             self._dispatch(self.waiting.popleft())
 
     # -- relay side --
-    def _relay_ready(self, identity: bytes, msg) -> None:
+    def _relay_ready(self, identity: bytes, msg: Ready) -> None:
         known = identity in self.relays
         state = self.relays.get(identity) or RelayState(identity, "", 0, 0.0)
-        state.device = msg.header.get("device", "")
-        state.free_memory = msg.header.get("free_memory", 0)
+        state.device = msg.device or ""
+        state.free_memory = msg.free_memory or 0
         state.last_seen = time.monotonic()
         if not known:
-            state.pool = msg.header.get("pool")
+            state.pool = msg.pool
         self.relays[identity] = state
         if not known:
             self._info("offloader.relay_joined", relay=identity.decode("utf-8", "replace"), device=state.device,
@@ -469,14 +474,14 @@ class Offloader:
         part = self.parts.get(rid) if rid else None
         return part if part is not None and part.relay == identity else None
 
-    def _answered(self, identity: bytes, msg) -> Part | None:
+    def _answered(self, identity: bytes, msg: Result | Error) -> Part | None:
         """The part `msg` answers: held by its sender, same binding and (for a result) the
         digest of the inputs it was sent. Anything else is dropped with a log line."""
-        part = self._held(identity, msg.request_id)
-        digest_ok = part is None or msg.op == "error" or not self.input_digest or msg.header.get("digest") == part.digest
-        if part is None or msg.header.get("bind") != part.bind.to_wire() or not digest_ok:
+        part = self._held(identity, msg.id)
+        digest_ok = part is None or isinstance(msg, Error) or not self.input_digest or msg.digest == part.digest
+        if part is None or msg.bind != part.bind or not digest_ok:
             self.stats["dropped_replies"] += 1
-            self._warn("offloader.unmatched_reply", relay=identity.hex(), id=str(msg.request_id)[:64])
+            self._warn("offloader.unmatched_reply", relay=identity.hex(), id=str(msg.id)[:64])
             return None
         return part
 
@@ -490,7 +495,7 @@ class Offloader:
             self.affinity.pop(part.bind, None)
         self._drain_waiting()
 
-    def _relay_result(self, identity: bytes, msg) -> None:
+    def _relay_result(self, identity: bytes, msg: Result) -> None:
         part = self._answered(identity, msg)
         if part is None:
             return
@@ -506,24 +511,23 @@ class Offloader:
         # Timing for the breakdown only (a relay may lie about it; it decides nothing): the
         # relay's own compute time, and this part's turnaround from dispatch to result in the arena.
         turnaround = time.perf_counter() - part.sent_at
-        compute = min(float(msg.header.get("compute_s", 0.0)), turnaround)
-        self.enclave_sock.send_multipart(
-            [part.client, *encode("done", id=part.client_id, bind=part.bind.to_wire(),
-                                  relay=identity.decode("utf-8", "replace"),
-                                  relay_s=round(compute, 6), turnaround_s=round(turnaround, 6),
-                                  staged=part.used_staged)], copy=False
-        )
+        compute = min(float(msg.compute_s or 0.0), turnaround)
+        done = Done(part.client_id, part.bind, relay=identity.decode("utf-8", "replace"), relay_s=round(compute, 6),
+                    turnaround_s=round(turnaround, 6), staged=part.used_staged)
+        self.enclave_sock.send_multipart([part.client, *done.to_frames()], copy=False)
 
-    def _relay_error(self, identity: bytes, msg) -> None:
-        reason = msg.header.get("reason", "")[:300]
-        if msg.request_id is None:
+    def _relay_error(self, identity: bytes, msg: Error) -> None:
+        reason = msg.reason[:300]
+        if msg.id is None:
             self._warn("offloader.relay_error", relay=identity.hex(), reason=reason[:200])
             return
         part = self._answered(identity, msg)
         if part is None:
             return
-        lost_cache = part.kind == "backward" and not part.full and _NO_CACHE in reason
-        lost_stage = part.used_staged and _NO_STAGE in reason
+        # The relay lost what it was asked to keep (evicted, restarted): the part goes again with
+        # all its operands, and the relay is not to blame. Any other error is.
+        lost_cache = part.kind == "backward" and not part.full and msg.code is ErrorCode.CACHE_MISS
+        lost_stage = part.used_staged and msg.code is ErrorCode.STAGE_MISS
         if lost_cache or lost_stage:  # send it again with all its operands
             self._take(part)
             part.full = True
@@ -531,7 +535,7 @@ class Offloader:
             return
         self._quarantine_for(identity, part, f"relay error: {reason}")
 
-    def _relay_pong(self, identity: bytes, msg) -> None:
+    def _relay_pong(self, identity: bytes, msg: Pong) -> None:
         if identity in self.relays:
             self.relays[identity].last_seen = time.monotonic()
 
@@ -551,25 +555,25 @@ class Offloader:
         if len(frames) < 2:
             return
         client, rest = bytes(frames[0]), frames[1:]
-        header = None
+        msg = None
         try:
             if len(rest) != 1:
                 raise ProtocolError("enclave messages carry no tensor frames")
-            header = decode_header(rest[0])
-            op = header["op"]
-            if op not in ENCLAVE_OPS:
-                raise ProtocolError(f"unknown op {op[:64]!r}")
-            self.enclave_handlers[op](client, header)
+            msg = parse(rest, FROM_ENCLAVE)
+            self.enclave_handlers[type(msg)](client, msg)
         except Exception as exc:  # noqa: BLE001 - one message must never stop the loop
             if isinstance(exc, (ProtocolError, MemoryError, OSError)):
                 self.stats["bad_messages"] += 1
                 self._warn("offloader.bad_enclave_message", reason=str(exc))
                 reason = str(exc)
+                code = exc.code if isinstance(exc, ProtocolError) else ErrorCode.RESOURCES
             else:
-                self._handler_failed("enclave", header.get("op") if header else None, exc)
+                self._handler_failed("enclave", msg.OP if msg is not None else None, exc)
                 reason = f"the off-loader failed on this message ({type(exc).__name__})"
-            rid = header.get("id") if header is not None else claimed_request_id(rest)
-            self.enclave_sock.send_multipart([client, *error_frames(reason, rid)], copy=False)
+                code = ErrorCode.INTERNAL
+            # the id the message names (checked, where it decoded), to pin the error on its request
+            rid = claimed_request_id(rest)
+            self.enclave_sock.send_multipart([client, *error_frames(reason, rid, code=code)], copy=False)
 
     def _on_relay(self, frames: list) -> None:
         if len(frames) < 2:
@@ -581,7 +585,7 @@ class Offloader:
         msg = None
         try:
             try:
-                msg = decode(rest, RELAY_OPS, self.max_frame_bytes)
+                msg = parse(rest, FROM_RELAY, self.max_frame_bytes)
             except ProtocolError as exc:
                 # from the relay holding the part it names: evidence against it; else just noise
                 part = self._held(identity, claimed_request_id(rest))
@@ -590,15 +594,15 @@ class Offloader:
                 self._warn("offloader.malformed_reply", relay=identity.hex(), reason=str(exc))
                 self._quarantine_for(identity, part, f"malformed reply: {exc}")
                 return
-            if msg.op not in ("ready", "heartbeat") and identity not in self.relays:
+            if not isinstance(msg, Ready) and identity not in self.relays:  # Heartbeat is a Ready
                 raise ProtocolError("unknown relay: announce yourself with ready first")
-            self.relay_handlers[msg.op](identity, msg)
+            self.relay_handlers[type(msg)](identity, msg)
         except ProtocolError as exc:
             self.stats["bad_messages"] += 1
             self._warn("offloader.bad_relay_message", relay=identity.hex(), reason=str(exc))
-            self.relay_sock.send_multipart([identity, *error_frames(str(exc))], copy=False)
+            self.relay_sock.send_multipart([identity, *error_frames(str(exc), code=exc.code)], copy=False)
         except Exception as exc:  # noqa: BLE001 - one message must never stop the loop
-            self._handler_failed("relay", msg.op if msg is not None else None, exc)
+            self._handler_failed("relay", msg.OP if msg is not None else None, exc)
 
     def run(self, stop: callable = lambda: False, context: zmq.Context | None = None, ready=None) -> None:
         ctx = context or zmq.Context.instance()

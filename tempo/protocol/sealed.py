@@ -26,7 +26,7 @@ from pathlib import Path
 import msgpack
 import torch
 
-from tempo.protocol import MAX_DIMS, MAX_TENSORS, Binding, ProtocolError, _unpack
+from tempo.protocol.codec import MAX_DIMS, MAX_TENSORS, Binding, ProtocolError, _unpack
 
 KEY_BYTES = 16
 NONCE_BYTES = 12

@@ -2,7 +2,7 @@
 
 A relay connects a DEALER socket to the off-loader's relay endpoint, announces itself
 (``ready`` with its device and free memory), sends heartbeats, and serves requests from an
-explicit ``{op: handler}`` table. Forward: ``C' = A' @ B'``, with ``A'`` and ``B'`` kept on the
+explicit ``{message class: handler}`` table. Forward: ``C' = A' @ B'``, with ``A'`` and ``B'`` kept on the
 device under their binding (job, step, layer, part). Backward: ``T1' = B' @ D'`` and
 ``T2' = D' @ A'`` from the cached operands. The cache has a memory bound; the oldest entries go
 first. Anything malformed gets an ``error`` reply and a log line; the relay keeps serving (no
@@ -24,14 +24,25 @@ import zmq
 
 from tempo.core.products import relay_backward, relay_forward
 from tempo.protocol import (
-    OFFLOADER_TO_RELAY_OPS,
+    TO_RELAY,
+    Backward,
+    BackwardFull,
     Binding,
-    Message,
+    ErrorCode,
+    Forward,
+    Heartbeat,
+    Ping,
+    Pong,
     ProtocolError,
-    decode,
-    encode,
+    Ready,
+    Release,
+    ReleaseJob,
+    Result,
+    Sealed,
+    Stage,
     error_frames,
     inputs_digest,
+    parse,
 )
 
 
@@ -173,15 +184,16 @@ class Relay:
                 self.log.warning("relay.recording", dir=str(self.recorder.dir),
                                  note="every request's op, binding and tensors are written to disk")
         self.handlers = {
-            "forward": self._forward,
-            "backward": self._backward,
-            "backward_full": self._backward_full,
-            "release": self._release,
-            "ping": self._ping,
-            "stage": self._stage,
-            "sealed": self._sealed,
+            Forward: self._forward,
+            Backward: self._backward,
+            BackwardFull: self._backward_full,
+            Release: self._release,
+            ReleaseJob: self._release_job,
+            Ping: self._ping,
+            Stage: self._stage,
+            Sealed: self._sealed,
         }
-        assert set(self.handlers) == OFFLOADER_TO_RELAY_OPS
+        assert set(self.handlers) == TO_RELAY
         # operands shipped ahead of their forward (the pipeline), by binding: (slot, tensor)
         self.staged: OrderedDict[Binding, tuple[str, torch.Tensor]] = OrderedDict()
         self.max_staged = 256
@@ -211,25 +223,25 @@ class Relay:
             raise ProtocolError(f"{what}: batch shapes do not broadcast") from None
 
     # -- handlers: each returns (tensors, extra header fields) --
-    def _stage(self, msg: Message):
+    def _stage(self, msg: Stage):
         """Keep a weight operand shipped ahead of its forward (no reply)."""
-        slot = msg.header["slot"]  # a or b (protocol.FIELDS)
+        slot = msg.slot  # a or b (protocol.FIELDS)
         if len(msg.tensors) != 1:
             raise ProtocolError("stage takes one tensor and a slot, a or b")
-        self.staged.pop(msg.binding, None)
-        self.staged[msg.binding] = (slot, self._to_device(msg.tensors[0]))
+        self.staged.pop(msg.bind, None)
+        self.staged[msg.bind] = (slot, self._to_device(msg.tensors[0]))
         while len(self.staged) > self.max_staged:
             self.staged.popitem(last=False)
         return None
 
-    def _forward(self, msg: Message):
-        held = self.staged.pop(msg.binding, None)
-        slot = msg.header.get("staged")
+    def _forward(self, msg: Forward):
+        held = self.staged.pop(msg.bind, None)
+        slot = msg.staged
         if slot is not None:  # one operand came ahead (stage); the other comes now
             if len(msg.tensors) != 1:
                 raise ProtocolError("a staged forward takes one tensor and staged = a or b")
             if held is None or held[0] != slot:
-                raise LookupError("no staged operand for this binding")
+                raise ProtocolError("no staged operand for this binding", ErrorCode.STAGE_MISS)
             now = msg.tensors[0]
             self._check_chain(*((held[1], now) if slot == "a" else (now, held[1])), "forward")
             now = self._to_device(now)  # the staged one is on the device already
@@ -241,40 +253,40 @@ class Relay:
             self._check_chain(a, b, "forward")
             a_d, b_d = self._to_device(a), self._to_device(b)
         c = relay_forward(a_d, b_d)
-        self.cache.put(msg.binding, a_d, b_d)
+        self.cache.put(msg.bind, a_d, b_d)
         return [self._to_host(c)]
 
     def _backward_from(self, a: torch.Tensor, b: torch.Tensor, e: torch.Tensor):
         return [self._to_host(t) for t in relay_backward(a, b, e)]
 
-    def _backward(self, msg: Message):
+    def _backward(self, msg: Backward):
         if len(msg.tensors) != 1:
             raise ProtocolError("backward takes one tensor, D'ᵀ")
-        entry = self.cache.pop(msg.binding)
+        entry = self.cache.pop(msg.bind)
         if entry is None:
-            raise LookupError("no cached operands for this binding")
+            raise ProtocolError("no cached operands for this binding", ErrorCode.CACHE_MISS)
         return self._backward_from(entry.a, entry.b, self._to_device(msg.tensors[0]))
 
-    def _backward_full(self, msg: Message):
+    def _backward_full(self, msg: BackwardFull):
         if len(msg.tensors) != 3:
             raise ProtocolError("backward_full takes A', B' and D'ᵀ")
         a, b, d = (self._to_device(t) for t in msg.tensors)
-        self.cache.pop(msg.binding)
+        self.cache.pop(msg.bind)
         return self._backward_from(a, b, d)
 
-    def _sealed(self, msg: Message):
+    def _sealed(self, msg: Sealed):
         """The shares mode: open the pool's request (a forward's, and for a backward the
         backward's too), compute this pool's share of the product, seal the answer."""
-        from tempo.core.shares import pool_answer
+        from tempo.enclave.shares import pool_answer
         from tempo.protocol import sealed
 
         if self.pool is None:
             raise ProtocolError("this relay is in no pool")
-        if msg.header["pool"] != self.pool:
-            raise ProtocolError(f"a part for pool {msg.header['pool'][:64]!r} reached a member of {self.pool!r}")
+        if msg.pool != self.pool:
+            raise ProtocolError(f"a part for pool {msg.pool[:64]!r} reached a member of {self.pool!r}")
         if not 1 <= len(msg.tensors) <= 4 or any(t.dtype != torch.uint8 or t.dim() != 1 for t in msg.tensors):
             raise ProtocolError("sealed takes one to four sealed blobs (uint8)")
-        bind = msg.binding
+        bind = msg.bind
         blobs = [memoryview(t.numpy()) for t in msg.tensors]
         requests, i = [], 0
         for what in ("forward", "backward"):  # each: a head under the pool's key, and its bulk blob if it names one
@@ -296,7 +308,7 @@ class Relay:
         forward, backward = requests[0], (requests[1] if len(requests) == 2 else None)
         if self.recorder is not None:  # a pool member's view: the opened requests (their bulk keys left out)
             for what, (header, tensors) in zip(("forward", "backward"), requests):
-                self.recorder.write("sealed", {"bind": msg.header.get("bind"), "pool": self.pool, "part": what,
+                self.recorder.write("sealed", {"bind": bind.to_wire(), "pool": self.pool, "part": what,
                                                "request": header}, list(tensors))
         try:
             out = pool_answer(forward, backward)
@@ -309,68 +321,68 @@ class Relay:
         sealed.seal_into(self._pool_key, sealed.associated(self.pool, bind, what), parts, memoryview(blob.numpy()))
         return [blob]
 
-    def _release(self, msg: Message):
-        job = msg.header.get("job")
-        if isinstance(job, str):
-            self.cache.release_job(job)
-            for key in [k for k in self.staged if k.job == job]:
-                del self.staged[key]
-        else:
-            self.cache.pop(msg.binding)
-            self.staged.pop(msg.binding, None)
+    def _release(self, msg: Release):
+        self.cache.pop(msg.bind)
+        self.staged.pop(msg.bind, None)
         return None
 
-    def _ping(self, msg: Message):
+    def _release_job(self, msg: ReleaseJob):
+        self.cache.release_job(msg.job)
+        for key in [k for k in self.staged if k.job == msg.job]:
+            del self.staged[key]
+        return None
+
+    def _ping(self, msg: Ping):
+        if msg.bind is None:  # a relay's requests all name their binding
+            raise ProtocolError("bind must be [job: str, step: int, layer: int, part: int]")
         return []
 
     # -- the loop --
-    def _ready_frames(self, op: str = "ready") -> list:
-        return encode(op, device=str(self.device), free_memory=_free_memory(self.device),
-                      cache_bytes=self.cache.nbytes, name=self.name[:255], **({"pool": self.pool} if self.pool else {}))
+    def _ready_frames(self, cls: type[Ready] = Ready) -> list:
+        return cls(device=str(self.device), free_memory=_free_memory(self.device), cache_bytes=self.cache.nbytes,
+                   name=self.name[:255], pool=self.pool).to_frames()
 
     def handle(self, frames: list) -> list | None:
         """Decode one request and produce the reply frames (``None``: nothing to send back).
         Never raises: whatever goes wrong becomes an ``error`` reply and a log line."""
         try:
-            msg = decode(frames, OFFLOADER_TO_RELAY_OPS, self.max_frame_bytes)
+            msg = parse(frames, TO_RELAY, self.max_frame_bytes)
         except ProtocolError as exc:
             self._warn("relay.bad_message", reason=str(exc))
-            return error_frames(str(exc))
+            return error_frames(str(exc), code=exc.code)
         except Exception as exc:  # noqa: BLE001 - one message must never stop the relay
             self._warn("relay.handler_failed", op=None, error=type(exc).__name__, reason=str(exc)[:300])
-            return error_frames(f"the relay failed on this message ({type(exc).__name__})")
-        rid = msg.request_id
-        bind = msg.header.get("bind")
-        echo = {k: v for k, v in (("id", rid), ("bind", bind)) if v is not None}
+            return error_frames(f"the relay failed on this message ({type(exc).__name__})", code=ErrorCode.INTERNAL)
+        rid, bind = getattr(msg, "id", None), getattr(msg, "bind", None)
         try:
-            if msg.op != "release" or "job" not in msg.header:
-                msg.binding  # validates bind  # noqa: B018
-            digest = msg.header.get("digest")
-            if msg.op in ("forward", "backward", "backward_full", "stage", "sealed") and digest is not None:
-                if digest != inputs_digest(frames[1:]):
-                    raise ProtocolError("inputs do not match the request's digest")
-            if self.recorder is not None and msg.op != "sealed":  # sealed: recorded opened
-                self.recorder.write(msg.op, msg.header, msg.tensors)
+            digest = getattr(msg, "digest", None)
+            if digest is not None and digest != inputs_digest(frames[1:]):
+                raise ProtocolError("inputs do not match the request's digest", ErrorCode.DIGEST_MISMATCH)
+            if self.recorder is not None and not isinstance(msg, Sealed):  # sealed: recorded opened
+                self.recorder.write(msg.OP, msg.header(), list(getattr(msg, "tensors", ())))
             t0 = time.perf_counter()
-            out = self.handlers[msg.op](msg)
+            out = self.handlers[type(msg)](msg)
             compute_s = time.perf_counter() - t0  # results are on the host by now (synchronized)
             if out is None:
                 return None
             self.served += 1
-            if msg.op == "ping":
-                return encode("pong", out, **echo)
-            if msg.op != "sealed" or (self.fault is not None and self.fault.mode not in self.RING_LIES):
+            if isinstance(msg, Ping):
+                return Pong(id=rid, bind=bind).to_frames()
+            if not isinstance(msg, Sealed) or (self.fault is not None and self.fault.mode not in self.RING_LIES):
                 out = self._misbehave(out)  # a pool member's value lies were told before sealing
             if out is None:
                 return None
-            return encode("result", out, compute_s=round(compute_s, 6),
-                          **echo, **({"digest": digest} if digest is not None else {}))
-        except (ProtocolError, LookupError, RuntimeError, ValueError) as exc:
-            self._warn("relay.request_failed", op=msg.op, reason=str(exc))
-            return error_frames(str(exc), rid, bind)
+            return Result(rid, bind, compute_s=round(compute_s, 6), digest=digest, tensors=tuple(out)).to_frames()
+        except ProtocolError as exc:
+            self._warn("relay.request_failed", op=msg.OP, reason=str(exc))
+            return error_frames(str(exc), rid, bind, exc.code)
+        except (LookupError, RuntimeError, ValueError) as exc:
+            self._warn("relay.request_failed", op=msg.OP, reason=str(exc))
+            return error_frames(str(exc), rid, bind, ErrorCode.COMPUTE_FAILED)
         except Exception as exc:  # noqa: BLE001 - one message must never stop the relay
-            self._warn("relay.handler_failed", op=msg.op, error=type(exc).__name__, reason=str(exc)[:300])
-            return error_frames(f"the relay failed on this request ({type(exc).__name__})", rid, bind)
+            self._warn("relay.handler_failed", op=msg.OP, error=type(exc).__name__, reason=str(exc)[:300])
+            return error_frames(f"the relay failed on this request ({type(exc).__name__})", rid, bind,
+                                ErrorCode.INTERNAL)
 
     RING_LIES = ("corrupt", "nan", "lazy", "noise")  # on a pool member: a wrong ring answer, sealed properly
 
@@ -520,7 +532,7 @@ class Relay:
                         if reply is not None:
                             sock.send_multipart(reply, copy=False)
                 if time.monotonic() - last_beat >= self.heartbeat_s:
-                    sock.send_multipart(self._ready_frames("heartbeat"), copy=False)
+                    sock.send_multipart(self._ready_frames(Heartbeat), copy=False)
                     last_beat = time.monotonic()
         finally:
             requests.put(None)
