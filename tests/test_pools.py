@@ -248,17 +248,9 @@ def test_every_dispatch_path_of_the_off_loader_keeps_a_pools_parts_on_its_relays
     """The routing invariant, on the off-loader's own tables: fresh parts, parts waiting for room,
     re-dispatch after a relay is lost or quarantined, backward affinity and staged operands:
     a sealed part of pool P goes only to a relay of P, and nothing else goes to a pool relay."""
-    from tempo.offloader import Offloader, Part, RelayState
+    from tempo.offloader.core import OffloaderCore, Part, RelayState
 
-    off = Offloader(max_inflight=2)
-    sent = []
-    off._dispatch_to = None
-
-    class Sock:
-        def send_multipart(self, frames, copy=False):
-            sent.append(frames)
-
-    off.relay_sock = off.enclave_sock = Sock()
+    off = OffloaderCore(max_inflight=2)
     for name, pool in (("a1", "p1"), ("a2", "p1"), ("b1", "p2"), ("c1", "p3"), ("m1", None), ("m2", None)):
         off.relays[name.encode()] = RelayState(name.encode(), "cpu", 0, 1e18, pool=pool)
 
@@ -295,7 +287,7 @@ def test_every_dispatch_path_of_the_off_loader_keeps_a_pools_parts_on_its_relays
             assert pools[part.relay] == part.pool, (part.kind, part.pool, part.relay)
     # everything has been computed but pool 3's parts, which wait for a relay of pool 3
     assert off.waiting and all(p.pool == "p3" for p in off.waiting)
-    routed = [f for f in sent if len(f) > 1 and b"sealed" in bytes(f[1])]
+    routed = [a.frames for a in off.outbox if a.to == "relay" and b"sealed" in bytes(a.frames[0])]
     assert routed  # sealed ops went out
 
 

@@ -277,7 +277,7 @@ class Relay:
     def _sealed(self, msg: Sealed):
         """The shares mode: open the pool's request (a forward's, and for a backward the
         backward's too), compute this pool's share of the product, seal the answer."""
-        from tempo.enclave.shares import pool_answer
+        from tempo.core.shares import pool_answer
         from tempo.protocol import sealed
 
         if self.pool is None:
