@@ -1,6 +1,7 @@
 """Private layers and conversion: gradient parity with torch autograd, counters, errors."""
 
 import copy
+import random
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from tempo import models
+from tempo.core.verify import IntegrityError
 from tempo.enclave.private import (
     InProcessEngine,
     PrivateContext,
@@ -138,7 +140,20 @@ def conv_configs(draw):
     return kwargs, (draw(st.integers(1, 3)), cin, h, w)
 
 
-@settings(max_examples=60, deadline=None)
+def _seeded_keys(seed: int):
+    """The default masking's keys drawn from a fixed stream instead of the CSPRNG."""
+    from tempo.core.keys import KeySchedule, KeySpace
+    from tempo.enclave import protection
+
+    m = protection.default()
+    return KeySchedule(m.key_refresh, KeySpace.parse(m.key_space), random_bytes=random.Random(seed).randbytes,
+                       mix=m.mix)
+
+
+# derandomized, with keys from a fixed stream: the same 60 examples and keys on every run, so the
+# known false alarm below (about 1% of fresh keys on the smallest grouped convolutions) cannot
+# make this test flaky; it is reproduced, and tracked, by the strict xfail that follows
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(conv_configs())
 def test_random_conv2d_configurations_match_torch_in_fp64(config):
     """Output, input gradient and parameter gradients equal torch's Conv2d up to fp64 rounding."""
@@ -146,7 +161,7 @@ def test_random_conv2d_configurations_match_torch_in_fp64(config):
     torch.manual_seed(0)
     conv = nn.Conv2d(**kwargs).double()
     reference = copy.deepcopy(conv)
-    private = to_private(conv, PrivateContext(InProcessEngine(rounds=4)), keep=())
+    private = to_private(conv, PrivateContext(InProcessEngine(rounds=4, keys=_seeded_keys(0))), keep=())
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
     y, y_ref = private(x), reference(x_ref)
@@ -158,6 +173,23 @@ def test_random_conv2d_configurations_match_torch_in_fp64(config):
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
     for (name, p), p_ref in zip(conv.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.xfail(strict=True, raises=IntegrityError, reason=(
+    "known false alarm, about 1% of fresh keys on a 1x1 grouped convolution of one pixel (found by "
+    "the test above in CI): the honest error of a small row is about one ulp of a larger row in its "
+    "mixing block. Suspected cause, not yet proven: the bound follows the relay's error through the "
+    "masked operands |A'|, while the enclave's masking rounds relative to |Q||S||A|, larger than "
+    "|A'| where a block's terms cancel"))
+def test_the_mixing_bound_holds_on_the_smallest_grouped_convolution():
+    """Seed 5 of the default masking's keys: an honest fp64 backward that the bound rejects
+    (1.38x). When the bound is fixed this passes, and strict xfail fails: remove the mark."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 3, 1, groups=3, bias=False).double()
+    private = to_private(conv, PrivateContext(InProcessEngine(rounds=4, keys=_seeded_keys(5))), keep=())
+    x = torch.randn(1, 6, 1, 1, dtype=torch.float64, requires_grad=True)
+    y = private(x)
+    y.backward(torch.randn_like(y))
 
 
 @pytest.mark.parametrize("padding, kernel, dilation", [
