@@ -100,7 +100,7 @@ class LocalCluster:
                timeout_s: float = 60.0) -> tuple[Proc, dict | None]:
         """Start ``tempo ARGS``; with `wait_for`, wait until it logs that structured event (a JSON
         line whose ``event`` is `wait_for`) and return the event's fields."""
-        cmd = [sys.executable, "-m", "tempo", "--log-format", "json", *args,
+        cmd = [sys.executable, "-m", "tempo", "--log-format", "json", "--log-level", "info", *args,  # readiness is an info event
                "--parent-pid", str(os.getpid())]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

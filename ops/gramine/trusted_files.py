@@ -34,6 +34,16 @@ def enclave_modules() -> None:
     from tempo.core.shares import Randomness
 
     Randomness().uniform((1,))  # loads the AES backend
+    import tempo.memory  # noqa: F401 - tempo.cli.main imports it on every command
+    import tqdm  # noqa: F401 - the progress bar, on a terminal
+    import torch
+
+    w = torch.nn.Parameter(torch.ones(2))  # torch loads more (sympy, mpmath) once optimizers step
+    for opt in (torch.optim.SGD([w], lr=0.1, momentum=0.9), torch.optim.AdamW([w])):
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 2)
+        w.grad = torch.ones(2)
+        opt.step()
+        sched.step()
 
 
 def trusted_paths() -> list[str]:
