@@ -483,7 +483,7 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
 
     session = client = engine = None
     net = model
-    keys = masking.keys()
+    keys = None  # the session's masking keys (none in plain or the shares mode)
     start = time.perf_counter()
     try:
         try:  # the set-up: a signal here (Ctrl-C while the cluster starts) leaves nothing behind
@@ -497,7 +497,7 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
                     heartbeat_timeout_s=cfg.heartbeat_timeout_s,
                     relay_wait_s=cfg.relay_wait_s if cfg.offloader else 30.0, arena_mb=cfg.arena_mb,
                     faults={0: cfg.inject_fault} if cfg.inject_fault else {}), log=log)
-                keys = session.keys or keys  # the masking's keys (none in the shares mode)
+                keys = session.keys
                 net = session.private(model, keep=kept)
                 client, engine = session.client, session.engine
             opt = _optimizer(cfg, model.parameters())
@@ -544,7 +544,8 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
         try:
             for epoch in range(first_epoch, cfg.epochs):
                 net.train()
-                keys.new_epoch()
+                if keys is not None:
+                    keys.new_epoch()
                 if order is None or epoch != first_epoch:
                     order = torch.randperm(n, generator=g)
                     epoch_loss, batches, epoch_time, epoch_images = 0.0, 0, 0.0, 0

@@ -312,8 +312,11 @@ def test_a_reply_that_breaks_the_protocol_is_evidence_only_against_the_relay_hol
         cl.join(fake), cl.join("bystander")
         cl.forward(f"f{step}", Binding("j", step, 0, 0), a, b)
         msg = cl.sent(Forward, to=fake)[-1]  # the fake relay has none behind it: it gets this one
+        noted = len(cl.sent(Error, to="bystander")) + cl.core.stats["dropped_replies"]
         cl._take(cl.core.on_relay([b"bystander", *reply(msg)], cl.now))
         assert b"bystander" in cl.core.relays and fake.encode() in cl.core.relays, case
+        # only refused (an error back) or dropped (a well-formed reply to a part it does not hold)
+        assert len(cl.sent(Error, to="bystander")) + cl.core.stats["dropped_replies"] == noted + 1, case
         cl._take(cl.core.on_relay([fake.encode(), *reply(msg)], cl.now))
         assert fake.encode() in cl.core.quarantined, case
         event = cl.events(RelayEvent)[-1]

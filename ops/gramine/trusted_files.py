@@ -18,7 +18,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-ENTRY = ("tempo.cli", "tempo.session", "tempo.train", "tempo.infer", "tempo.progress", "tempo.report")
+ENTRY = ("tempo.cli", "tempo.session", "tempo.train", "tempo.progress", "tempo.report")
 PACKAGES = ("tempo.core", "tempo.enclave", "tempo.protocol", "tempo.data")  # trusted whole (data: its files)
 NEVER = ("tempo.relay", "tempo.offloader", "tempo.cluster", "tempo.audit", "tempo.bench")
 

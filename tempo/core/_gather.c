@@ -31,7 +31,7 @@
  * The two multiplies are never fused, so results are bit-identical to the pure-torch fallback,
  * which computes (r * c) * x as well.
  *
- * The Python wrapper (tempo/enclave/obfuscation.py) checks shapes, strides, dtypes and index
+ * The Python wrapper (tempo/core/obfuscation.py) checks shapes, strides, dtypes and index
  * bounds before calling; this file trusts them. Work is split by output rows over torch's
  * OpenMP pool when built with OpenMP (else POSIX threads); the GIL is released meanwhile.
  */
@@ -455,7 +455,7 @@ static PyObject *scaled_gather(PyObject *Py_UNUSED(self), PyObject *args) {
 }
 
 /* |A| v and |A|ᵀ w without materialising |A|: the rounding bounds of Freivalds' checks
- * (tempo/enclave/verify.py, `operand_bound`). One streaming read of A, the absolute value and
+ * (tempo/core/verify.py, `operand_bound`). One streaming read of A, the absolute value and
  * the multiply-add in registers: torch's composition (a chunk's abs into a buffer, then a GEMV)
  * runs at about a third of a plain read's bandwidth. `src` is rows × cols with unit column
  * stride and row stride s_row. Not transposed: out[i] = sum_j |src[i,j]|·v[j], rows split over
@@ -557,7 +557,7 @@ static PyObject *abs_matvec(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* im2col and its adjoint for a convolution's patch rows (tempo/enclave/im2col.py), any 4- or
+/* im2col and its adjoint for a convolution's patch rows (tempo/core/im2col.py), any 4- or
  * 8-byte element: rows (n·Ho·Wo) × (C·kh·kw), columns channel-major (c, ki, kj), zeros where a
  * window reaches the padding. Rows are written in order; the C·kh input rows a window reads
  * stay in cache across the output row's positions. torch's composition (two unfolds, a 6-D

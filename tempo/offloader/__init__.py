@@ -36,9 +36,12 @@ class Offloader(OffloaderCore):
         self.enclave_bind = enclave_bind
 
     def _send(self, actions: list[Send]) -> None:
-        for action in actions:
+        for action in actions:  # a send that fails is counted and logged, as a handler's failure is
             sock = self.relay_sock if action.to == "relay" else self.enclave_sock
-            sock.send_multipart([action.identity, *action.frames], copy=False)
+            try:
+                sock.send_multipart([action.identity, *action.frames], copy=False)
+            except (zmq.ZMQError, TypeError, ValueError) as exc:
+                self._handler_failed(f"send to {action.to}", None, exc)
 
     def run(self, stop: callable = lambda: False, context: zmq.Context | None = None, ready=None) -> None:
         ctx = context or zmq.Context.instance()
