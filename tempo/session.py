@@ -29,7 +29,7 @@ import torch
 
 from tempo.enclave import protection as presets
 
-PROTECTIONS = ("auto", "masking", "shares")
+PROTECTIONS = ("auto", "masking", "shares", "asymml")
 
 
 class SessionError(ValueError):
@@ -46,7 +46,8 @@ class SessionConfig:
 
     relays: int = 1  # relays (per pool, in the shares mode)
     offloader: str | None = None  # a running off-loader's enclave endpoint; None: start local processes
-    protection: str = "auto"  # masking, shares, or auto: shares wherever the pools' keys are given
+    protection: str = "auto"  # masking, shares, asymml, or auto: shares wherever the pools' keys are given
+    asymml: object | None = None  # the asymml mode's knobs (tempo.core.asymml.AsymmlConfig; None: its defaults)
     masking: str | presets.Masking = presets.DEFAULT  # a preset name, or a Masking with options
     pool_keys: str | dict | None = None  # shares with a running off-loader: DIR/p1.key… or {pool: key}
     device: str = "cpu"  # the local relays' device
@@ -77,6 +78,13 @@ class SessionConfig:
             raise SessionError("steps", f"steps must be at least 1, not {self.steps!r}")
         if self.faults and self.offloader:
             raise SessionError("faults", "faults are injected into local relays; start a relay with --fault instead")
+        if self.protection == "asymml":
+            from tempo.core.asymml import AsymmlConfig
+
+            try:
+                self.asymml = (self.asymml or AsymmlConfig()).validate()
+            except ValueError as exc:
+                raise SessionError("asymml", str(exc)) from None
         if self.protection == "shares" and self.offloader and self.pool_keys is None:
             raise SessionError("pool_keys", "the shares mode through a running off-loader needs the pools' keys "
                                             "(pool_keys: a directory of p1.key, p2.key, p3.key)")
@@ -87,6 +95,10 @@ class SessionConfig:
         """Whether products are secret-shared across three relay pools: asked for, or, by
         default, wherever the pools' keys are given."""
         return self.protection == "shares" or (self.protection == "auto" and self.pool_keys is not None)
+
+    def uses_asymml(self) -> bool:
+        """Whether layers split their inputs (low rank here, noisy residual to the relays: AsymML)."""
+        return self.protection == "asymml"
 
     def masking_preset(self) -> presets.Masking:
         if isinstance(self.masking, presets.Masking):
@@ -118,14 +130,22 @@ class Session:
     optimizer's step the step boundary; `close` (or leaving ``with``) stops what it started and
     removes the arena. Attributes after `start`: `cluster` (None when connecting), `client`,
     `engine` (kept after `close`, with its counters), `context`, `keys` (masking), `shared`
-    (whether the shares mode is on), `steps` (steps ended)."""
+    (whether the shares mode is on), `asymml` (the AsymML mode's state: releases and ranks; None
+    in the other modes), `steps` (steps ended)."""
 
     def __init__(self, config: SessionConfig | None = None, *, log=None, **settings) -> None:
         self.config = replace(config or SessionConfig(), **settings).validate()
         self.log = log
         self.shared = self.config.uses_shares()
         self.masking = self.config.masking_preset()
-        self.keys = None if self.shared else self.masking.keys()
+        self.asymml = None
+        if self.config.uses_asymml():
+            from tempo.enclave.asymml import AsymmlState, IdentityKeys
+
+            self.asymml = AsymmlState(self.config.asymml)
+            self.keys = IdentityKeys()  # AsymML sends its residuals and weights unmasked (marked so on the wire)
+        else:
+            self.keys = None if self.shared else self.masking.keys()
         self.cluster = self.client = self.engine = self.context = None
         self._rounds_set = self.config.rounds is not None
         self.steps = 0  # steps ended (by the wrapped optimizer or `end_step`)
@@ -177,7 +197,8 @@ class Session:
                 self.client.wait_for_relays(cfg.relays, timeout_s=wait_s)
                 self.engine = ClientEngine(self.client, parts=cfg.relays, pipeline=cfg.pipeline,
                                            split_min_mb=cfg.split_min_mb)
-            self.context = PrivateContext(self.engine, job=job, patch_rows=True if self.shared else self.masking.patch_rows)
+            patch_rows = True if self.shared or self.asymml is not None else self.masking.patch_rows
+            self.context = PrivateContext(self.engine, job=job, patch_rows=patch_rows, asymml=self.asymml)
         except BaseException:
             self.close()
             raise
@@ -205,12 +226,12 @@ class Session:
         """`module`'s private twin (parameters shared with it): every Linear and Conv2d product
         masked (or secret-shared), offloaded and verified; `keep` names layers computed in the
         enclave instead (``"first"``, ``"last"``; None: the masking's choice, nothing in the shares
-        mode). Sets the Freivalds rounds from `integrity_t` and `steps` unless `rounds` was given."""
+        and AsymML modes). Sets the Freivalds rounds from `integrity_t` and `steps` unless `rounds` was given."""
         from tempo.enclave.private import offloaded_products, to_private
 
         self.start()
         if keep is None:
-            keep = () if self.shared else self.masking.keep
+            keep = () if self.shared or self.asymml is not None else self.masking.keep
         if not self._rounds_set:
             from tempo.core.verify import freivalds_rounds
 

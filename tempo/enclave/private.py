@@ -249,6 +249,9 @@ class PrivateContext:
     # batch's patches, so the relay cannot tell which patch is whose image (masking `mixed`);
     # else ``W @ patches`` batched over the images, one key shared by all of them (the paper's).
     patch_rows: bool = field(default_factory=lambda: protection.default().patch_rows)
+    # the AsymML mode (`tempo.enclave.asymml.AsymmlState`): layers split their inputs into a
+    # low-rank part computed here and a noisy residual offloaded unmasked; None: masking or shares
+    asymml: object | None = None
     step: int = 0
     _layer: int = 0
     _open: set = field(default_factory=set)
@@ -379,6 +382,11 @@ class PrivateConv2d(nn.Module):
         self.pctx = pctx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, unbatched = self._input(x)
+        return self._output(self._offload(x), x, unbatched)
+
+    def _input(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """The batched input, checked, padded unless unfold pads it (and whether it was unbatched)."""
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
@@ -389,9 +397,28 @@ class PrivateConv2d(nn.Module):
                                f"(batch,) {cin_g * g} × H × W input; got {tuple(x.shape)}")
         if self.pad is not None:
             x = F.pad(x, self.pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
-        n, _, h, w = x.shape
-        conv = (kh, kw, *self.dilation, *self.unfold_padding, *self.stride)
-        ho, wo = im2col.out_size(h, w, conv)
+        im2col.out_size(x.shape[2], x.shape[3], self._geometry(x))  # the kernel fits: checked before anything leaves
+        return x, unbatched
+
+    def _geometry(self, x: torch.Tensor) -> tuple:
+        """unfold's (kh, kw, dilation, padding, stride) for this layer."""
+        kh, kw = self.weight.shape[-2:]
+        return (kh, kw, *self.dilation, *self.unfold_padding, *self.stride)
+
+    def _output(self, y: torch.Tensor, x: torch.Tensor, unbatched: bool) -> torch.Tensor:
+        """(n, out, positions) to the layer's output, with the bias."""
+        n, out_ch = x.shape[0], self.weight.shape[0]
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1)
+        y = y.reshape(n, out_ch, *im2col.out_size(x.shape[2], x.shape[3], self._geometry(x)))
+        return y.squeeze(0) if unbatched else y
+
+    def _offload(self, x: torch.Tensor) -> torch.Tensor:
+        """The product of the (padded) input and the weights, offloaded: (n, out, positions)."""
+        out_ch, cin_g, kh, kw = self.weight.shape
+        g = self.groups
+        n = x.shape[0]
+        conv = self._geometry(x)
         engine_unfolds = hasattr(self.pctx.engine, "conv_forward")  # the shares mode's pools unfold
         if g == 1 and (engine_unfolds or self.pctx.patch_rows):
             if engine_unfolds:  # (n·L, out) from the images
@@ -399,21 +426,16 @@ class PrivateConv2d(nn.Module):
             else:  # patch rows (n·L, in·kh·kw) @ Wᵀ
                 y = private_matmul(im2col.patch_rows(x, conv), self.weight.reshape(out_ch, -1).t(), self.pctx,
                                    weight=("b", lambda: self.weight.detach().reshape(out_ch, -1).t()))
-            y = y.view(n, -1, out_ch).transpose(1, 2)  # (n, out, L)
-        elif g == 1:
-            y = private_matmul(self.weight.reshape(out_ch, -1), self._patches(x), self.pctx,  # (n, out, L)
-                               weight=("a", lambda: self.weight.detach().reshape(out_ch, -1)))
-        else:
-            patches = self._patches(x)
-            # unfold orders rows channel-major (c, ki, kj): group j's rows are one contiguous block
-            y = private_matmul(self.weight.reshape(g, out_ch // g, -1),  # (n, g, out/g, L)
-                               patches.view(n, g, cin_g * kh * kw, -1), self.pctx,
-                               weight=("a", lambda: self.weight.detach().reshape(g, out_ch // g, -1)))
-            y = y.reshape(n, out_ch, -1)
-        if self.bias is not None:
-            y = y + self.bias.view(1, -1, 1)
-        y = y.reshape(n, out_ch, ho, wo)
-        return y.squeeze(0) if unbatched else y
+            return y.view(n, -1, out_ch).transpose(1, 2)  # (n, out, L)
+        if g == 1:
+            return private_matmul(self.weight.reshape(out_ch, -1), self._patches(x), self.pctx,  # (n, out, L)
+                                  weight=("a", lambda: self.weight.detach().reshape(out_ch, -1)))
+        patches = self._patches(x)
+        # unfold orders rows channel-major (c, ki, kj): group j's rows are one contiguous block
+        y = private_matmul(self.weight.reshape(g, out_ch // g, -1),  # (n, g, out/g, L)
+                           patches.view(n, g, cin_g * kh * kw, -1), self.pctx,
+                           weight=("a", lambda: self.weight.detach().reshape(g, out_ch // g, -1)))
+        return y.reshape(n, out_ch, -1)
 
     def _patches(self, x: torch.Tensor) -> torch.Tensor:
         """im2col: (batch × in·kh·kw × positions)."""
@@ -500,9 +522,17 @@ def _convert(child: nn.Module, pctx: PrivateContext, path: str, kept: frozenset 
     kind = type(child)
     if id(child) in kept:
         return child  # stays in the enclave: computed here, never offloaded
-    if kind in OFFLOADED:
+    offloaded = OFFLOADED
+    if pctx.asymml is not None:
+        from tempo.enclave.asymml import AsymmlConv2d, AsymmlLinear
+
+        if kind is Matmul:
+            raise _refusal(path, child, "has no AsymML form (AsymML splits a layer's input from its weights; "
+                                        "attention multiplies two activations): use the masking or the shares mode")
+        offloaded = {nn.Linear: AsymmlLinear, nn.Conv2d: AsymmlConv2d}
+    if kind in offloaded:
         try:
-            return OFFLOADED[kind](child, pctx)
+            return offloaded[kind](child, pctx)
         except UnsupportedLayerError as exc:  # the layer's own reason, with where it is
             raise _refusal(path, child, f"is not supported with {exc}") from None
     if isinstance(child, ENCLAVE_LAYERS):

@@ -1,0 +1,116 @@
+"""The AsymML protection mode's layers (`tempo.core.asymml` has the math).
+
+`AsymmlConv2d` and `AsymmlLinear` split their input into a low-rank part, computed here, and a
+clipped, noisy residual, whose product with the plaintext weights goes to a relay through the
+same engine and products as the masking (forward ``C = A @ B``, backward ``E Bᵀ`` and ``Aᵀ E``),
+unmasked: the products carry identity keys (`IdentityKeys`), the client marks every request
+``mode="asymml"`` on the wire, and relays refuse to mix it with masked work. Results are still
+verified (Freivalds) against the operands kept here: AsymML itself trusts the GPU's answers.
+
+Autograd does the rest: the relay's branch takes ``x + (R̃ − x).detach()``, so ``dL/dx`` is the
+plain layer's input gradient (the relay's ``E Bᵀ``, straight through the decomposition) and
+``dL/dW`` the sum of the relay's residual part and the low-rank part computed here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tempo.core.asymml import AsymmlConfig, light_svd, lowrank_conv2d, noise_generator, noisy_residual
+from tempo.core.keys import AxisKey, MatmulKey
+from tempo.enclave.private import PrivateConv2d, PrivateLinear
+
+
+def _identity_axis(size: int) -> AxisKey:
+    return AxisKey(torch.ones(size, dtype=torch.float64), torch.arange(size, dtype=torch.int64))
+
+
+class IdentityKeys:
+    """A key schedule whose every key is the identity (coefficients 1, no permutation, no mixing):
+    AsymML's products go to relays as they are. Keys are cached per shape."""
+
+    refresh = "step"
+    mix = 0
+
+    def __init__(self) -> None:
+        self.generated = 0
+        self._keys: dict[tuple[int, int, int], MatmulKey] = {}
+
+    def key(self, layer: int, m: int, n: int, p: int, part: int = 0) -> MatmulKey:
+        self.generated += 1
+        shape = (m, n, p)
+        if shape not in self._keys:
+            self._keys[shape] = MatmulKey(*(_identity_axis(s) for s in shape))
+        return self._keys[shape]
+
+    def new_epoch(self) -> None:
+        """Nothing to refresh."""
+
+
+@dataclass
+class AsymmlState:
+    """A context's AsymML settings, its noise source, and what it sent: residuals released per
+    sample (`releases`, one per sample per layer forward that offloads), and the ranks chosen."""
+
+    config: AsymmlConfig = field(default_factory=AsymmlConfig)
+    generator: torch.Generator = field(default_factory=noise_generator)
+    releases: int = 0  # sample-residuals sent (a batch of n through one layer: n)
+    layer_passes: int = 0  # layer forwards that sent a residual
+    rank_sum: int = 0
+    rank_max: int = 0
+
+    def split(self, x: torch.Tensor, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(u, v, R̃)``: the low-rank factors of `flat` (`x` seen as batch × rows × cols for the
+        light SVD) and the noisy residual the relay is sent, in `x`'s shape (samples first:
+        each is clipped on its own)."""
+        cfg = self.config
+        u, v = light_svd(flat.detach(), cfg.energy, cfg.max_rank, cfg.iters)
+        low = (u @ v).reshape(x.shape) if u.shape[-1] else torch.zeros_like(x)
+        residual = noisy_residual(x.detach(), low, cfg, self.generator)
+        rank = u.shape[-1]
+        self.rank_sum += rank
+        self.rank_max = max(self.rank_max, rank)
+        self.layer_passes += 1
+        self.releases += x.shape[0]
+        return u, v, residual
+
+    def stats(self) -> dict:
+        return {"releases": self.releases, "layer_passes": self.layer_passes,
+                "mean_rank": round(self.rank_sum / self.layer_passes, 3) if self.layer_passes else None,
+                "max_rank": self.rank_max}
+
+
+def _through(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`value`, with `x`'s gradient passing straight through it."""
+    return x + (value - x).detach()
+
+
+class AsymmlConv2d(PrivateConv2d):
+    """Conv2d in the AsymML mode: each sample's input (channels × positions) split by the light
+    SVD; ``conv(L, W)`` here as ``r`` one-channel convolutions, ``conv(R̃, W)`` offloaded (patch
+    rows of the noisy residual times ``Wᵀ``, or the grouped product)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, unbatched = self._input(x)
+        n, c, h, w = x.shape
+        state = self.pctx.asymml
+        u, v, residual = state.split(x, x.reshape(n, c, h * w))
+        y = self._offload(_through(x, residual))  # (n, out, L)
+        _, _, dh, dw, ph, pw, sh, sw = self._geometry(x)
+        low = lowrank_conv2d(u, v.reshape(n, -1, h, w), self.weight, (sh, sw), (ph, pw), (dh, dw), self.groups)
+        return self._output(y + low.reshape(n, low.shape[1], -1), x, unbatched)
+
+
+class AsymmlLinear(PrivateLinear):
+    """Linear in the AsymML mode: the batch's rows (samples) split by the light SVD into principal
+    directions ``u v`` and a noisy residual; ``(u v) Wᵀ = u (v Wᵀ)`` here, ``R̃ Wᵀ`` offloaded."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, x.shape[-1])
+        u, v, residual = self.pctx.asymml.split(rows, rows.unsqueeze(0))  # one slice: the whole batch
+        y = super().forward(_through(rows, residual))
+        low = u[0] @ (v[0] @ self.weight.t())  # (batch × r)(r × out)
+        return (y + low).reshape(*lead, -1)
