@@ -310,6 +310,37 @@ KEEP = click.option("--keep", default=None,
                          "(default: the preset's).")
 
 
+# AsymML's knobs (tempo.core.asymml.AsymmlConfig; defaults from the authors' code, clip ours)
+ASYMML_OPTIONS = (
+    click.option("--asymml-energy", default=0.9, show_default=True, type=click.FloatRange(0, 1),
+                 help="asymml: share of each input's energy its low-rank part (computed in the enclave) keeps."),
+    click.option("--asymml-rank", default=None, type=click.IntRange(1),
+                 help="asymml: at most this many principal channels in the low-rank part (default: as many as the energy needs)."),
+    click.option("--asymml-noise", default=0.1, show_default=True, type=click.FloatRange(0),
+                 help="asymml: noise-to-signal ratio z (the authors' nsr): each clipped residual of d entries gets "
+                      "N(0, (z·clip/√d)²) per entry, a noise of norm about z·clip."),
+    click.option("--asymml-clip", default=4.0, show_default=True, type=click.FloatRange(0, min_open=True),
+                 help="asymml: each sample's residual is clipped to this L2 norm (the DP sensitivity's bound)."),
+    click.option("--asymml-delta", default=1e-5, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                 help="asymml: the δ at which the run's ε is reported."),
+)
+
+
+def asymml_options(command):
+    for option in reversed(ASYMML_OPTIONS):
+        command = option(command)
+    return command
+
+
+def _asymml_config(energy, rank, noise, clip, delta):
+    from tempo.core.asymml import AsymmlConfig
+
+    try:
+        return AsymmlConfig(energy=energy, max_rank=rank, noise=noise, clip=clip, delta=delta).validate()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 def masking_options(command):
     """--masking and the options on top of it, in that order, for every command that masks."""
     for option in (KEEP, MIX, KEY_SPACE, MASKING):
@@ -324,8 +355,8 @@ def masking_options(command):
 @click.option("--modes", default="tempo,plain-cpu,plain-cuda", show_default=True,
               help="Comma-separated: tempo (the --masking), shares (three relay pools, --relays each), plain-cpu "
                    "(pure TEE), plain-cuda (non-private GPU).")
-@click.option("--protection", type=click.Choice(["masking", "shares"]), default="masking", show_default=True,
-              help="shares: time the shares mode beside the masking (adds shares to --modes).")
+@click.option("--protection", type=click.Choice(["masking", "shares", "asymml"]), default="masking", show_default=True,
+              help="shares or asymml: time that mode beside the masking (adds it to --modes).")
 @click.option("--relays", default=2, show_default=True, type=click.IntRange(1, 16), help="Local relays for tempo; products split across them (as for train).")
 @click.option("--device", default="cpu", show_default=True, help="The relays' device (and plain-cuda's): cpu, cuda, cuda:i.")
 @PIPELINE
@@ -333,11 +364,13 @@ def masking_options(command):
 @click.option("--image-shape", default="3x32x32", show_default=True, help="C×H×W of the synthetic batch (CIFAR's by default).")
 @click.option("--arena-mb", default=4096, show_default=True, type=click.IntRange(16), help="Shared-memory arena for masked operands.")
 @masking_options
+@asymml_options
 @JSON
 @click.option("--plot", "plot_path", default=None, help="Draw the breakdown as a PNG (needs matplotlib).")
 @click.pass_context
 def bench_train(ctx: click.Context, model, width, batch_size, steps, modes, relays, device, pipeline, split_min_mb,
-                image_shape, arena_mb, masking, key_space, mix, keep, json_path, plot_path, protection) -> None:
+                image_shape, arena_mb, masking, key_space, mix, keep, json_path, plot_path, protection,
+                asymml_energy, asymml_rank, asymml_noise, asymml_clip, asymml_delta) -> None:
     """Training steps side by side: tempo, pure TEE (plain-cpu), non-private GPU (plain-cuda)."""
     from tempo.bench import train as bench
 
@@ -351,15 +384,17 @@ def bench_train(ctx: click.Context, model, width, batch_size, steps, modes, rela
     except ValueError:
         raise click.BadParameter(f"{image_shape!r}: expected C×H×W such as 3x32x32", param_hint="--image-shape") from None
     chosen = [m.strip() for m in modes.split(",") if m.strip()]
-    if protection == "shares" and "shares" not in chosen:
-        chosen.insert(chosen.index("tempo") + 1 if "tempo" in chosen else 0, "shares")
+    if protection in ("shares", "asymml") and protection not in chosen:
+        chosen.insert(chosen.index("tempo") + 1 if "tempo" in chosen else 0, protection)
+    asymml = _asymml_config(asymml_energy, asymml_rank, asymml_noise, asymml_clip, asymml_delta)
     if plot_path:
         _require_matplotlib()
     log.info("bench.train.start", model=model, batch_size=batch_size, steps=steps, modes=chosen, relays=relays,
              device=device, pipeline=pipeline)
     try:
         figures = bench.run(model, batch_size, steps, chosen, relays, device, pipeline, width, shape, masking=masking,
-                            arena_mb=arena_mb, split_min_mb=split_min_mb, progress=lambda m: log.info("bench.progress", msg=m), log=log)
+                            arena_mb=arena_mb, split_min_mb=split_min_mb, progress=lambda m: log.info("bench.progress", msg=m), log=log,
+                            asymml=asymml)
     except (ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(bench.table(figures))
@@ -423,10 +458,13 @@ PARTIAL_DATA = click.option("--partial-data", is_flag=True, default=None,
 @click.option("--key-refresh", type=click.Choice(["step", "epoch"]), default="step", show_default=True,
               help="Fresh keys for every product, or one key per layer for an epoch (the paper's).")
 @masking_options
-@click.option("--protection", type=click.Choice(["auto", "masking", "shares"]), default="auto", show_default=True,
+@click.option("--protection", type=click.Choice(["auto", "masking", "shares", "asymml"]), default="auto", show_default=True,
               help="shares: every product secret-shared across three relay pools that must not collude (--relays is "
-                   "then relays per pool); masking: the --masking preset; auto: shares wherever the three pools are "
-                   "configured (a job's pool_keys), else the masking. README: the shares mode.")
+                   "then relays per pool); masking: the --masking preset; asymml: AsymML, each layer's input split "
+                   "into a low-rank part computed here and a clipped noisy residual the relays get with the "
+                   "weights in the clear (the --asymml-* knobs; (ε, δ) in summary.json); auto: shares wherever the "
+                   "three pools are configured (a job's pool_keys), else the masking. README: which protection to choose.")
+@asymml_options
 @click.option("--arena-mb", default=None, type=click.IntRange(16),
               help="Shared-memory arena for what goes to the relays (default 256; 1024 with --protection shares).")
 @click.option("--integrity-t", default=1e-6, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
@@ -532,6 +570,11 @@ def _run_training(cfg, log, plot: bool, progress_every: float, command: str) -> 
                + ("" if summary.val_accuracy is None else f"validation accuracy {summary.val_accuracy:.4f}, ")
                + f"test accuracy {summary.test_accuracy:.4f}; wrote {summary.out}/ (summary.json, model.pt, "
                "metrics.csv, checkpoint.pt)")
+    if summary.dp is not None:
+        eps = summary.dp["epsilon"]
+        click.echo(f"asymml: each training image's residual went to the relays {summary.dp['releases_per_sample']} "
+                   f"time(s): ({'∞' if eps is None else f'{eps:.4g}'}, {summary.dp['delta']:g})-DP for what the "
+                   "accounting covers (summary.json: dp)")
     for event in summary.quarantined_relays:
         click.echo(f"quarantined relay {event['relay']}: {event['reason']}")
     for event in summary.lost_relays:
@@ -575,18 +618,24 @@ def report(run_dir: str, plot_path: str | None, no_plot: bool) -> None:
 @click.option("--seed", default=7, show_default=True, type=int, help="The data split's seed (as in training).")
 @click.option("--integrity-t", default=1e-6, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Target probability that any wrong result goes undetected (Theorem V.2, alpha = 1).")
+@click.option("--protection", type=click.Choice(["masking", "asymml"]), default="masking", show_default=True,
+              help="masking: the default masking; asymml: AsymML's split (the --asymml-* knobs).")
+@asymml_options
 @JSON
 @click.pass_context
 def infer(ctx: click.Context, checkpoint, model, width, dataset, data_dir, partial_data, batch_size, relays, device,
-          seed, integrity_t, json_path) -> None:
-    """Private inference: forward passes only, every product masked and offloaded."""
+          seed, integrity_t, json_path, protection, asymml_energy, asymml_rank, asymml_noise, asymml_clip,
+          asymml_delta) -> None:
+    """Private inference: forward passes only, every product masked (or split, AsymML) and offloaded."""
     from tempo.enclave.client import OffloadError
     from tempo.infer import run_inference
 
     log = _logger(ctx, "enclave")
     try:
         result = run_inference(checkpoint, model, width, dataset, data_dir, batch_size, relays, device, seed,
-                               integrity_t=integrity_t, log=log, partial_data=bool(partial_data))
+                               integrity_t=integrity_t, log=log, partial_data=bool(partial_data), protection=protection,
+                               asymml=_asymml_config(asymml_energy, asymml_rank, asymml_noise, asymml_clip, asymml_delta)
+                               if protection == "asymml" else None)
     except (ValueError, FileNotFoundError, OffloadError) as exc:  # ClusterDied is an OffloadError
         raise click.ClickException(" ".join(str(exc).split())) from None
     click.echo(f"private inference of {model} on {dataset}: accuracy {result['accuracy']:.4f} over "

@@ -61,8 +61,15 @@ class TrainConfig:
     masking: str = protection.DEFAULT  # a preset of tempo.enclave.protection: paper, head, edges, mixed
     # "masking" (the preset above) or "shares": every product secret-shared across three relay
     # pools (tempo.enclave.pools); `relays` is then relays per pool. "auto": shares wherever the
-    # three pools are configured (their keys, `pool_keys`), else the masking
+    # three pools are configured (their keys, `pool_keys`), else the masking. "asymml": AsymML
+    # (tempo.core.asymml): inputs split into a low-rank part computed here and a clipped, noisy
+    # residual sent with the plaintext weights; the knobs below, its DP accounting in summary.json
     protection: str = "auto"
+    asymml_energy: float = 0.9  # share of each input's energy the low-rank part keeps (the authors' code)
+    asymml_rank: int | None = None  # at most this many principal channels (None: up to all of them)
+    asymml_noise: float = 0.1  # noise-to-signal ratio z: σ = z · clip / √d per entry of a d-entry residual
+    asymml_clip: float = 4.0  # each sample's residual is clipped to this L2 norm
+    asymml_delta: float = 1e-5  # the δ the run's ε is reported at
     pool_keys: str | None = None  # shares with a separately started off-loader: DIR/p1.key, p2.key, p3.key
     key_space: str | None = None  # the preset's unless given: int:K, signed-int:K, continuous:K
     mix: int | None = None  # orthogonal mixing blocks on every key (the preset's unless given; 0: none)
@@ -96,6 +103,11 @@ class TrainConfig:
             self.masking_preset()
         except ValueError as exc:
             raise ConfigError("masking", str(exc)) from None
+        if self.protection == "asymml":
+            try:
+                self.asymml_config()
+            except ValueError as exc:
+                raise ConfigError("asymml", str(exc)) from None
         if self.inject_fault is not None and self.offloader:
             raise ConfigError("inject_fault", "inject_fault starts a local relay; start a relay with --fault instead")
         if self.offloader and self.mode == "tempo" and self.uses_shares() and self.pool_keys is None:
@@ -115,6 +127,13 @@ class TrainConfig:
         """Whether this run secret-shares its products: asked for, or, by default, wherever the
         three pools are configured (the shares mode met its cost goal: README)."""
         return self.protection == "shares" or (self.protection == "auto" and self.pool_keys is not None)
+
+    def asymml_config(self):
+        """The AsymML mode's knobs (`tempo.core.asymml.AsymmlConfig`), checked."""
+        from tempo.core.asymml import AsymmlConfig
+
+        return AsymmlConfig(energy=self.asymml_energy, max_rank=self.asymml_rank, clip=self.asymml_clip,
+                            noise=self.asymml_noise, delta=self.asymml_delta).validate()
 
     def masking_preset(self) -> protection.Masking:
         """The masking this run uses: its preset with the options given on top."""
@@ -206,7 +225,12 @@ FIELDS: dict[str, Field] = {
     "mode": Field(str, choices=("tempo", "plain")),
     "key_refresh": Field(str, choices=("step", "epoch")),
     "masking": Field(str, choices=tuple(protection.PRESETS)),
-    "protection": Field(str, choices=("auto", "masking", "shares")),
+    "protection": Field(str, choices=("auto", "masking", "shares", "asymml")),
+    "asymml_energy": _float(0, 1),
+    "asymml_rank": _int(1, optional=True),
+    "asymml_noise": _float(0),
+    "asymml_clip": _float(0, low_open=True),
+    "asymml_delta": _float(0, 1, low_open=True, high_open=True),
     "pool_keys": Field(str, optional=True),
     "key_space": Field(str, optional=True),
     "mix": _int(0, optional=True),
@@ -229,7 +253,7 @@ FIELDS: dict[str, Field] = {
 JOB_KEYS = ("model", "width", "dataset", "data_dir", "partial_data", "epochs", "batch_size", "lr", "optimizer",
             "schedule", "momentum", "weight_decay", "seed", "val_fraction", "val_every", "relays", "pipeline",
             "split_min_mb", "device", "key_refresh", "masking", "protection", "pool_keys", "key_space", "mix", "keep", "integrity_t", "out",
-            "resume", "overwrite",
+            "asymml_energy", "asymml_rank", "asymml_noise", "asymml_clip", "asymml_delta", "resume", "overwrite",
             "checkpoint_every", "arena_mb", "part_timeout_s")
 
 
@@ -293,6 +317,7 @@ class Summary:
     offload: dict = field(default_factory=dict)
     quarantined_relays: list = field(default_factory=list)
     lost_relays: list = field(default_factory=list)
+    dp: dict | None = None  # AsymML: the run's (ε, δ) differential privacy and what it does not cover
 
 
 HISTORY_COLUMNS = ("epoch", "steps", "train_loss", "val_accuracy", "epoch_s", "images_per_s", "lr")
@@ -462,10 +487,18 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
     total_steps = cfg.epochs * steps_per_epoch
     masking = cfg.masking_preset()
     shared = cfg.uses_shares()
-    kept = () if shared else masking.keep  # shares hide every product: nothing need stay in the enclave
+    asym = cfg.asymml_config() if cfg.protection == "asymml" else None
+    # shares hide every product: nothing need stay in the enclave; AsymML splits every layer's input
+    kept = () if shared or asym is not None else masking.keep
     products = max(1, offloaded_products(model) - len(kept))  # L in Theorem V.2: what is offloaded
     if log and cfg.mode == "tempo":  # once: what this protection leaks, measured, or the mode's premise
-        if shared:
+        if asym is not None:
+            from tempo.core.asymml import DP_DOES_NOT_COVER
+
+            log.info("train.protection", weights="in the clear on the relays, by design",
+                     notice="relays see each layer's clipped residual plus Gaussian noise; the DP guarantee "
+                            f"(summary.json) does not cover {DP_DOES_NOT_COVER}", **asym.describe())
+        elif shared:
             log.info("train.protection", protection="shares", holds_while="no two of the pools p1, p2, p3 collude "
                      "(any two rebuild every operand: docs/SHARES.md)")
         else:
@@ -483,7 +516,7 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
 
     session = client = engine = None
     net = model
-    keys = None  # the session's masking keys (none in plain or the shares mode)
+    keys = None  # the session's masking keys (none in plain or the shares mode; identities in AsymML)
     start = time.perf_counter()
     try:
         try:  # the set-up: a signal here (Ctrl-C while the cluster starts) leaves nothing behind
@@ -491,7 +524,7 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
                 from tempo.session import Session, SessionConfig
 
                 session = Session(SessionConfig(
-                    relays=cfg.relays, offloader=cfg.offloader, protection=cfg.protection, masking=masking,
+                    relays=cfg.relays, offloader=cfg.offloader, protection=cfg.protection, masking=masking, asymml=asym,
                     pool_keys=cfg.pool_keys, device=cfg.device, integrity_t=cfg.integrity_t, rounds=rounds,
                     pipeline=cfg.pipeline, split_min_mb=cfg.split_min_mb, part_timeout_s=cfg.part_timeout_s,
                     heartbeat_timeout_s=cfg.heartbeat_timeout_s,
@@ -635,7 +668,7 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
             raise _interrupted(exc, last_ckpt, out) from None
         this_run = time.perf_counter() - start
         breakdown = Breakdown()
-        offload = {}
+        offload, dp = {}, None
         if client is not None and shared:
             s = engine.shares
             breakdown = Breakdown(s.open_s + s.seal_s, 0.0, s.combine_s + s.blame_s, s.wait_s,
@@ -647,8 +680,15 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
             c = client.counters
             breakdown = Breakdown(c.encrypt_s, c.decrypt_s, c.verify_s, c.wait_s,
                                   max(0.0, this_run - c.encrypt_s - c.decrypt_s - c.verify_s - c.wait_s))
-            offload = {**asdict(engine.counters), "freivalds_rounds": rounds, "keys_generated": keys.generated,
-                       "protection": "masking", **masking.describe()}
+            offload = {**asdict(engine.counters), "freivalds_rounds": rounds, "keys_generated": keys.generated}
+            if asym is not None:
+                from tempo.core.asymml import dp_account
+
+                # each training image's residual goes out once per AsymML layer per epoch begun
+                dp = dp_account(session.asymml.layer_entries(), -(-steps // steps_per_epoch), asym)
+                offload.update(asym.describe(), asymml=session.asymml.stats())
+            else:
+                offload.update(protection="masking", **masking.describe())
         else:
             breakdown.enclave_other = this_run
         events = client.relay_events if client is not None else []
@@ -668,7 +708,7 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, log=No
             resumes=resumes, images=split.counts(), data=split.source, history=history,
             breakdown={k: round(v, 4) for k, v in asdict(breakdown).items()}, offload=offload,
             quarantined_relays=[e for e in events if e["event"] == "quarantined"],
-            lost_relays=[e for e in events if e["event"] == "lost"])
+            lost_relays=[e for e in events if e["event"] == "lost"], dp=dp)
         ckpt.save({k: v.cpu() for k, v in model.state_dict().items()}, out / "model.pt")
         (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
         return summary

@@ -10,6 +10,9 @@ One run, one data shape, the same model and seed for every mode:
   check and decoding), transfer_wait; and what the mode moves: bytes per step each way, and the
   relays' compute over the same products' plain work (fp32 matmuls of the same shapes timed
   here, forward and both backward products);
+- ``asymml``: the ``tempo`` loop in the AsymML mode (`tempo.enclave.asymml`): no masking; its
+  breakdown adds decompose (the light SVD, clipping and noise) and low_rank (the low-rank
+  products the enclave computes itself) to the ``tempo`` categories;
 - ``plain-cpu``: the same steps in plaintext on the CPU — the pure-TEE baseline (the enclave
   doing everything itself);
 - ``plain-cuda``: the same steps on the GPU without any privacy — the limit. Skipped, with a
@@ -37,10 +40,10 @@ import torch.nn.functional as F
 
 from tempo import models
 
-MODES = ("tempo", "shares", "plain-cpu", "plain-cuda")
+MODES = ("tempo", "shares", "asymml", "plain-cpu", "plain-cuda")
 SHARES_CATEGORIES = ("open", "seal", "combine_verify", "transfer_wait", "non_linear", "optimizer", "offload_other")
-TEMPO_CATEGORIES = ("encrypt", "decrypt", "verify", "send", "split_gather", "transfer_wait", "non_linear", "optimizer",
-                    "offload_other")
+TEMPO_CATEGORIES = ("encrypt", "decrypt", "verify", "send", "split_gather", "transfer_wait", "decompose", "low_rank",
+                    "non_linear", "optimizer", "offload_other")
 PLAIN_CATEGORIES = ("forward_backward", "optimizer")
 
 
@@ -149,19 +152,23 @@ _CLIENT_FIELDS = ("encrypt_s", "decrypt_s", "verify_s", "wait_s", "send_s", "rel
 
 
 def _tempo(model_name, shape, classes, width, batch, steps, warmup, relays, device, pipeline, arena_mb, say,
-           log, split_min_mb, masking) -> ModeResult:
+           log, split_min_mb, masking, asymml=None) -> ModeResult:
+    """The ``tempo`` mode (the masking), or with `asymml` (its knobs) the ``asymml`` mode."""
     torch.manual_seed(0)
     model = models.build(model_name, shape, classes, width)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = _data(shape, classes, batch, torch.device("cpu"))
-    with _session(relays, device, arena_mb, log, protection="masking", masking=masking, pipeline=pipeline,
-                  split_min_mb=split_min_mb) as session:
-        client, engine = session.client, session.engine
+    label = "tempo" if asymml is None else "asymml"
+    settings = ({"protection": "masking", "masking": masking} if asymml is None
+                else {"protection": "asymml", "asymml": asymml})
+    with _session(relays, device, arena_mb, log, pipeline=pipeline, split_min_mb=split_min_mb, **settings) as session:
+        client, engine, state = session.client, session.engine, session.asymml
         net = session.private(model)
         session.wrap(opt)
-        means, times = _timed_steps("tempo", net, opt, x, y, warmup, steps, say, lambda: {
+        means, times = _timed_steps(label, net, opt, x, y, warmup, steps, say, lambda: {
             **{k: getattr(client.counters, k) for k in _CLIENT_FIELDS}, "offload": engine.offload_s,
-            "split_gather": engine.gather_s})
+            "split_gather": engine.gather_s, "decompose": state.split_s if state else 0.0,
+            "low_rank": state.lowrank_s if state else 0.0})
     mean = means.__getitem__
     step = mean("step")
     measured_offload = sum(mean(k) for k in ("encrypt_s", "decrypt_s", "verify_s", "send_s", "split_gather", "wait_s"))
@@ -172,10 +179,12 @@ def _tempo(model_name, shape, classes, width, batch, steps, warmup, relays, devi
         "send": mean("send_s"),
         "split_gather": mean("split_gather"),
         "transfer_wait": mean("wait_s"),
-        "non_linear": step - mean("offload") - mean("optimizer"),
+        "non_linear": step - mean("offload") - mean("optimizer") - mean("decompose") - mean("low_rank"),
         "optimizer": mean("optimizer"),
         "offload_other": mean("offload") - measured_offload,
     }
+    if asymml is not None:
+        breakdown.update(decompose=mean("decompose"), low_rank=mean("low_rank"))
     compute = mean("relay_compute_s")
     relay_side = {
         "relay_compute": compute,  # summed over relays
@@ -185,7 +194,8 @@ def _tempo(model_name, shape, classes, width, batch, steps, warmup, relays, devi
         "mb_received": mean("bytes_received") / 1e6,
     }
     explained = 1.0 - breakdown["offload_other"] / step
-    return ModeResult("tempo", statistics.median(times), step, times, breakdown, relay_side, explained)
+    note = "" if asymml is None else f"AsymML: mean rank {state.stats()['mean_rank']}, {asymml.describe()}"
+    return ModeResult(label, statistics.median(times), step, times, breakdown, relay_side, explained, note=note)
 
 
 def _product_work(shapes: list[tuple], repeat: int = 3) -> float:
@@ -276,13 +286,18 @@ def floor_bytes(sent: float, received: float) -> float:
 def run(model: str = "resnet18", batch_size: int = 32, steps: int = 3, modes=MODES, relays: int = 2,
         device: str = "cpu", pipeline: bool = True, width: int | None = None,
         shape: tuple[int, ...] = (3, 32, 32), classes: int = 10, warmup: int = 1, arena_mb: int = 4096,
-        split_min_mb: float = 4.0, progress: Callable[[str], None] | None = None, log=None, masking=None) -> dict:
+        split_min_mb: float = 4.0, progress: Callable[[str], None] | None = None, log=None, masking=None,
+        asymml=None) -> dict:
     """Every requested mode on the same model and batch; returns the JSON-ready figures."""
     say = progress or (lambda _m: None)
     if masking is None:
         from tempo.enclave.protection import DEFAULT, preset
 
         masking = preset(DEFAULT)
+    if asymml is None:
+        from tempo.core.asymml import AsymmlConfig
+
+        asymml = AsymmlConfig()
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise ValueError(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
@@ -298,6 +313,9 @@ def run(model: str = "resnet18", batch_size: int = 32, steps: int = 3, modes=MOD
         if mode == "tempo":
             results[mode] = _tempo(model, shape, classes, width, batch_size, steps, warmup, relays, device,
                                    pipeline, arena_mb, say, log, split_min_mb, masking)
+        elif mode == "asymml":
+            results[mode] = _tempo(model, shape, classes, width, batch_size, steps, warmup, relays, device,
+                                   pipeline, arena_mb, say, log, split_min_mb, masking, asymml)
         elif mode == "shares":
             results[mode] = _shares(model, shape, classes, width, batch_size, steps, warmup, relays, device,
                                     arena_mb, say, log)
@@ -318,14 +336,15 @@ def run(model: str = "resnet18", batch_size: int = 32, steps: int = 3, modes=MOD
 
     enclave_work = work("tempo")
     shares_work = work("shares")
+    asymml_work = work("asymml")
     plain_cpu = results["plain-cpu"].step_s if "plain-cpu" in results else None
-    bandwidth = copy_bandwidth() if enclave_work is not None or shares_work is not None else None
+    bandwidth = copy_bandwidth() if any(w is not None for w in (enclave_work, shares_work, asymml_work)) else None
 
     def floor(mode: str) -> float | None:  # seconds the enclave's bytes take at copy bandwidth
         r = results.get(mode)
         if r is None or r.step_s is None or not bandwidth:
             return None
-        sent, received = ((r.relays["mb_sent"] * 1e6, r.relays["mb_received"] * 1e6) if mode == "tempo"
+        sent, received = ((r.relays["mb_sent"] * 1e6, r.relays["mb_received"] * 1e6) if mode in ("tempo", "asymml")
                           else (r.relays["bytes_sent"], r.relays["bytes_received"]))
         return round(floor_bytes(sent, received) / bandwidth, 9)
 
@@ -361,6 +380,13 @@ def run(model: str = "resnet18", batch_size: int = 32, steps: int = 3, modes=MOD
         # the shares mode's goal (issue 15): at most 2x the masking's enclave work
         "shares_over_masking_enclave_work": (round(shares_work / enclave_work, 4)
                                              if shares_work is not None and enclave_work else None),
+        "asymml": asymml.describe(),
+        "asymml_enclave_work_s": asymml_work,
+        "asymml_enclave_work_over_plain_cpu": over(asymml_work, plain_cpu),
+        "asymml_projected_speedup_ideal_relays": over(plain_cpu, asymml_work),
+        "asymml_enclave_floor_s": floor("asymml"),
+        "asymml_enclave_work_over_floor": over(asymml_work, floor("asymml")),
+        "asymml_over_masking_enclave_work": over(asymml_work, enclave_work),
         "masking_mb_per_step": (round(results["tempo"].relays["mb_sent"] + results["tempo"].relays["mb_received"], 3)
                                 if "tempo" in results and results["tempo"].step_s is not None else None),
     }
@@ -391,10 +417,13 @@ def table(figures: dict) -> str:
                                                        f"{figures['masking']['masking']}) / plain-cpu"),
                        ("shares_enclave_work_over_plain_cpu", f"enclave work, shares "
                                                               f"({figures.get('shares_enclave_work_s') or 0:.3f}s) / plain-cpu"),
-                       ("shares_over_masking_enclave_work", "enclave work, shares / masking")):
+                       ("shares_over_masking_enclave_work", "enclave work, shares / masking"),
+                       ("asymml_enclave_work_over_plain_cpu", f"enclave work, asymml "
+                                                              f"({figures.get('asymml_enclave_work_s') or 0:.3f}s) / plain-cpu"),
+                       ("asymml_over_masking_enclave_work", "enclave work, asymml / masking")):
         if figures.get(key) is not None:
             lines.append(f"  {label}: {figures[key]:.2f}")
-    for prefix, what in (("", "masking"), ("shares_", "shares")):
+    for prefix, what in (("", "masking"), ("shares_", "shares"), ("asymml_", "asymml")):
         if figures.get(f"{prefix}enclave_floor_s") is not None:
             speedup = figures.get(f"{prefix}projected_speedup_ideal_relays")
             lines.append(f"  {what}: projected speed-up over pure TEE with ideal relays "
@@ -426,7 +455,8 @@ def plot(figures: dict, path: str) -> None:
                 continue
             ax.barh(row, v, left=left, color=colors[ci % len(colors)], label=cat)
             left += v
-        floor = figures.get({"tempo": "enclave_floor_s", "shares": "shares_enclave_floor_s"}.get(mode, ""))
+        floor = figures.get({"tempo": "enclave_floor_s", "shares": "shares_enclave_floor_s",
+                             "asymml": "asymml_enclave_floor_s"}.get(mode, ""))
         if floor:  # the enclave's floor: its bytes at copy bandwidth
             ax.plot([floor, floor], [row - 0.45, row + 0.45], color="black", linewidth=2,
                     label="enclave floor (bytes at copy bandwidth)")

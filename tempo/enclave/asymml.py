@@ -14,6 +14,7 @@ plain layer's input gradient (the relay's ``E Bᵀ``, straight through the decom
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -51,8 +52,9 @@ class IdentityKeys:
 
 @dataclass
 class AsymmlState:
-    """A context's AsymML settings, its noise source, and what it sent: residuals released per
-    sample (`releases`, one per sample per layer forward that offloads), and the ranks chosen."""
+    """A context's AsymML settings, its noise source, and what it sent: sample-residuals released
+    (`releases`, one per sample per layer forward), each layer's residual size per sample
+    (`entries`, what the DP accounting needs), and the ranks chosen."""
 
     config: AsymmlConfig = field(default_factory=AsymmlConfig)
     generator: torch.Generator = field(default_factory=noise_generator)
@@ -60,12 +62,16 @@ class AsymmlState:
     layer_passes: int = 0  # layer forwards that sent a residual
     rank_sum: int = 0
     rank_max: int = 0
+    entries: dict = field(default_factory=dict)  # id(layer) → entries of one sample's residual, in first-use order
+    split_s: float = 0.0  # the enclave's time in the light SVD, clipping and noise
+    lowrank_s: float = 0.0  # the enclave's time in the low-rank products (forward)
 
-    def split(self, x: torch.Tensor, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def split(self, x: torch.Tensor, flat: torch.Tensor, layer: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(u, v, R̃)``: the low-rank factors of `flat` (`x` seen as batch × rows × cols for the
         light SVD) and the noisy residual the relay is sent, in `x`'s shape (samples first:
-        each is clipped on its own)."""
+        each is clipped on its own); `layer` is the module it is for."""
         cfg = self.config
+        t0 = time.perf_counter()
         u, v = light_svd(flat.detach(), cfg.energy, cfg.max_rank, cfg.iters)
         low = (u @ v).reshape(x.shape) if u.shape[-1] else torch.zeros_like(x)
         residual = noisy_residual(x.detach(), low, cfg, self.generator)
@@ -74,10 +80,24 @@ class AsymmlState:
         self.rank_max = max(self.rank_max, rank)
         self.layer_passes += 1
         self.releases += x.shape[0]
+        self.entries[id(layer)] = x[0].numel()
+        self.split_s += time.perf_counter() - t0
         return u, v, residual
 
+    def low(self, product):
+        """`product()` (a low-rank product), timed."""
+        t0 = time.perf_counter()
+        try:
+            return product()
+        finally:
+            self.lowrank_s += time.perf_counter() - t0
+
+    def layer_entries(self) -> list[int]:
+        """Each AsymML layer's residual size per sample, for `tempo.core.asymml.dp_account`."""
+        return list(self.entries.values())
+
     def stats(self) -> dict:
-        return {"releases": self.releases, "layer_passes": self.layer_passes,
+        return {"releases": self.releases, "layer_passes": self.layer_passes, "layer_entries": self.layer_entries(),
                 "mean_rank": round(self.rank_sum / self.layer_passes, 3) if self.layer_passes else None,
                 "max_rank": self.rank_max}
 
@@ -96,10 +116,11 @@ class AsymmlConv2d(PrivateConv2d):
         x, unbatched = self._input(x)
         n, c, h, w = x.shape
         state = self.pctx.asymml
-        u, v, residual = state.split(x, x.reshape(n, c, h * w))
+        u, v, residual = state.split(x, x.reshape(n, c, h * w), self)
         y = self._offload(_through(x, residual))  # (n, out, L)
         _, _, dh, dw, ph, pw, sh, sw = self._geometry(x)
-        low = lowrank_conv2d(u, v.reshape(n, -1, h, w), self.weight, (sh, sw), (ph, pw), (dh, dw), self.groups)
+        low = state.low(lambda: lowrank_conv2d(u, v.reshape(n, -1, h, w), self.weight, (sh, sw), (ph, pw), (dh, dw),
+                                               self.groups))
         return self._output(y + low.reshape(n, low.shape[1], -1), x, unbatched)
 
 
@@ -110,7 +131,8 @@ class AsymmlLinear(PrivateLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         rows = x.reshape(-1, x.shape[-1])
-        u, v, residual = self.pctx.asymml.split(rows, rows.unsqueeze(0))  # one slice: the whole batch
+        state = self.pctx.asymml
+        u, v, residual = state.split(rows, rows.unsqueeze(0), self)  # one slice: the whole batch
         y = super().forward(_through(rows, residual))
-        low = u[0] @ (v[0] @ self.weight.t())  # (batch × r)(r × out)
+        low = state.low(lambda: u[0] @ (v[0] @ self.weight.t()))  # (batch × r)(r × out)
         return (y + low).reshape(*lead, -1)
