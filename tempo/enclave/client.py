@@ -208,8 +208,8 @@ class OffloadClient:
         if stage:
             t1 = time.perf_counter()
             self.counters.bytes_sent += desc.nbytes
-            self.sock.send_multipart(Stage(bind, side, arena=self.arena.name, inputs=(desc,), mode=self.mode).to_frames(),
-                                     copy=False)
+            stage_msg = Stage(bind, side, arena=self.arena.name, inputs=(desc,), mode=self.mode)
+            self.sock.send_multipart(stage_msg.to_frames(), copy=False)
             self.counters.send_s += time.perf_counter() - t1
         return Premasked(sk, side, desc, tuple(operand.shape), bind if stage else None)
 
