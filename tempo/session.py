@@ -178,7 +178,8 @@ class Session:
             self.client = OffloadClient(endpoint, job, arena_bytes=arena_mb << 20, rounds=cfg.rounds or 16,
                                         log=log, keys=self.keys, part_timeout_s=cfg.part_timeout_s,
                                         timeout_s=cfg.reply_timeout_s,
-                                        max_attempts=cfg.relays + 1)
+                                        max_attempts=cfg.relays + 1,
+                                        mode="asymml" if self.asymml is not None else "masked")
             if self.cluster is not None:
                 self.client.watchdog = self.cluster.check  # the off-loader's exit is noticed within a second
             wait_s = cfg.relay_wait_s if cfg.relay_wait_s is not None else (60.0 if cfg.offloader else 30.0)

@@ -16,6 +16,7 @@ from tempo.protocol import (
     MAX_DIMS,
     MAX_TENSORS,
     MESSAGES,
+    MODES,
     PROTOCOL_VERSION,
     Binding,
     Descriptor,
@@ -25,6 +26,7 @@ from tempo.protocol import (
     ProtocolError,
     Release,
     ReleaseJob,
+    Submit,
     decode_header,
     error_frames,
     parse,
@@ -91,6 +93,7 @@ FIELD_VALUES = {
     "turnaround_s": seconds,
     "tables": tables,
     "code": st.sampled_from(list(ErrorCode)),
+    "mode": st.sampled_from(MODES),
     "tensors": tensors(),
 }
 # An op's exceptions to FIELD_VALUES (its class's CHECKS).
@@ -103,7 +106,9 @@ def strategy_for(cls):
     for f in dataclasses.fields(cls):
         values = OP_FIELD_VALUES.get((cls.OP, f.name), FIELD_VALUES[f.name])
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        kwargs[f.name] = values if required or f.name == "tensors" else st.one_of(st.none(), values)
+        # a field whose default is not None (mode) is always sent: None is not one of its values
+        always = required or f.name == "tensors" or f.default is not None
+        kwargs[f.name] = values if always else st.one_of(st.none(), values)
     for name in ("inputs", "operands", "outputs"):  # "none" is no descriptors
         if name in kwargs:
             kwargs[name] = st.one_of(st.just(()), FIELD_VALUES[name])
@@ -233,3 +238,40 @@ def test_releasing_a_job_is_its_own_message():
     assert ReleaseJob.from_frames(wire(ReleaseJob("job1", arena="tempo-job1-1"))) == ReleaseJob("job1", "tempo-job1-1")
     with pytest.raises(ProtocolError, match="release lacks bind"):  # no made-up binding stands for a job
         Release.from_frames([msgpack.packb({"v": list(PROTOCOL_VERSION), "op": "release", "job": "job1"})])
+
+
+WORK = ("submit", "stage", "forward", "backward", "backward_full")  # the requests that carry operands
+
+
+def test_work_requests_carry_their_protection_mode_and_nothing_else_does():
+    assert MODES == ("masked", "asymml") and PROTOCOL_VERSION == (2, 4)
+    for op, cls in MESSAGES.items():
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert ("mode" in names) == (op in WORK), op
+
+
+@pytest.mark.parametrize("op", WORK)
+def test_each_mode_round_trips_and_an_unknown_mode_is_refused(op):
+    @settings(max_examples=20, deadline=None)
+    @given(STRATEGIES[op])
+    def check(msg):
+        for mode in MODES:
+            frames = wire(dataclasses.replace(msg, mode=mode))
+            assert msgpack.unpackb(frames[0], raw=False)["mode"] == mode  # sent explicitly, even the default
+            assert parse(frames, ALL).mode == mode
+        frames = wire(msg)
+        header = msgpack.unpackb(frames[0], raw=False)
+        for wrong in ("plain", "MASKED", "", 1, None):
+            with pytest.raises(ProtocolError, match="'mode'"):
+                parse([msgpack.packb({**header, "mode": wrong}), *frames[1:]], ALL)
+        older = {k: v for k, v in header.items() if k != "mode"}  # a 2.3 peer names no mode: masked
+        assert parse([msgpack.packb({**older, "v": [2, 3]}), *frames[1:]], ALL).mode == "masked"
+
+    check()
+
+
+def test_a_submit_keeps_its_positional_fields_and_defaults_to_masked():
+    bind = Binding("j", 0, 0, 0)
+    old_style = Submit("rid", bind, "arena", "forward", (), (), (), "a", None)
+    assert old_style.staged == "a" and old_style.mode == "masked"
+    assert Submit.from_frames(wire(Submit("rid", bind, "arena", "forward", mode="asymml"))).mode == "asymml"

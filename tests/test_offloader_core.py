@@ -26,6 +26,8 @@ from tempo.protocol import (
     Release,
     ReleaseJob,
     Result,
+    Sealed,
+    Stage,
     Submit,
     parse,
 )
@@ -82,18 +84,20 @@ class Cluster:
         view.copy_(t)
         return desc
 
-    def forward(self, rid: str, bind: Binding, a: torch.Tensor, b: torch.Tensor, client: bytes = ENCLAVE) -> list:
+    def forward(self, rid: str, bind: Binding, a: torch.Tensor, b: torch.Tensor, client: bytes = ENCLAVE,
+                mode: str = "masked", staged: str | None = None, inputs=None) -> list:
         out = self._region(torch.zeros(a.shape[0], b.shape[1]))
         self.outputs[rid] = [out]
         return self.enclave(Submit(id=rid, bind=bind, arena=self.arena.name, kind="forward",
-                                   inputs=(self._region(a), self._region(b)), outputs=(out,)), client)
+                                   inputs=inputs or (self._region(a), self._region(b)), outputs=(out,),
+                                   staged=staged, mode=mode), client)
 
-    def backward(self, rid: str, bind: Binding, a, b, e) -> list:
+    def backward(self, rid: str, bind: Binding, a, b, e, mode: str = "masked") -> list:
         outs = [self._region(torch.zeros_like(a)), self._region(torch.zeros_like(b))]
         self.outputs[rid] = outs
         return self.enclave(Submit(id=rid, bind=bind, arena=self.arena.name, kind="backward",
                                    inputs=(self._region(e),), operands=(self._region(a), self._region(b)),
-                                   outputs=tuple(outs)))
+                                   outputs=tuple(outs), mode=mode))
 
     def reply(self, relay: str, msg, tensors=None) -> None:
         """`relay` answers `msg` honestly (or with `tensors`)."""
@@ -340,3 +344,91 @@ def test_a_backward_sent_again_with_its_operands_ends_its_binding(cl):
         cl.reply("r1", cl.sent(BackwardFull)[-1])
     assert [d.id for d in cl.events(Done)] == ["f0", "b0", "f1", "b1", "f2", "b2"]
     assert cl.core.tables()["affinity"] == 0 and cl.core.tables()["parts"] == 0
+
+
+def test_a_job_is_held_to_the_mode_of_its_first_work_request(cl):
+    cl.join("r1")
+    a, b = _ab()
+    cl.forward("f", Binding("j", 0, 0, 0), a, b, mode="asymml")
+    assert [m.mode for m in cl.sent(Forward)] == ["asymml"]  # the relay is told, too
+    cl.forward("g", Binding("j", 0, 1, 0), a, b, mode="masked")
+    cl.backward("h", Binding("j", 0, 0, 0), a, b, torch.ones(4, 2), mode="masked")
+    cl.enclave(Stage(Binding("j", 0, 2, 0), "b", arena=cl.arena.name, inputs=(cl._region(b),), mode="masked"))
+    refused = cl.events(Error)
+    assert [e.code for e in refused] == [ErrorCode.MODE_MISMATCH] * 3
+    assert [e.id for e in refused[:2]] == ["g", "h"]  # pinned on their requests (a stage names none)
+    assert all("'asymml'" in e.reason and "'masked'" in e.reason for e in refused)
+    assert len(cl.sent(Forward)) == 1 and not cl.sent(Backward) and not cl.sent(Stage)  # nothing reached a relay
+    assert not cl.core.quarantined and cl.core.job_modes == {"j": "asymml"}
+    cl.forward("k", Binding("other", 0, 0, 0), a, b)  # another job: its own mode
+    assert cl.sent(Forward)[-1].mode == "masked" and cl.core.tables()["modes"] == 2
+    cl.enclave(ReleaseJob("j"))  # the job's mode goes with it
+    assert cl.core.job_modes == {"other": "masked"}
+    cl.forward("m", Binding("j", 1, 0, 0), a, b, mode="masked")
+    assert cl.sent(Forward)[-1].mode == "masked" and len(cl.events(Error)) == 3
+
+
+def test_a_sealed_part_is_refused_in_mode_asymml(cl):
+    cl.join("p1", pool="p")
+
+    def sealed(rid: str, job: str, mode: str) -> None:
+        blob, out = cl._region(torch.zeros(8, dtype=torch.uint8)), cl._region(torch.zeros(8, dtype=torch.uint8))
+        cl.enclave(Submit(id=rid, bind=Binding(job, 0, 0, 0), arena=cl.arena.name, kind="sealed", pool="p",
+                          inputs=(blob,), outputs=(out,), mode=mode))
+
+    sealed("s1", "shares-job", "asymml")
+    sealed("s2", "shares-job", "masked")  # the refusal took no mode for the job: masked is its first
+    cl.forward("f", Binding("asym-job", 0, 0, 0), *_ab(), mode="asymml")
+    sealed("s3", "asym-job", "masked")  # a sealed part in a job that is in asymml
+    refused = cl.events(Error)
+    assert [(e.id, e.code) for e in refused] == [("s1", ErrorCode.MODE_MISMATCH), ("s3", ErrorCode.MODE_MISMATCH)]
+    assert "sealed" in refused[0].reason
+    assert [(cl.holder(m), m.bind.job) for m in cl.sent(Sealed)] == [("p1", "shares-job")]
+
+
+def test_every_request_for_a_part_carries_its_mode_when_it_is_sent_again(cl):
+    """Staged, sent again after its relay died, or with its operands after a lost cache: the
+    part's mode goes with each request."""
+    cl.join("r1"), cl.join("r2")
+    a, b = _ab()
+    bind = Binding("j", 0, 0, 0)
+    cl.enclave(Stage(bind, "b", arena=cl.arena.name, inputs=((wb := cl._region(b)),), mode="asymml"))
+    stage = cl.sent(Stage)[0]
+    assert stage.mode == "asymml"
+    first = cl.holder(stage)
+    other = "r2" if first == "r1" else "r1"
+    cl.forward("f", bind, a, b, mode="asymml", staged="b", inputs=(cl._region(a), wb))
+    fwd = cl.sent(Forward)[0]
+    assert cl.holder(fwd) == first and fwd.staged == "b" and fwd.mode == "asymml"
+    cl.at(2.0).beat(other)
+    cl.at(3.5).tick()  # the relay holding the forward is lost: the forward goes again, whole
+    again = cl.sent(Forward)[1]
+    assert cl.holder(again) == other and again.staged is None and again.mode == "asymml"
+    cl.reply(other, again)
+    cl.backward("bw", bind, a, b, torch.ones(4, 2), mode="asymml")
+    bwd = cl.sent(Backward)[0]
+    assert cl.holder(bwd) == other and bwd.mode == "asymml"
+    cl.error(other, bwd, ErrorCode.CACHE_MISS)  # sent again with its operands
+    full = cl.sent(BackwardFull)
+    assert len(full) == 1 and full[0].mode == "asymml"
+    cl.join("r3")
+    cl.at(7.0).beat("r3")
+    cl.at(7.0).tick()  # the relay holding the backward_full is lost too
+    full = cl.sent(BackwardFull)
+    assert len(full) == 2 and cl.holder(full[1]) == "r3" and full[1].mode == "asymml"
+    cl.reply("r3", full[1])
+    assert [d.id for d in cl.events(Done)] == ["f", "bw"] and not cl.events(Error)
+
+
+def test_a_relay_that_refuses_a_part_for_its_mode_is_not_blamed(cl):
+    """A relay may hold a job's other mode (say, from before the off-loader restarted): its
+    refusal goes to the enclave as it is, the part is not sent again, and no one is quarantined."""
+    cl.join("r1"), cl.join("r2")
+    cl.forward("f", Binding("j", 0, 0, 0), *_ab(), mode="asymml")
+    fwd = cl.sent(Forward)[0]
+    cl.error(cl.holder(fwd), fwd, ErrorCode.MODE_MISMATCH, "job 'j' is in protection mode 'masked' on this relay")
+    refused = cl.events(Error)
+    assert [(e.id, e.code) for e in refused] == [("f", ErrorCode.MODE_MISMATCH)]
+    assert "is in protection mode 'masked'" in refused[0].reason
+    assert not cl.core.quarantined and len(cl.sent(Forward)) == 1 and not cl.core.parts and not cl.core.waiting
+    assert not cl.events(RelayEvent)

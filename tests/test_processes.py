@@ -13,13 +13,14 @@ from conftest import ask_relay
 
 from tempo import arena as arena_mod
 from tempo.cluster import LocalCluster
-from tempo.enclave.client import NoHealthyRelay, OffloadClient
+from tempo.enclave.client import NoHealthyRelay, OffloadClient, OffloadError
 from tempo.core.keys import KeySchedule
 from tempo.core.verify import rounding_bound
 from tempo.protocol import (
     PROTOCOL_VERSION,
     RELAY_OPS,
     Binding,
+    ErrorCode,
     decode,
     encode,
     inputs_digest,
@@ -130,6 +131,53 @@ def test_backward_after_the_cache_holder_died_is_recomputed_from_the_arena(clust
         grad = torch.randn(8, 3)
         da, db = client.backward(grad, bind)
         assert close_enough(da, grad @ b.T, grad, b.T) and close_enough(db, a.T @ grad, a.T, grad)
+
+
+def test_a_job_in_mode_asymml_is_served_and_held_to_it(cluster):
+    """AsymML's unmasked products go through the real processes like masked ones; a request of
+    the job in the other mode is refused with a clear error (no relay blamed, nothing retried),
+    a masked job beside it is untouched, and once the job is released its name is free again."""
+    from tempo.enclave.asymml import IdentityKeys
+
+    a, b, grad = torch.randn(8, 5), torch.randn(5, 3), torch.randn(8, 3)
+    with new_client(cluster, "masked-beside") as masked, new_client(cluster, "asym", keys=IdentityKeys(),
+                                                                    mode="asymml") as client:
+        bind = Binding("asym", 0, 0, 0)
+        assert close_enough(client.forward(a, b, bind), a @ b, a, b)
+        da, db = client.backward(grad, bind)
+        assert close_enough(da, grad @ b.T, grad, b.T) and close_enough(db, a.T @ grad, a.T, grad)
+        client.mode = "masked"  # the same job, now claiming the other mode
+        with pytest.raises(OffloadError, match="refused in protection mode 'masked'") as refused:
+            client.forward(a, b, Binding("asym", 1, 0, 0))
+        assert refused.value.code is ErrorCode.MODE_MISMATCH and "is in protection mode 'asymml'" in str(refused.value)
+        assert not client.relay_events and client.counters.timeouts == 0 and client.ping() == 2  # no one blamed
+        client.mode = "asymml"
+        assert close_enough(client.forward(a, b, Binding("asym", 2, 0, 0)), a @ b, a, b)  # the job goes on
+        assert close_enough(masked.forward(a, b, Binding("masked-beside", 0, 0, 0)), a @ b, a, b)
+        assert masked.offloader_tables()["modes"] == 2
+    with new_client(cluster, "asym") as again:  # released (its mode too, off-loader and relays): free again
+        deadline = time.monotonic() + 10
+        while again.offloader_tables()["jobs"] and time.monotonic() < deadline:  # the release is on its way
+            time.sleep(0.05)
+        assert again.mode == "masked"
+        assert close_enough(again.forward(a, b, Binding("asym", 0, 0, 0)), a @ b, a, b)
+    assert not any("relay_quarantined" in line for line in cluster.offloader.lines)
+
+
+def test_an_asymml_session_marks_its_requests_asymml():
+    from tempo.session import Session
+
+    with Session(protection="asymml", relays=1) as session:
+        assert session.client.mode == "asymml"
+        model = session.private(torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)))
+        opt = session.wrap(torch.optim.SGD(model.parameters(), lr=0.1))
+        model(torch.randn(5, 6)).sum().backward()
+        opt.step()
+        assert session.client.counters.forward == session.client.counters.backward == 2
+        session.client.mode = "masked"  # had any request gone out as masked, this one would be let through
+        with pytest.raises(OffloadError) as refused:
+            model(torch.randn(5, 6))
+        assert refused.value.code is ErrorCode.MODE_MISMATCH
 
 
 def raw(ctx, endpoint, kind=zmq.DEALER, identity=None):
@@ -247,6 +295,14 @@ def test_submit_with_no_relay_fails_with_a_clear_error():
         with pytest.raises(NoHealthyRelay, match="no healthy relay"):
             client.forward(torch.randn(2, 2), torch.randn(2, 2), Binding("lonely", 0, 0, 0))
         client.close()
+
+
+def test_a_client_takes_only_a_known_protection_mode():
+    before = {p.name for p in arena_mod.list_segments()}
+    for wrong in ("plain", "MASKED", ""):
+        with pytest.raises(ValueError, match="mode must be one of masked, asymml"):
+            OffloadClient("tcp://127.0.0.1:9", "badmode", arena_bytes=1 << 20, mode=wrong)
+    assert {p.name for p in arena_mod.list_segments()} <= before  # refused before it made anything
 
 
 def test_nothing_is_left_behind():

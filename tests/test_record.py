@@ -39,3 +39,24 @@ def test_the_in_process_capture_sees_what_relays_would():
     first = view.at(0, 0)[0]
     assert first.b.shape == (64, 9, 64) and first.e.shape == (64, 16, 64)  # conv1 patches, its masked Δ
     assert split.counts()["val"] > 0 and truth.steps[0].train
+
+
+def test_each_record_says_its_protection_mode(tmp_path):
+    """A relay's recording names each request's mode: ``asymml`` records hold plaintext weights and
+    noisy residuals by design, and an audit must be able to tell them from masked products."""
+    from tempo.protocol import Binding, Forward, ReleaseJob, Stage
+    from tempo.relay import Relay
+
+    relay = Relay("tcp://unused", name="recorder", record_dir=str(tmp_path))
+    a, b = torch.randn(3, 4), torch.randn(4, 2)
+    for msg in (Stage(Binding("asym", 0, 0, 0), "b", tensors=(b,), mode="asymml"),
+                Forward(id="f" * 24, bind=Binding("asym", 0, 0, 0), staged="b", tensors=(a,), mode="asymml"),
+                Forward(id="g" * 24, bind=Binding("masked", 0, 0, 0), tensors=(a, b)),  # the default: masked
+                Forward(id="h" * 24, bind=Binding("asym", 0, 1, 0), tensors=(a, b), mode="masked"),  # refused
+                ReleaseJob("asym")):
+        relay.handle([bytes(f) for f in msg.to_frames()])
+    records = [torch.load(p) for p in sorted((tmp_path / "recorder").glob("*.pt"))]
+    assert [(r["op"], r["bind"][0], r["mode"]) for r in records] == [
+        ("stage", "asym", "asymml"), ("forward", "asym", "asymml"), ("forward", "masked", "masked"),
+        ("forward", "asym", "masked")]  # what it received, refused or not
+    assert torch.equal(records[0]["tensors"][0], b) and records[1]["staged"] == "b"

@@ -6,8 +6,10 @@ verifies it with Freivalds. `backward(grad_c, bind)` encrypts ``Δᵀ`` only (th
 ``A'`` and ``B'``), and decrypts and verifies both gradients. `submit_*`/`wait` split these so
 many parts can be in flight at once.
 
-Nothing but masked operands ever leaves this process; keys, plaintext and the Freivalds vectors
-stay here.
+In the default protection mode (``mode="masked"``) nothing but masked operands ever leaves this
+process; keys, plaintext and the Freivalds vectors stay here. In mode ``"asymml"`` the products
+carry identity keys (`tempo.enclave.asymml`): plaintext weights and noisy residuals go out, and
+every request says so on the wire (protocol 2.4), so that no peer mixes them with masked work.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from tempo.core.keys import DEFAULT_KEY_SPACE, KeySchedule, KeySpace, MatmulKey
 from tempo.core.roundtrip import MaskedProduct, mask_operand
 from tempo.core.verify import IntegrityError
 from tempo.protocol import (
+    MODES,
     TO_ENCLAVE,
     Binding,
     Done,
@@ -135,7 +138,12 @@ class OffloadClient:
         context: zmq.Context | None = None,
         log=None,
         keys: KeySchedule | None = None,
+        mode: str = "masked",
     ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        # the protection mode every work request names (protocol 2.4): the job's, for its life
+        self.mode = mode
         self.job = job
         self.timeout_s = timeout_s
         self.part_timeout_s = timeout_s if part_timeout_s is None else part_timeout_s
@@ -180,7 +188,8 @@ class OffloadClient:
 
     def _send(self, rid: str, bind: Binding, kind: str, **fields) -> None:
         t0 = time.perf_counter()
-        self.sock.send_multipart(Submit(rid, bind, self.arena.name, kind, **fields).to_frames(), copy=False)
+        self.sock.send_multipart(Submit(rid, bind, self.arena.name, kind, mode=self.mode, **fields).to_frames(),
+                                 copy=False)
         self.counters.send_s += time.perf_counter() - t0
 
     # -- forward --
@@ -199,7 +208,8 @@ class OffloadClient:
         if stage:
             t1 = time.perf_counter()
             self.counters.bytes_sent += desc.nbytes
-            self.sock.send_multipart(Stage(bind, side, arena=self.arena.name, inputs=(desc,)).to_frames(), copy=False)
+            stage_msg = Stage(bind, side, arena=self.arena.name, inputs=(desc,), mode=self.mode)
+            self.sock.send_multipart(stage_msg.to_frames(), copy=False)
             self.counters.send_s += time.perf_counter() - t1
         return Premasked(sk, side, desc, tuple(operand.shape), bind if stage else None)
 
@@ -466,6 +476,9 @@ class OffloadClient:
             reply = self._replies.pop(pending.rid)
             self._pending.pop(pending.rid, None)
             if isinstance(reply, Error):
+                if reply.code is ErrorCode.MODE_MISMATCH:  # this job's mistake: no relay to blame, nothing to retry
+                    raise OffloadError(f"{pending.kind} {pending.bind} refused in protection mode {self.mode!r}: "
+                                       f"{reply.reason}", reply.code)
                 raise OffloadError(f"{pending.kind} {pending.bind} failed: {reply.reason}", reply.code)
             pending.relay = reply[1]
             self.counters.parts_by_relay[pending.relay] = self.counters.parts_by_relay.get(pending.relay, 0) + 1

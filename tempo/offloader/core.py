@@ -16,7 +16,10 @@ other than a lost cache) is evidence against that relay: it is quarantined like 
 verification, and its parts go to the others.
 
 Jobs and arenas belong to the enclave connection that first submitted into them: only it may
-submit into, stage from or release them. No single message stops the off-loader: a handler
+submit into, stage from or release them. A job is also held to the protection mode of its first
+work request (protocol 2.4: ``masked`` or ``asymml``): a request in the other is refused
+(``mode_mismatch``), a sealed part must be ``masked``, and every request to a relay, sent again
+or not, carries its part's mode. No single message stops the off-loader: a handler
 that raises is counted, logged and the next message is handled.
 """
 
@@ -95,6 +98,7 @@ class Part:
     staged: str | None = None  # a forward whose weight operand (slot a or b) was staged ahead
     used_staged: bool = False
     pool: str | None = None  # a sealed part goes only to a relay of this pool
+    mode: str = "masked"  # the protection mode (protocol 2.4), sent with every request for the part
 
 
 def _expected_outputs(kind: str, inputs: list[Descriptor], operands: list[Descriptor]) -> list[tuple]:
@@ -168,6 +172,7 @@ class OffloaderCore:
         # the enclave connection (ROUTER identity) that opened a job or an arena: only it may use them
         self.job_owners: dict[str, bytes] = {}
         self.arena_owners: dict[str, bytes] = {}
+        self.job_modes: dict[str, str] = {}  # each job's protection mode, from its first work request
         self.quarantined: dict[bytes, str] = {}  # relay -> why; never used again
         self.stats = {"dispatched": 0, "redispatched": 0, "dropped_replies": 0, "bad_messages": 0, "quarantined": 0,
                       "staged": 0, "staged_used": 0, "handler_failed": 0}
@@ -225,7 +230,7 @@ class OffloaderCore:
         """The sizes of the state kept per job, part and relay (what must not grow with steps)."""
         return {"parts": len(self.parts), "waiting": len(self.waiting), "affinity": len(self.affinity),
                 "staged": len(self.staged), "arenas": len(self.arenas), "jobs": len(self.job_owners),
-                "arena_owners": len(self.arena_owners), "relays": len(self.relays),
+                "arena_owners": len(self.arena_owners), "modes": len(self.job_modes), "relays": len(self.relays),
                 "quarantined": len(self.quarantined)}
 
     def pools(self) -> dict[str, int]:
@@ -249,9 +254,21 @@ class OffloaderCore:
         self.arena_owners[name] = client
         return self.arenas[name]
 
+    def _hold_mode(self, job: str, mode: str, what: str) -> None:
+        """Hold `job` to one protection mode: its first work request's; refuse a request in another."""
+        held = self.job_modes.get(job)
+        if held is not None and held != mode:
+            raise ProtocolError(f"job {job[:128]!r} is in protection mode {held!r}; a {what} in mode {mode!r} is "
+                                f"refused (a job never mixes modes)", ErrorCode.MODE_MISMATCH)
+        self.job_modes[job] = mode
+
     def _submit(self, client: bytes, msg: Submit) -> None:
         bind = msg.bind
         arena = self._claim(client, bind.job, msg.arena)
+        if msg.kind == "sealed" and msg.mode != "masked":
+            raise ProtocolError(f"a sealed part (the shares mode) is in protection mode 'masked', not {msg.mode!r}",
+                                ErrorCode.MODE_MISMATCH)
+        self._hold_mode(bind.job, msg.mode, f"{msg.kind} submit")
 
         def descs(given: tuple[Descriptor, ...]) -> list[Descriptor]:
             return [d.inside(arena.size) for d in given]
@@ -264,7 +281,7 @@ class OffloaderCore:
             if (not 1 <= len(inputs) <= 4 or operands or len(outputs) != 1
                     or any(d.dtype != "uint8" or len(d.shape) != 1 for d in inputs + outputs)):
                 raise ProtocolError("a sealed submit has one to four sealed inputs and one sealed output (uint8)")
-            self._dispatch(Part(client, msg.id, kind, bind, arena, inputs, [], outputs, pool=msg.pool))
+            self._dispatch(Part(client, msg.id, kind, bind, arena, inputs, [], outputs, pool=msg.pool))  # masked
             return
         if msg.pool is not None:
             raise ProtocolError("only a sealed submit names a pool")
@@ -277,7 +294,7 @@ class OffloaderCore:
         staged = msg.staged
         if staged is not None and kind != "forward":
             raise ProtocolError("staged is for a forward")
-        part = Part(client, msg.id, kind, bind, arena, inputs, operands, outputs, staged=staged)
+        part = Part(client, msg.id, kind, bind, arena, inputs, operands, outputs, staged=staged, mode=msg.mode)
         self._dispatch(part)
 
     def _stage(self, client: bytes, msg: Stage) -> None:
@@ -287,6 +304,7 @@ class OffloaderCore:
         if msg.arena is None:
             raise ProtocolError("stage lacks an arena")
         arena = self._claim(client, bind.job, msg.arena)
+        self._hold_mode(bind.job, msg.mode, "stage")
         if len(msg.inputs) != 1:
             raise ProtocolError("stage takes one descriptor and a slot, a or b")
         desc = msg.inputs[0].inside(arena.size)
@@ -296,7 +314,7 @@ class OffloaderCore:
         self._unstage(bind, keep=relay.identity)  # staged again elsewhere: the first holder drops it
         relay.given += 1  # spread a product's parts over the relays
         digest = inputs_digest([arena.buffer(desc)]) if self.input_digest else None
-        frames = Stage(bind, msg.slot, digest=digest, tensors=(arena.tensor(desc),)).to_frames()
+        frames = Stage(bind, msg.slot, digest=digest, tensors=(arena.tensor(desc),), mode=msg.mode).to_frames()
         self._to_relay(relay.identity, frames)
         self.staged[bind] = (relay.identity, msg.slot, desc)
         self.stats["staged"] += 1
@@ -327,6 +345,7 @@ class OffloaderCore:
                 raise ProtocolError(f"{what} {key!r} belongs to another enclave connection", ErrorCode.FORBIDDEN)
         arena = self.arenas.pop(name, None) if name is not None else None
         self.arena_owners.pop(name, None)
+        self.job_modes.pop(job, None)
         if self.job_owners.pop(job, None) is not None:
             frames = ReleaseJob(job).to_frames()
             for identity in self.relays:
@@ -453,10 +472,10 @@ class OffloaderCore:
         if part.kind == "forward":
             self._unstage(part.bind, keep=relay)  # a relay keeps a staged operand until this forward
         part.used_staged = held is not None
-        extra = {}
+        extra = {"mode": part.mode}  # every request to a relay names its part's mode, sent again or not
         if part.kind == "sealed":
             cls, descs = Sealed, part.inputs
-            extra["pool"] = part.pool
+            extra = {"pool": part.pool}  # sealed: masked, always (its message has no mode)
         elif part.used_staged:  # only the activation travels now
             cls, descs = Forward, [part.inputs[1 if part.staged == "a" else 0]]
             extra["staged"] = part.staged
@@ -559,6 +578,12 @@ class OffloaderCore:
             return
         # The relay lost what it was asked to keep (evicted, restarted): the part goes again with
         # all its operands, and the relay is not to blame. Any other error is.
+        if msg.code is ErrorCode.MODE_MISMATCH:
+            # the relay holds the job in the other mode (its operands, or a job of that name from
+            # before an off-loader restart): the request's fault, not the relay's; nothing is retried
+            self._take(part)
+            self._reply_error(part, f"a relay refused the part: {reason}", ErrorCode.MODE_MISMATCH)
+            return
         lost_cache = part.kind == "backward" and not part.full and msg.code is ErrorCode.CACHE_MISS
         lost_stage = part.used_staged and msg.code is ErrorCode.STAGE_MISS
         if lost_cache or lost_stage:  # send it again with all its operands

@@ -33,6 +33,20 @@ Ops (``op``), by direction:
 An ``error`` carries a ``code`` (`ErrorCode`, since 2.3) besides its ``reason``: every decision a
 peer takes on an error (send a part again with its operands, give up on a request) reads the code.
 
+Protection modes (since 2.4): every work request (``submit``, ``stage``, ``forward``, ``backward``,
+``backward_full``) carries a ``mode``, one of `MODES`; one without (a 2.3 peer) is ``masked``.
+
+- ``masked``: the operands are obfuscated products (masked A', B', D'; or, in the shares mode,
+  sealed blobs): a relay sees nothing it can read back to the plaintext.
+- ``asymml``: by design the operands are NOT masked: plaintext weights and clipped, noisy
+  residuals of the inputs (AsymML; `tempo.core.asymml` accounts for the privacy of the noise). The
+  relay sees them as they are, and a recording (`tempo relay --record`) holds them.
+
+A job is in one mode, the mode of its first work request. The off-loader and every relay refuse
+a request in another mode, or a forward whose staged operand came in another one, with an
+``error`` of code ``mode_mismatch`` (the enclave's mistake: no relay is blamed, nothing is
+retried); a ``sealed`` submit is ``masked`` only. ``release_job`` forgets the job's mode.
+
 A ``submit`` of kind ``sealed`` names a ``pool``; the off-loader gives it only to a relay that
 announced that pool, and gives a pool's relays nothing else. It cannot read what it routes: each
 blob is sealed (AES-GCM) under the pool's key, which only the enclave and the pool's relays hold.

@@ -20,16 +20,24 @@ import torch
 from tempo.protocol.errors import ErrorCode, ProtocolError
 
 __all__ = [
-    "DEFAULT_MAX_FRAME_BYTES", "DTYPES", "FIELDS", "MAX_DIMS", "MAX_HEADER_BYTES", "MAX_TENSORS", "PROTOCOL_VERSION",
+    "DEFAULT_MAX_FRAME_BYTES", "DTYPES", "FIELDS", "MAX_DIMS", "MAX_HEADER_BYTES", "MAX_TENSORS", "MODES",
+    "PROTOCOL_VERSION",
     "REQUIRED", "Binding", "Descriptor", "ErrorCode", "Message", "ProtocolError", "TensorSpec", "check_fields",
     "claimed_request_id", "decode", "decode_header", "encode", "inputs_digest", "new_request_id", "tensor_specs",
 ]
 
 # 2: backward sends D'ᵀ and returns T1'ᵀ, T2'ᵀ summed (tempo.core.products.grad_shapes); 2.1: pong carries `tables`;
 # 2.2: sealed parts for relay pools (kind and op ``sealed``, ``pool``; pong carries ``pools``);
-# 2.3: ``release_job`` (was a ``release`` with a ``job`` and a made-up binding), ``error`` carries a ``code``.
+# 2.3: ``release_job`` (was a ``release`` with a ``job`` and a made-up binding), ``error`` carries a ``code``;
+# 2.4: work requests (``submit``, ``stage``, ``forward``, ``backward``, ``backward_full``) carry a protection ``mode``
+# (`MODES`; absent, from a 2.3 peer: ``masked``), and ``error`` has the code ``mode_mismatch``.
 # Stamped on every header by `encode`, and checked by `decode_header`: nowhere else.
-PROTOCOL_VERSION = (2, 3)
+PROTOCOL_VERSION = (2, 4)
+
+# The protection modes a work request may be in (its ``mode``): ``masked``, obfuscated products
+# (the masking, and the shares mode's sealed parts); ``asymml``, plaintext weights and noisy
+# residuals, unmasked by design. A job is in one mode: peers refuse to mix two (``mode_mismatch``).
+MODES = ("masked", "asymml")
 
 # dtype names on the wire -> torch dtypes. Nothing else is ever built from a frame.
 DTYPES: dict[str, torch.dtype] = {
@@ -235,6 +243,7 @@ FIELDS: dict[str, Check] = {
     "relay_s": _seconds,
     "turnaround_s": _seconds,
     "tables": _tables,
+    "mode": _choice(*MODES),  # a work request's protection mode (2.4)
     "code": _text(64),  # an error's `ErrorCode` (one this peer does not know reads as ERROR)
 }
 # Filled by `tempo.protocol.messages` from its message classes (their fields are the one list):

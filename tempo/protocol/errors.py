@@ -22,6 +22,7 @@ class ErrorCode(str, Enum):
     NO_RELAY = "no_relay"  # no relay holds the request to quarantine (none healthy is left)
     RESOURCES = "resources"  # out of memory or an OS resource (arena full, segment unreadable)
     COMPUTE_FAILED = "compute_failed"  # the relay's product failed (device error, out of device memory)
+    MODE_MISMATCH = "mode_mismatch"  # a request's protection mode is not its job's (or its staged operand's); 2.4
     GAVE_UP = "gave_up"  # the off-loader dispatched a part too many times
     INTERNAL = "internal"  # a handler failed in a way no check foresaw
 

@@ -2,7 +2,8 @@
 
 A message class names its op (``OP``) and lists its header fields as dataclass fields: one
 without a default is required, one that defaults to ``None`` (or to no descriptors) is left
-out of the header when unset. Each field's wire type is its entry in `codec.FIELDS` (or the
+out of the header when unset; one with another default (``mode``) is always sent, and reads as
+its default from a peer that sends none. Each field's wire type is its entry in `codec.FIELDS` (or the
 class's ``CHECKS`` where an op gives a field another type), checked once on arrival by
 `decode_header`; `from_frames` and `parse` then build the message from the checked header, with
 a `Binding`, `Descriptor`s and an `ErrorCode` where the header has their wire forms.
@@ -165,6 +166,7 @@ class Submit(Msg):
     outputs: tuple[Descriptor, ...] = ()
     staged: str | None = None  # a forward whose operand (a or b) was shipped ahead
     pool: str | None = None  # a sealed part's pool
+    mode: str = "masked"  # the protection mode (codec.MODES; 2.4): the job's, which never changes
 
 
 @message
@@ -180,6 +182,7 @@ class Stage(Msg):
     inputs: tuple[Descriptor, ...] = ()
     digest: str | None = None
     tensors: tuple[torch.Tensor, ...] = ()
+    mode: str = "masked"  # the forward's protection mode (2.4)
 
 
 @message
@@ -284,6 +287,7 @@ class Forward(Msg):
     digest: str | None = None
     staged: str | None = None
     tensors: tuple[torch.Tensor, ...] = ()
+    mode: str = "masked"  # the protection mode (2.4): masked products, or AsymML's plaintext operands
 
 
 @message
@@ -296,6 +300,7 @@ class Backward(Msg):
     bind: Binding
     digest: str | None = None
     tensors: tuple[torch.Tensor, ...] = ()
+    mode: str = "masked"  # the protection mode (2.4): masked products, or AsymML's plaintext operands
 
 
 @message
@@ -308,6 +313,7 @@ class BackwardFull(Msg):
     bind: Binding
     digest: str | None = None
     tensors: tuple[torch.Tensor, ...] = ()
+    mode: str = "masked"  # the protection mode (2.4): masked products, or AsymML's plaintext operands
 
 
 @message

@@ -7,6 +7,11 @@ device under their binding (job, step, layer, part). Backward: ``T1' = B' @ D'``
 ``T2' = D' @ A'`` from the cached operands. The cache has a memory bound; the oldest entries go
 first. Anything malformed gets an ``error`` reply and a log line; the relay keeps serving (no
 message makes `Relay.handle` raise).
+
+Each job is in one protection mode (protocol 2.4, `tempo.protocol.MODES`), the mode of the first
+request the relay gets for it: a request in another mode, or a forward or backward whose staged
+or cached operand came in another, is refused (``mode_mismatch``). ``release_job`` forgets it.
+In mode ``asymml`` the operands are plaintext weights and noisy residuals, unmasked by design.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import zmq
 
 from tempo.core.products import relay_backward, relay_forward
 from tempo.protocol import (
+    MODES,
     TO_RELAY,
     Backward,
     BackwardFull,
@@ -86,6 +92,7 @@ class CacheEntry:
     a: torch.Tensor
     b: torch.Tensor
     nbytes: int
+    mode: str = "masked"  # the protection mode they came in (protocol 2.4)
 
 
 class OperandCache:
@@ -97,7 +104,7 @@ class OperandCache:
         self.nbytes = 0
         self.evicted = 0
 
-    def put(self, bind: Binding, a: torch.Tensor, b: torch.Tensor) -> None:
+    def put(self, bind: Binding, a: torch.Tensor, b: torch.Tensor, mode: str = "masked") -> None:
         size = a.numel() * a.element_size() + b.numel() * b.element_size()
         self.pop(bind)
         if size > self.max_bytes:
@@ -106,7 +113,7 @@ class OperandCache:
             _, old = self.entries.popitem(last=False)
             self.nbytes -= old.nbytes
             self.evicted += 1
-        self.entries[bind] = CacheEntry(a, b, size)
+        self.entries[bind] = CacheEntry(a, b, size, mode)
         self.nbytes += size
 
     def pop(self, bind: Binding) -> CacheEntry | None:
@@ -194,9 +201,11 @@ class Relay:
             Sealed: self._sealed,
         }
         assert set(self.handlers) == TO_RELAY
-        # operands shipped ahead of their forward (the pipeline), by binding: (slot, tensor)
-        self.staged: OrderedDict[Binding, tuple[str, torch.Tensor]] = OrderedDict()
+        # operands shipped ahead of their forward (the pipeline), by binding: (slot, tensor, mode)
+        self.staged: OrderedDict[Binding, tuple[str, torch.Tensor, str]] = OrderedDict()
         self.max_staged = 256
+        # each job's protection mode, from its first request, until release_job (protocol 2.4)
+        self.job_modes: dict[str, str] = {}
 
     # -- device transfers --
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -222,19 +231,30 @@ class Relay:
         except RuntimeError:
             raise ProtocolError(f"{what}: batch shapes do not broadcast") from None
 
+    def _hold_mode(self, bind: Binding, mode: str, op: str) -> None:
+        """Hold `bind`'s job to one protection mode: the first request's; refuse any other."""
+        if mode not in MODES:  # the codec checked it on arrival; this guards in-process callers
+            raise ProtocolError(f"unknown protection mode {mode[:32]!r}")
+        held = self.job_modes.setdefault(bind.job, mode)
+        if held != mode:
+            raise ProtocolError(f"job {bind.job[:128]!r} is in protection mode {held!r} on this relay; a {op} in mode "
+                                f"{mode!r} is refused (a job never mixes modes)", ErrorCode.MODE_MISMATCH)
+
     # -- handlers: each returns (tensors, extra header fields) --
     def _stage(self, msg: Stage):
         """Keep a weight operand shipped ahead of its forward (no reply)."""
         slot = msg.slot  # a or b (protocol.FIELDS)
         if len(msg.tensors) != 1:
             raise ProtocolError("stage takes one tensor and a slot, a or b")
+        self._hold_mode(msg.bind, msg.mode, "stage")
         self.staged.pop(msg.bind, None)
-        self.staged[msg.bind] = (slot, self._to_device(msg.tensors[0]))
+        self.staged[msg.bind] = (slot, self._to_device(msg.tensors[0]), msg.mode)
         while len(self.staged) > self.max_staged:
             self.staged.popitem(last=False)
         return None
 
     def _forward(self, msg: Forward):
+        self._hold_mode(msg.bind, msg.mode, "forward")
         held = self.staged.pop(msg.bind, None)
         slot = msg.staged
         if slot is not None:  # one operand came ahead (stage); the other comes now
@@ -242,6 +262,9 @@ class Relay:
                 raise ProtocolError("a staged forward takes one tensor and staged = a or b")
             if held is None or held[0] != slot:
                 raise ProtocolError("no staged operand for this binding", ErrorCode.STAGE_MISS)
+            if held[2] != msg.mode:
+                raise ProtocolError(f"the operand staged for this binding came in mode {held[2]!r}, the forward in "
+                                    f"mode {msg.mode!r}", ErrorCode.MODE_MISMATCH)
             now = msg.tensors[0]
             self._check_chain(*((held[1], now) if slot == "a" else (now, held[1])), "forward")
             now = self._to_device(now)  # the staged one is on the device already
@@ -253,7 +276,7 @@ class Relay:
             self._check_chain(a, b, "forward")
             a_d, b_d = self._to_device(a), self._to_device(b)
         c = relay_forward(a_d, b_d)
-        self.cache.put(msg.bind, a_d, b_d)
+        self.cache.put(msg.bind, a_d, b_d, msg.mode)
         return [self._to_host(c)]
 
     def _backward_from(self, a: torch.Tensor, b: torch.Tensor, e: torch.Tensor):
@@ -262,6 +285,11 @@ class Relay:
     def _backward(self, msg: Backward):
         if len(msg.tensors) != 1:
             raise ProtocolError("backward takes one tensor, D'ᵀ")
+        self._hold_mode(msg.bind, msg.mode, "backward")
+        entry = self.cache.entries.get(msg.bind)
+        if entry is not None and entry.mode != msg.mode:  # kept: they are the job's, not this request's
+            raise ProtocolError(f"the operands cached for this binding came in mode {entry.mode!r}, the backward "
+                                f"in mode {msg.mode!r}", ErrorCode.MODE_MISMATCH)
         entry = self.cache.pop(msg.bind)
         if entry is None:
             raise ProtocolError("no cached operands for this binding", ErrorCode.CACHE_MISS)
@@ -270,6 +298,7 @@ class Relay:
     def _backward_full(self, msg: BackwardFull):
         if len(msg.tensors) != 3:
             raise ProtocolError("backward_full takes A', B' and D'ᵀ")
+        self._hold_mode(msg.bind, msg.mode, "backward_full")
         a, b, d = (self._to_device(t) for t in msg.tensors)
         self.cache.pop(msg.bind)
         return self._backward_from(a, b, d)
@@ -287,6 +316,7 @@ class Relay:
         if not 1 <= len(msg.tensors) <= 4 or any(t.dtype != torch.uint8 or t.dim() != 1 for t in msg.tensors):
             raise ProtocolError("sealed takes one to four sealed blobs (uint8)")
         bind = msg.bind
+        self._hold_mode(bind, "masked", "sealed part")  # the shares mode's parts are never asymml
         blobs = [memoryview(t.numpy()) for t in msg.tensors]
         requests, i = [], 0
         for what in ("forward", "backward"):  # each: a head under the pool's key, and its bulk blob if it names one
@@ -309,7 +339,7 @@ class Relay:
         if self.recorder is not None:  # a pool member's view: the opened requests (their bulk keys left out)
             for what, (header, tensors) in zip(("forward", "backward"), requests):
                 self.recorder.write("sealed", {"bind": bind.to_wire(), "pool": self.pool, "part": what,
-                                               "request": header}, list(tensors))
+                                               "request": header, "mode": "masked"}, list(tensors))
         try:
             out = pool_answer(forward, backward)
         except (KeyError, TypeError, IndexError, ValueError) as exc:
@@ -330,6 +360,7 @@ class Relay:
         self.cache.release_job(msg.job)
         for key in [k for k in self.staged if k.job == msg.job]:
             del self.staged[key]
+        self.job_modes.pop(msg.job, None)
         return None
 
     def _ping(self, msg: Ping):

@@ -2,9 +2,10 @@
 
 Off by default and loudly logged when on. Every request that carries tensors (``forward``,
 ``backward``, ``backward_full``, ``stage``) is written, once its digest has been checked and
-before it is computed, to ``DIR/<relay name>/<sequence>.pt``: its op, binding, the header fields
-that say how its tensors are to be read (``slot``, ``staged``), and the tensors themselves, as
-they arrived. A pool member of the shares mode (``sealed``) records its requests as it opened
+before it is computed, to ``DIR/<relay name>/<sequence>.pt``: its op, binding, protection ``mode``
+(protocol 2.4: ``masked``, or ``asymml``, whose tensors are plaintext weights and noisy residuals
+by design; ``masked`` for a sealed part), the header fields that say how its tensors are to be
+read (``slot``, ``staged``), and the tensors themselves, as they arrived. A pool member of the shares mode (``sealed``) records its requests as it opened
 them: the header (role, seeds, shapes) under ``request`` and the ring tensors. That is exactly what the cloud holds; `tempo.audit.view.load_recording` turns a
 recording back into the per-product view the attacks read.
 """
@@ -41,9 +42,10 @@ class Recorder:
     def write(self, op: str, header: dict, tensors: list[torch.Tensor]) -> None:
         if op not in RECORDED_OPS:
             return
-        record = {"op": op, "bind": header.get("bind"), "slot": header.get("slot"),
-                  "staged": header.get("staged"), **({"pool": header["pool"], "part": header["part"],
-                                                      "request": header["request"]} if op == "sealed" else {}),
+        record = {"op": op, "bind": header.get("bind"), "mode": header.get("mode", "masked"),
+                  "slot": header.get("slot"), "staged": header.get("staged"),
+                  **({"pool": header["pool"], "part": header["part"], "request": header["request"]}
+                     if op == "sealed" else {}),
                   "tensors": [t.detach().to("cpu").clone() for t in tensors]}
         path = self.dir / f"{self.count:09d}.pt"
         torch.save(record, path.with_suffix(".tmp"))
