@@ -323,3 +323,21 @@ def test_the_train_config_checks_the_knobs_by_name():
     with pytest.raises(ConfigError) as err:
         TrainConfig(protection="asymml", asymml_noise=-1.0).validate()
     assert err.value.key == "asymml_noise"
+
+
+def test_identity_keys_mask_by_copying_and_others_are_not_identities():
+    from tempo.core.obfuscation import mask, unmask
+
+    keys = IdentityKeys()
+    k = keys.key(0, 3, 4, 5)
+    assert k.m.identity and k.n.identity and keys.key(0, 3, 4, 5) is k
+    a = torch.randn(2, 3, 4)
+    out = torch.empty_like(a)
+    assert mask(a, k.m, k.n, out=out) is out and torch.equal(out, a)
+    masked = mask(a, k.m, k.n)
+    assert torch.equal(masked, a) and masked.data_ptr() != a.data_ptr()  # a copy, never the operand itself
+    assert torch.equal(unmask(a, k.m, k.n), a)
+    from tempo.enclave.protection import preset
+
+    other = preset("paper").keys().key(0, 3, 4, 5)
+    assert not (other.m.identity and other.n.identity)

@@ -193,6 +193,13 @@ class AxisKey:
         return self.coef.shape[:-1]
 
     @cached_property
+    def identity(self) -> bool:
+        """Whether masking with this key changes nothing (coefficients 1, no permutation, no
+        mixing): the AsymML mode's keys, whose operands go out as they are."""
+        return (self.mix is None and self.mix_tail is None and bool((self.coef == 1).all())
+                and torch.equal(self.perm, torch.arange(self.size).expand_as(self.perm)))
+
+    @cached_property
     def inverse_perm(self) -> torch.Tensor:
         """``π⁻¹`` with ``π⁻¹[π[i]] = i``."""
         inv = torch.empty_like(self.perm)

@@ -173,7 +173,10 @@ def _keyed_gather(
     scaled, so each block mixes entries of the data's own magnitudes (mixing after scaling
     would mix entries up to 256² apart, whose rounding the unmasking multiplies back). Inside a
     product the inner key's scales and blocks cancel, ``(· Q_nᵀ S_n⁻¹)(S_n Q_n ·)``, so relays
-    compute as before. The mixed path runs in torch; keys without mixing keep the kernel."""
+    compute as before. The mixed path runs in torch; keys without mixing keep the kernel.
+    Identity keys on both axes (`AxisKey.identity`) make it a copy."""
+    if row_key.identity and col_key.identity:
+        return src.contiguous().clone() if out is None else out.copy_(src)
     if not (row_key.block or col_key.block):
         return _gather(src, row_key, col_key, role, out, backend)
     index_role, _, _, row_role, col_role = _ROLES[role]
