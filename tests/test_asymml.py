@@ -306,6 +306,24 @@ def test_tempo_train_asymml_reports_its_dp_accounting(tmp_path):
     rho = sum(2 * d / 0.25 for d in dp["layer_entries"])
     assert dp["epsilon"] == pytest.approx(rho + 2 * math.sqrt(rho * math.log(1e5)), rel=1e-6)
     assert summary["offload"]["asymml"]["releases"] > 0 and summary["offload"]["failed_verifications"] == 0
+    # and private inference with the trained weights in the same mode, at full rank without noise:
+    # the plain model's accuracy exactly
+    proc = subprocess.run(
+        [sys.executable, "-m", "tempo", "infer", "--checkpoint", str(out / "model.pt"), "--model", "cnn",
+         "--protection", "asymml", "--asymml-energy", "1", "--asymml-noise", "0", "--asymml-clip", "1e9",
+         "--relays", "1", "--json", str(out / "infer.json")],
+        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "TEMPO_LOG_LEVEL": "warning"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "infer.json").read_text())
+    assert result["protection"] == "asymml" and result["dp"]["passes"] == 1 and result["dp"]["epsilon"] is None
+    from tempo import data as datasets
+    from tempo.train import evaluate
+
+    split = datasets.load("digits", seed=7)
+    net = models.build("cnn", split.image_shape, split.classes)
+    net.load_state_dict(torch.load(out / "model.pt"))
+    net.eval()
+    assert result["accuracy"] == evaluate(net, split.test_x, split.test_y, 128)
 
 
 def test_bad_asymml_knobs_are_usage_errors():
