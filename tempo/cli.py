@@ -317,10 +317,11 @@ ASYMML_OPTIONS = (
     click.option("--asymml-rank", default=None, type=click.IntRange(1),
                  help="asymml: at most this many principal channels in the low-rank part (default: as many as the energy needs)."),
     click.option("--asymml-noise", default=0.1, show_default=True, type=click.FloatRange(0),
-                 help="asymml: noise-to-signal ratio z (the authors' nsr): each clipped residual of d entries gets "
-                      "N(0, (z·clip/√d)²) per entry, a noise of norm about z·clip."),
-    click.option("--asymml-clip", default=4.0, show_default=True, type=click.FloatRange(0, min_open=True),
-                 help="asymml: each sample's residual is clipped to this L2 norm (the DP sensitivity's bound)."),
+                 help="asymml: noise-to-signal ratio z (the authors' nsr): N(0, (z·clip)²) on every entry of "
+                      "each clipped residual, a noise of norm about z times the clipping norm."),
+    click.option("--asymml-clip", default=0.125, show_default=True, type=click.FloatRange(0, min_open=True),
+                 help="asymml: each sample's residual of d entries is clipped to L2 norm clip·√d (a root mean "
+                      "square of at most clip per entry: the DP sensitivity's bound)."),
     click.option("--asymml-delta", default=1e-5, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
                  help="asymml: the δ at which the run's ε is reported."),
 )

@@ -91,16 +91,18 @@ def test_clipping_bounds_each_samples_norm_and_leaves_small_ones_alone():
     assert abs(float(norms[1]) - 2.0) < 1e-5
 
 
-def test_the_noise_has_the_stated_scale():
+def test_the_clipping_and_the_noise_have_the_stated_scales():
     cfg = AsymmlConfig(clip=3.0, noise=0.5)
     d = 400
-    x = torch.zeros(2000, d)
+    x = torch.zeros(2000, 20, 20)  # samples of d entries
     out = noisy_residual(x, torch.zeros_like(x), cfg, torch.Generator().manual_seed(0))
-    sigma = 0.5 * 3.0 / math.sqrt(d)
-    assert abs(float(out.std()) / sigma - 1) < 0.01
-    assert abs(float(out.norm(dim=1).mean()) / (0.5 * 3.0) - 1) < 0.02  # a noise of norm about z·clip
-    quiet = noisy_residual(x + 1.0, torch.zeros_like(x), AsymmlConfig(clip=3.0, noise=0.0))
-    assert torch.allclose(quiet.norm(dim=1), torch.full((2000,), 3.0))
+    assert cfg.sigma == 1.5 and cfg.clip_norm(d) == 60.0
+    assert abs(float(out.std()) / 1.5 - 1) < 0.01  # σ = z·clip per entry
+    assert abs(float(out.flatten(1).norm(dim=1).mean()) / (0.5 * 60.0) - 1) < 0.02  # a norm of z × the clipping norm
+    quiet = noisy_residual(x + 10.0, torch.zeros_like(x), AsymmlConfig(clip=3.0, noise=0.0))
+    assert torch.allclose(quiet.flatten(1).norm(dim=1), torch.full((2000,), 60.0))  # clipped to clip·√d
+    small = noisy_residual(x + 1.0, torch.zeros_like(x), AsymmlConfig(clip=3.0, noise=0.0))
+    assert torch.equal(small, x + 1.0)  # an RMS of 1 < 3: untouched
 
 
 def test_bad_knobs_are_refused_by_name():
@@ -116,7 +118,7 @@ def test_bad_knobs_are_refused_by_name():
 def test_dp_accounting_matches_a_hand_computation():
     cfg = AsymmlConfig(noise=0.5, clip=7.0, delta=1e-5)
     got = dp_account([64, 1024], passes=3, config=cfg)
-    # one release of d entries: Δ = 2·clip, σ = z·clip/√d → ρ = Δ²/(2σ²) = 4/(2·0.25/d) = 8d
+    # one release of d entries: Δ = 2·clip·√d, σ = z·clip → ρ = Δ²/(2σ²) = 4d/(2·0.25) = 8d
     assert got["rho_per_layer"] == [512.0, 8192.0]
     rho = 3 * (512 + 8192)
     assert got["rho"] == rho and got["releases_per_sample"] == 6

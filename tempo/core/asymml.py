@@ -7,9 +7,11 @@ For a convolution, each sample's input ``X`` (channels × positions) is split by
 does) into ``L = Σ_k u_k v_kᵀ`` and ``R = X − L``. The enclave computes ``conv(L, W)`` as ``r``
 one-channel convolutions (`lowrank_conv2d`: ``r/c`` of the layer's work); a relay is sent
 ``R̃ = clip(R) + N(0, σ²)`` and ``W`` and computes ``conv(R̃, W)``; the enclave adds the two.
-The noise is set as the authors' code sets it, by a noise-to-signal ratio ``z`` (their
-``nsr = 0.1``): ``σ = z · clip / √d`` per entry of a ``d``-entry residual, so the noise's norm is
-about ``z`` times the largest residual's.
+A sample's residual of ``d`` entries is clipped to the L2 norm ``clip · √d`` (a root mean square
+of at most ``clip`` per entry, so one setting fits layers of every size), and the noise is set
+as the authors' code sets it, relative to the signal (their noise-to-signal ratio
+``nsr = 0.1``): ``σ = z · clip`` per entry, a noise of norm about ``z`` times the largest
+residual's.
 Without clipping and noise the sum is the plain convolution exactly, at any rank (linearity).
 For a fully connected layer the rows of the batch are split the same way (principal directions
 of the batch).
@@ -20,8 +22,8 @@ decomposition), ``dL/dW`` is the sum of the enclave's low-rank part and the rela
 part.
 
 Privacy accounting (`dp_account`): each release of one sample's ``d``-entry residual is the
-Gaussian mechanism on a vector of L2 norm at most ``clip`` (replace-one adjacency: sensitivity
-``Δ = 2·clip``) with ``σ = z · clip / √d``: it is ``ρ = Δ²/(2σ²) = 2d/z²``-zCDP
+Gaussian mechanism on a vector of L2 norm at most ``clip·√d`` (replace-one adjacency:
+sensitivity ``Δ = 2·clip·√d``) with ``σ = z · clip``: it is ``ρ = Δ²/(2σ²) = 2d/z²``-zCDP
 (`zcdp_per_release`). A sample's releases compose by adding their ρ (one per AsymML layer per
 pass over the data), and ρ-zCDP gives ``ε = ρ + 2·√(ρ·ln(1/δ))`` (Bun & Steinke 2016, Prop. 1.3
 and Lemma 2.3). With the code's ratio the ε is in the tens of thousands: the noise protects
@@ -50,19 +52,20 @@ class AsymmlConfig:
       (the code's ``maxinfo = 0.1``).
     - `max_rank`: at most this many rank-1 terms (None: up to the channels).
     - `iters`: alternating-least-squares iterations per term (the code's 2).
-    - `clip`: each sample's residual is scaled down to L2 norm at most this (the sensitivity's
-      bound; the code has none: we need one for a DP statement). 4: ours, from a sweep on the
-      digits CNN (docs/BENCHMARKS.md): 1 and 2 cost 9 points of accuracy, 16 cost 4.
+    - `clip`: each sample's residual of ``d`` entries is scaled down to L2 norm at most
+      ``clip · √d`` (a root mean square of at most `clip` per entry: the sensitivity's bound;
+      the code has none, a DP statement needs one). 0.125: ours, from sweeps on the digits CNN
+      and a CIFAR-10-shaped run (docs/BENCHMARKS.md).
     - `noise`: the noise-to-signal ratio ``z`` (the code's ``nsr = 0.1``): Gaussian noise of
-      standard deviation ``z · clip / √d`` on each of a residual's ``d`` entries, a noise of norm
-      about ``z · clip``.
+      standard deviation ``z · clip`` on every residual entry, a noise of norm about ``z`` times
+      the clipping norm.
     - `delta`: the δ the run's ε is reported at.
     """
 
     energy: float = 0.9
     max_rank: int | None = None
     iters: int = 2
-    clip: float = 4.0
+    clip: float = 0.125
     noise: float = 0.1
     delta: float = 1e-5
 
@@ -81,9 +84,14 @@ class AsymmlConfig:
             raise ValueError(f"asymml delta must lie in (0, 1), not {self.delta!r}")
         return self
 
-    def sigma(self, entries: int) -> float:
-        """The noise's standard deviation per entry of a residual of `entries` entries."""
-        return self.noise * self.clip / math.sqrt(entries)
+    @property
+    def sigma(self) -> float:
+        """The noise's standard deviation per residual entry."""
+        return self.noise * self.clip
+
+    def clip_norm(self, entries: int) -> float:
+        """The L2 norm a sample's residual of `entries` entries is clipped to."""
+        return self.clip * math.sqrt(entries)
 
     def describe(self) -> dict:
         return {"protection": "asymml", **asdict(self)}
@@ -132,12 +140,11 @@ def clip_rows(r: torch.Tensor, clip: float) -> torch.Tensor:
 
 def noisy_residual(x: torch.Tensor, low: torch.Tensor, config: AsymmlConfig,
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """What a relay is sent: ``clip(x − low) + N(0, σ²)``, per sample (the first axis), with
-    ``σ = config.sigma(d)`` for the ``d`` entries of a sample."""
-    r = clip_rows(x - low, config.clip)
+    """What a relay is sent: ``clip(x − low) + N(0, σ²)``, per sample (the first axis): each
+    sample's residual clipped to ``config.clip_norm(d)`` for its ``d`` entries, ``σ = config.sigma``."""
+    r = clip_rows(x - low, config.clip_norm(x[0].numel()))
     if config.noise > 0:
-        sigma = config.sigma(r[0].numel())
-        r = r + torch.randn(r.shape, generator=generator, dtype=r.dtype, device=r.device) * sigma
+        r = r + torch.randn(r.shape, generator=generator, dtype=r.dtype, device=r.device) * config.sigma
     return r
 
 
@@ -165,7 +172,8 @@ def lowrank_conv2d(u: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, strid
 # -- the privacy accounting --
 
 DP_ACCOUNTANT = ("zCDP of the Gaussian mechanism on each sample's clipped residual (replace-one adjacency, "
-                 "sensitivity 2·clip, σ = noise·clip/√d), added over a sample's releases, converted to (ε, δ)")
+                 "sensitivity 2·clip·√d for d entries, σ = noise·clip), added over a sample's releases, "
+                 "converted to (ε, δ)")
 DP_DOES_NOT_COVER = (
     "the gradients dL/dy sent to relays in the clear in the backward (as in the authors' code: they carry the "
     "labels through the last layer); the weights (in the clear by design); the choice of the rank (data-dependent, "
@@ -175,7 +183,7 @@ DP_DOES_NOT_COVER = (
 
 def zcdp_per_release(noise: float, entries: int) -> float:
     """ρ of one release of a residual of `entries` entries: the Gaussian mechanism with
-    sensitivity ``Δ = 2·clip`` and ``σ = z·clip/√d`` is ``Δ²/(2σ²) = 2d/z²``-zCDP (infinite
+    sensitivity ``Δ = 2·clip·√d`` and ``σ = z·clip`` is ``Δ²/(2σ²) = 2d/z²``-zCDP (infinite
     without noise)."""
     return math.inf if noise == 0 else 2.0 * entries / (noise * noise)
 
