@@ -319,7 +319,7 @@ ASYMML_OPTIONS = (
     click.option("--asymml-noise", default=0.1, show_default=True, type=click.FloatRange(0),
                  help="asymml: noise-to-signal ratio z (the authors' nsr): N(0, (z·clip)²) on every entry of "
                       "each clipped residual, a noise of norm about z times the clipping norm."),
-    click.option("--asymml-clip", default=0.125, show_default=True, type=click.FloatRange(0, min_open=True),
+    click.option("--asymml-clip", default=0.25, show_default=True, type=click.FloatRange(0, min_open=True),
                  help="asymml: each sample's residual of d entries is clipped to L2 norm clip·√d (a root mean "
                       "square of at most clip per entry: the DP sensitivity's bound)."),
     click.option("--asymml-delta", default=1e-5, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),

@@ -68,7 +68,7 @@ class TrainConfig:
     asymml_energy: float = 0.9  # share of each input's energy the low-rank part keeps (the authors' code)
     asymml_rank: int | None = None  # at most this many principal channels (None: up to all of them)
     asymml_noise: float = 0.1  # noise-to-signal ratio z: σ = z · clip per residual entry
-    asymml_clip: float = 0.125  # each sample's residual of d entries is clipped to L2 norm clip · √d
+    asymml_clip: float = 0.25  # each sample's residual of d entries is clipped to L2 norm clip · √d
     asymml_delta: float = 1e-5  # the δ the run's ε is reported at
     pool_keys: str | None = None  # shares with a separately started off-loader: DIR/p1.key, p2.key, p3.key
     key_space: str | None = None  # the preset's unless given: int:K, signed-int:K, continuous:K
