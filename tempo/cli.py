@@ -659,15 +659,18 @@ def infer(ctx: click.Context, checkpoint, model, width, dataset, data_dir, parti
                    "±0.14 at 200).")
 @click.option("--out", default=None, help="Where audit.json, images.png and the relays' recording go "
                                           "(default: runs/audit-MODEL-MASKING-<date-time>).")
-@click.option("--protection", type=click.Choice(["masking", "shares"]), default="masking", show_default=True,
-              help="shares: audit the shares mode (three pools; --relays per pool) instead of a masking.")
+@click.option("--protection", type=click.Choice(["masking", "shares", "asymml"]), default="masking", show_default=True,
+              help="shares: audit the shares mode (three pools; --relays per pool) instead of a masking; asymml: "
+                   "audit the AsymML mode (the masking options do not apply; its attacks: labels, inputs, weights).")
 @click.option("--pools", default="p1", show_default=True,
               help="With --protection shares: the pools whose views the attacks read together (p1, p2, p3; "
                    "two or more is a collusion).")
+@asymml_options
 @JSON
 @click.pass_context
 def audit(ctx: click.Context, model, masking, key_space, mix, keep, key_refresh, epochs, relays, attacks, game_rounds,
-          out, protection, pools, json_path) -> None:
+          out, protection, pools, asymml_energy, asymml_rank, asymml_noise, asymml_clip, asymml_delta,
+          json_path) -> None:
     """What relays learn: train privately with relays that record what they receive, attack that
     record alone (public knowledge, never the keys) and score each attack against the truth."""
     import datetime
@@ -682,6 +685,27 @@ def audit(ctx: click.Context, model, masking, key_space, mix, keep, key_refresh,
         import scipy  # noqa: F401
     except ImportError:
         raise click.ClickException("tempo audit needs scipy: pip install 'tempo-train[audit]'") from None
+    if protection == "asymml":
+        from tempo.audit import asymml as am
+
+        config = _asymml_config(asymml_energy, asymml_rank, asymml_noise, asymml_clip, asymml_delta)
+        chosen = tuple(a.strip() for a in attacks.split(",") if a.strip()) if attacks else None
+        unknown = sorted(set(chosen or ()) - set(am.ATTACKS))
+        if unknown:
+            raise click.BadParameter(f"unknown attack(s) {unknown}; the asymml audit's: {', '.join(am.ATTACKS)}",
+                                     param_hint="--attacks")
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        out = out or f"runs/audit-{model}-asymml-{stamp}"
+        log.info("audit.start", model=model, protection=protection, epochs=epochs, relays=relays, out=out)
+        try:
+            figures = run_audit(model, masking, epochs, relays, out, chosen, log=log, protection="asymml",
+                                asymml=config)
+        except (ValueError, RuntimeError) as exc:
+            raise click.ClickException(" ".join(str(exc).split())) from None
+        click.echo(table(figures))
+        click.echo(f"wrote {out}/audit.json" + (f", the relays' recording in {out}/recording/" if relays else ""))
+        _emit_json(figures, json_path)
+        return
     _masking(masking, key_space, mix, keep)  # a bad option fails before any work
     chosen = None
     if attacks:

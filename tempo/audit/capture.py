@@ -35,7 +35,8 @@ class CaptureConfig:
     patch_rows: bool | None = None
     evaluate: bool = True  # evaluation batches (forward only) at the end, as a run makes them
     relays: int = 0  # 0: in-process; N: N real relay processes that record what they receive
-    protection: str = "masking"  # or "shares": three relay pools (relays: per pool)
+    protection: str = "masking"  # or "shares": three relay pools (relays: per pool); or "asymml" (every layer split)
+    asymml: object | None = None  # the asymml mode's knobs (tempo.core.asymml.AsymmlConfig; None: its defaults)
 
 
 def capture(cfg: CaptureConfig, record_dir: str | Path | None = None, log=None) -> tuple[RunView, RunTruth, datasets.Split]:
@@ -66,6 +67,8 @@ def capture(cfg: CaptureConfig, record_dir: str | Path | None = None, log=None) 
 
     if cfg.protection == "shares":
         return _capture_shares(cfg, model, split, truth, record_dir, log)
+    if cfg.protection == "asymml":
+        return _capture_asymml(cfg, model, split, observed, truth, observe, record_dir, log)
     masking = preset(cfg.masking).with_options(key_space=cfg.key_space, key_refresh=cfg.key_refresh, mix=cfg.mix,
                                                 keep=cfg.keep, patch_rows=cfg.patch_rows)
     keys = masking.keys()
@@ -87,6 +90,43 @@ def capture(cfg: CaptureConfig, record_dir: str | Path | None = None, log=None) 
         client.wait_for_relays(cfg.relays)
         pctx = PrivateContext(ClientEngine(client, parts=cfg.relays), job="audit", patch_rows=masking.patch_rows)
         _train(model, pctx, keys, split, cfg, truth, log, masking.keep)
+    recorded = load_recording(record_dir, job="audit")
+    _check_same(recorded, observed)
+    return recorded, truth, split
+
+
+def _capture_asymml(cfg: CaptureConfig, model, split, observed: RunView, truth: RunTruth, observe, record_dir, log):
+    """The AsymML mode's run: every Linear/Conv2d split (no layer kept), identity keys, so the
+    observer sees what a relay sees (the noisy residual, the plaintext weights, ``dL/dy``);
+    convolutions as patch rows. In-process, or through recording relays (requests marked
+    ``mode="asymml"``)."""
+    from tempo.core.asymml import AsymmlConfig
+    from tempo.enclave.asymml import AsymmlState, IdentityKeys
+    from tempo.enclave.private import InProcessEngine, PrivateContext
+
+    config = (cfg.asymml or AsymmlConfig()).validate()
+    keys = IdentityKeys()
+    state = AsymmlState(config)  # the enclave's noise source (seeded from the OS: never the attacker's)
+    if not cfg.relays:
+        pctx = PrivateContext(InProcessEngine(rounds=8, keys=keys, observer=observe), job="audit", patch_rows=True,
+                              asymml=state)
+        _train(model, pctx, keys, split, cfg, truth, log, ())
+        truth.asymml = state.stats()
+        return observed, truth, split
+    if record_dir is None:
+        raise ValueError("capturing through relays needs a directory for their recording")
+    from tempo.cluster import LocalCluster
+    from tempo.enclave.client import OffloadClient
+    from tempo.enclave.private import ClientEngine
+
+    with LocalCluster(relays=cfg.relays, record_dir=str(record_dir)) as cluster, \
+            OffloadClient(cluster.enclave_endpoint, "audit", rounds=8, keys=keys, log=log, mode="asymml") as client:
+        client.observer = observe
+        client.watchdog = cluster.check
+        client.wait_for_relays(cfg.relays)
+        pctx = PrivateContext(ClientEngine(client, parts=cfg.relays), job="audit", patch_rows=True, asymml=state)
+        _train(model, pctx, keys, split, cfg, truth, log, ())
+    truth.asymml = state.stats()
     recorded = load_recording(record_dir, job="audit")
     _check_same(recorded, observed)
     return recorded, truth, split

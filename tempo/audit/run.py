@@ -57,14 +57,20 @@ def by_model_layer(view: RunView, truth: RunTruth | None, offloaded: list[int]) 
 
 def audit(model: str = "mlp", masking: str = "paper", epochs: int = 3, relays: int = 2, out: str | Path = "runs/audit",
           attacks: tuple[str, ...] | None = None, options: dict | None = None, log=None, game_rounds: int = 40,
-          pools: tuple[str, ...] | None = None) -> dict:
+          pools: tuple[str, ...] | None = None, protection: str = "masking", asymml=None) -> dict:
     """Train `model` privately under `masking` (a preset, with `options`: key_space, key_refresh,
     mix, keep), with `relays` recording relay processes (0: captured in-process), attack what the
     relays received and score it. Writes ``audit.json``, the relays' ``recording/`` and
     ``images.png`` (true, recovered, public mean) under `out`; returns the figures.
 
     With `pools`, the run uses the shares mode instead (`relays` per pool) and the attacks read
-    what those pools hold together: one pool is the mode's claim, two a collusion."""
+    what those pools hold together: one pool is the mode's claim, two a collusion.
+
+    With ``protection="asymml"`` the run uses the AsymML mode (`asymml`: its knobs, an
+    `AsymmlConfig`; None: the defaults; `masking` and `options` do not apply) and the attacks
+    are that mode's (`tempo.audit.asymml`): labels, inputs, weights."""
+    if protection == "asymml":
+        return audit_asymml(model, epochs, relays, out, asymml, log=log, attacks=attacks)
     from tempo.audit import attacks as at
     from tempo.audit import score
     from tempo.audit.capture import CaptureConfig, capture
@@ -130,6 +136,67 @@ def audit(model: str = "mlp", masking: str = "paper", epochs: int = 3, relays: i
     return figures
 
 
+def audit_asymml(model: str = "mlp", epochs: int = 3, relays: int = 2, out: str | Path = "runs/audit", config=None,
+                 log=None, attacks: tuple[str, ...] | None = None) -> dict:
+    """`audit` for the AsymML mode: train with every layer split (relays recording, or
+    in-process), run `tempo.audit.asymml`'s attacks on what the relays received, write
+    ``audit.json``; returns the figures."""
+    from tempo.audit import asymml as am
+    from tempo.audit.capture import CaptureConfig, capture
+    from tempo.audit.public import Public
+    from tempo.core.asymml import AsymmlConfig
+
+    config = (config or AsymmlConfig()).validate()
+    unknown = sorted(set(attacks or ()) - set(am.ATTACKS))
+    if unknown:
+        raise ValueError(f"the asymml audit's attacks are {', '.join(am.ATTACKS)}, not {', '.join(unknown)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    cfg = CaptureConfig(model=model, epochs=epochs, relays=relays, protection="asymml", asymml=config)
+    view, truth, split = capture(cfg, record_dir=out / "recording" if relays else None, log=log)
+    captured_s = time.perf_counter() - t0
+    layers = sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in _model(model, split).modules())
+    public = Public.from_split(split, model, batch_size=cfg.batch_size)
+    public.layers = layers
+    public.patch_rows = True
+    results = am.run_all(view, public, truth, config, attacks=tuple(attacks or am.ATTACKS), log=log)
+    results.pop("_cache", None)
+    figures = {"model": model, "epochs": epochs, "relays": relays, "masking": {"masking": "asymml", **config.describe()},
+               "offloaded_layers": list(range(layers)), "layers": layers, "products": len(view.products),
+               "asymml": truth.asymml, "capture_s": round(captured_s, 2),
+               "attack_s": round(time.perf_counter() - t0 - captured_s, 2), "attacks": results}
+    (out / "audit.json").write_text(json.dumps(figures, indent=2, default=_plain) + "\n")
+    return figures
+
+
+def _asymml_headline(a: dict) -> list[tuple[str, str, str]]:
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.2f}%"
+
+    rows = []
+    if "inputs" in a:
+        r = a["inputs"]
+        rows.append(("images: pixels rebuilt exact, in place", pct(r.get("pixels_exact")),
+                     "public mean image: " + pct(r.get("baseline_exact"))))
+        rows.append(("images: pixels within one grey level", pct(r.get("pixels_within_1_level")),
+                     "public mean image: " + pct(r.get("baseline_within_1_level"))))
+        rows.append(("images: correlation with the true image", _num(r.get("correlation")),
+                     "public mean image: " + _num(r.get("baseline_correlation"))))
+        rows.append(("images: digit named by a public classifier (true images)",
+                     f"{pct(r.get('digit_accuracy'))} ({pct(r.get('digit_accuracy_true_images'))})", "10%"))
+    if "labels" in a:
+        rows.append(("labels: recovered exactly, per sample", pct(a["labels"].get("labels_exact")), "10%"))
+    if "weights" in a:
+        r = a["weights"]
+        got = "exact" if r.get("weights_exact") else f"max diff {r.get('weights_max_abs_diff'):.3g}"
+        if r.get("real_accuracy") is not None:
+            got += (f"; acc. {pct(r.get('rebuilt_accuracy'))} (real {pct(r.get('real_accuracy'))}, "
+                    f"zero biases {pct(r.get('rebuilt_zero_bias_accuracy'))})")
+        rows.append(("weights in the clear: rebuilt model (biases fit on public)", got, "10%"))
+    return rows
+
+
 def _model(name: str, split):
     from tempo import models
 
@@ -150,6 +217,8 @@ def headline(figures: dict) -> list[tuple[str, str, str]]:
     """One line per attack: (attack, what it recovered, chance), for the table."""
     rows = []
     a = figures["attacks"]
+    if figures["masking"]["masking"] == "asymml":
+        return _asymml_headline(a)
     # a row that does not apply: a layer kept in the enclave, or (shares mode) a reason in audit.json
     off = "n/a (audit.json says why)" if figures["masking"]["masking"] == "shares" else "not offloaded"
 
@@ -252,7 +321,11 @@ def _num(x) -> str:
 
 def table(figures: dict) -> str:
     m = figures["masking"]
-    if m["masking"] == "shares":
+    if m["masking"] == "asymml":
+        lines = [f"tempo audit: {figures['model']}, {figures['epochs']} epochs, asymml (energy {m['energy']}, clip "
+                 f"{m['clip']}, noise {m['noise']}, every layer split), {figures['products']} products seen by "
+                 f"{figures['relays'] or 'in-process'} relay(s)"]
+    elif m["masking"] == "shares":
         lines = [f"tempo audit: {figures['model']}, {figures['epochs']} epochs, shares mode, the view of pool(s) "
                  f"{'+'.join(m['pools'])} ({m['view']}), {figures['products']} products, "
                  f"{figures['relays'] or 'in-process'} relay(s) per pool"]

@@ -76,6 +76,7 @@ class RunTruth:
     products: dict[tuple[int, int, int], ProductTruth] = field(default_factory=dict)
     steps: dict[int, StepTruth] = field(default_factory=dict)
     final_state: dict = field(default_factory=dict)
+    asymml: dict | None = None  # the AsymML mode's statistics (ranks, releases), when that mode ran
 
 
 def load_recording(root: str | Path, job: str | None = None) -> RunView:
