@@ -118,11 +118,12 @@ def _plain(model_name, shape, classes, width, batch, steps, warmup, device, say)
 
 def _session(relays: int, device: str, arena_mb: int, log, **settings):
     """A session on local processes as `tempo train` starts them, with 16 Freivalds rounds and
-    patience for large products."""
+    patience for large products (a part may take 5 minutes: the shares mode's CPU relays on a
+    loaded 2-core machine took over 30 s for one of ResNet-18's, and a quarantine ends a bench)."""
     from tempo.session import Session
 
     return Session(relays=relays, device=device, arena_mb=arena_mb, log=log, rounds=16, reply_timeout_s=600.0,
-                   **settings)
+                   part_timeout_s=300.0, **settings)
 
 
 def _timed_steps(label, net, opt, x, y, warmup, steps, say, counters) -> tuple[dict, list[float]]:
