@@ -78,6 +78,8 @@ class SessionConfig:
             raise SessionError("steps", f"steps must be at least 1, not {self.steps!r}")
         if self.faults and self.offloader:
             raise SessionError("faults", "faults are injected into local relays; start a relay with --fault instead")
+        if self.asymml is not None and self.protection != "asymml":
+            raise SessionError("asymml", f"asymml settings are for protection='asymml', not {self.protection!r}")
         if self.protection == "asymml":
             from tempo.core.asymml import AsymmlConfig
 

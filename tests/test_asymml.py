@@ -361,3 +361,14 @@ def test_identity_keys_mask_by_copying_and_others_are_not_identities():
 
     other = preset("paper").keys().key(0, 3, 4, 5)
     assert not (other.m.identity and other.n.identity)
+
+
+def test_the_session_checks_the_asymml_settings_by_name():
+    from tempo.session import SessionConfig, SessionError
+
+    with pytest.raises(SessionError) as err:
+        SessionConfig(protection="asymml", asymml=AsymmlConfig(noise=-1.0)).validate()
+    assert err.value.key == "asymml" and "noise" in str(err.value)
+    with pytest.raises(SessionError, match="protection='asymml'"):
+        SessionConfig(protection="masking", asymml=AsymmlConfig()).validate()
+    assert SessionConfig(protection="asymml").validate().asymml == AsymmlConfig()
