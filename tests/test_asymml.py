@@ -297,7 +297,7 @@ def test_tempo_train_asymml_reports_its_dp_accounting(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "tempo", "train", "--protection", "asymml", "--epochs", "1", "--relays", "1",
-         "--asymml-noise", "0.5", "--out", str(out)],
+         "--batch-size", "256", "--val-fraction", "0", "--asymml-noise", "0.5", "--out", str(out)],
         capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "TEMPO_LOG_LEVEL": "warning"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "-DP for what the accounting covers" in proc.stdout
@@ -313,7 +313,7 @@ def test_tempo_train_asymml_reports_its_dp_accounting(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "tempo", "infer", "--checkpoint", str(out / "model.pt"), "--model", "cnn",
          "--protection", "asymml", "--asymml-energy", "1", "--asymml-noise", "0", "--asymml-clip", "1e9",
-         "--relays", "1", "--json", str(out / "infer.json")],
+         "--relays", "1", "--batch-size", "400", "--json", str(out / "infer.json")],
         capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "TEMPO_LOG_LEVEL": "warning"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "infer.json").read_text())

@@ -64,7 +64,7 @@ def test_labels_are_recovered_exactly_from_the_last_layers_gradient(runs, model)
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_the_weights_are_in_the_clear(runs, model):
     view, truth, public = runs[model]
-    got = am.score_weights(am.joined(view), truth, public)
+    got = am.score_weights(am.joined(view), truth, public, fit_steps=40)  # the audit fits 300
     assert got["weights_exact"] and got["weights_max_abs_diff"] == 0.0
     assert 0.0 <= got["real_accuracy"] <= 1.0 and 0.0 <= got["rebuilt_accuracy"] <= 1.0
     assert got["rebuilt_accuracy"] > 0.2  # far above chance: the model is the relay's

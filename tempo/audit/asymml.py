@@ -112,7 +112,8 @@ def score_labels(labels: dict[int, torch.Tensor], truth: RunTruth) -> dict:
 # -- weights --
 
 
-def rebuilt_model(seen: dict, public: Public, fit_biases: bool = True, seed: int = 0) -> tuple[torch.nn.Module, int]:
+def rebuilt_model(seen: dict, public: Public, fit_biases: bool = True, seed: int = 0,
+                  fit_steps: int = 300) -> tuple[torch.nn.Module, int]:
     """The model from the latest step's ``B`` operands (an evaluation batch's, when the run made
     some: the final weights), biases fitted on the public sample (or zero); and that step."""
     from tempo import models
@@ -134,7 +135,7 @@ def rebuilt_model(seen: dict, public: Public, fit_biases: bool = True, seed: int
             p.requires_grad_(True)
         x, y = torch.as_tensor(public.x), torch.as_tensor(public.y)
         opt = torch.optim.Adam(biases, lr=0.05)
-        for _ in range(300):
+        for _ in range(fit_steps):
             opt.zero_grad()
             F.cross_entropy(net(x), y).backward()
             opt.step()
@@ -144,12 +145,12 @@ def rebuilt_model(seen: dict, public: Public, fit_biases: bool = True, seed: int
     return net, step
 
 
-def score_weights(seen: dict, truth: RunTruth, public: Public) -> dict:
+def score_weights(seen: dict, truth: RunTruth, public: Public, fit_steps: int = 300) -> dict:
     """The rebuilt model's weights against the final ones, and its test accuracy (biases fitted on
     the public sample, or zero) against the real model's, on the run's evaluation batches."""
     from tempo import models
 
-    net, step = rebuilt_model(seen, public)
+    net, step = rebuilt_model(seen, public, fit_steps=fit_steps)
     zero, _ = rebuilt_model(seen, public, fit_biases=False)
     real = models.build(public.model, public.image_shape, public.classes).double()
     real.load_state_dict({k: v.double() for k, v in truth.final_state.items()})
