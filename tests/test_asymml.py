@@ -372,3 +372,12 @@ def test_the_session_checks_the_asymml_settings_by_name():
     with pytest.raises(SessionError, match="protection='asymml'"):
         SessionConfig(protection="masking", asymml=AsymmlConfig()).validate()
     assert SessionConfig(protection="asymml").validate().asymml == AsymmlConfig()
+
+
+def test_light_svd_returns_its_deflated_residual_and_tracks_its_energy():
+    x = torch.randn(3, 6, 40, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    u, v, rest = light_svd(x, energy=0.7, residual=True)
+    assert torch.allclose(rest, x - u @ v, atol=1e-12)
+    assert float((rest ** 2).sum()) <= 0.3 * float((x ** 2).sum()) + 1e-9  # the energy kept, as summed afresh
+    u2, v2 = light_svd(x, energy=0.7)
+    assert torch.equal(u, u2) and torch.equal(v, v2)

@@ -98,7 +98,7 @@ class AsymmlConfig:
 
 
 def light_svd(x: torch.Tensor, energy: float = 0.9, max_rank: int | None = None, iters: int = 2,
-              eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+              eps: float = 1e-12, residual: bool = False) -> tuple[torch.Tensor, ...]:
     """Low-rank factors of every slice of `x` (batch × rows × cols): ``u`` (batch × rows × r)
     and ``v`` (batch × r × cols) with ``u @ v`` the low-rank part.
 
@@ -107,28 +107,31 @@ def light_svd(x: torch.Tensor, energy: float = 0.9, max_rank: int | None = None,
     the smallest at which the residual keeps at most ``1 − energy`` of the batch's energy, at
     most `max_rank` and the rows. Each term's last step sets ``v = Xᵀu/|u|²``, so ``u vᵀ``
     projects the slice onto ``u``: the residual loses a dimension per term and is zero (up to
-    rounding) at full rank."""
+    rounding) at full rank, and its energy falls by ``|u|²|v|²`` (Pythagoras), so it is never
+    summed again. With `residual`, the deflated residual ``x − u @ v`` comes back too (third)."""
     if x.dim() != 3:
         raise ValueError(f"light_svd takes batch × rows × cols, not {tuple(x.shape)}")
     b, rows, cols = x.shape
     cap = rows if max_rank is None else min(max_rank, rows)
-    residual = x.clone()
+    rest = x.clone()
     total = float(torch.sum(x * x))
     us, vs = [], []
     left = total
     while len(us) < cap and left > (1.0 - energy) * total and left > 0.0:
-        v = residual.mean(dim=1, keepdim=True).mT  # (b, cols, 1)
+        v = rest.mean(dim=1, keepdim=True).mT  # (b, cols, 1)
         u = None
         for _ in range(iters):
-            u = residual @ v / ((v.mT @ v) + eps)  # (b, rows, 1)
-            v = residual.mT @ u / ((u.mT @ u) + eps)  # (b, cols, 1)
-        residual -= u @ v.mT
+            u = rest @ v / ((v.mT @ v) + eps)  # (b, rows, 1)
+            v = rest.mT @ u / ((u.mT @ u) + eps)  # (b, cols, 1)
+        rest -= u @ v.mT
         us.append(u)
         vs.append(v.mT)
-        left = float(torch.sum(residual * residual))
+        left -= float(torch.sum((u * u).sum(dim=1) * (v * v).sum(dim=1)))  # the term's energy, per slice
     if not us:
-        return x.new_zeros(b, rows, 0), x.new_zeros(b, 0, cols)
-    return torch.cat(us, dim=2), torch.cat(vs, dim=1)
+        u, v = x.new_zeros(b, rows, 0), x.new_zeros(b, 0, cols)
+    else:
+        u, v = torch.cat(us, dim=2), torch.cat(vs, dim=1)
+    return (u, v, rest) if residual else (u, v)
 
 
 def clip_rows(r: torch.Tensor, clip: float) -> torch.Tensor:
@@ -140,9 +143,14 @@ def clip_rows(r: torch.Tensor, clip: float) -> torch.Tensor:
 
 def noisy_residual(x: torch.Tensor, low: torch.Tensor, config: AsymmlConfig,
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """What a relay is sent: ``clip(x − low) + N(0, σ²)``, per sample (the first axis): each
-    sample's residual clipped to ``config.clip_norm(d)`` for its ``d`` entries, ``σ = config.sigma``."""
-    r = clip_rows(x - low, config.clip_norm(x[0].numel()))
+    """What a relay is sent: ``clip(x − low) + N(0, σ²)`` (`perturb` of the residual)."""
+    return perturb(x - low, config, generator)
+
+
+def perturb(residual: torch.Tensor, config: AsymmlConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``clip(R) + N(0, σ²)`` per sample (the first axis): each sample's residual clipped to
+    ``config.clip_norm(d)`` for its ``d`` entries, ``σ = config.sigma``."""
+    r = clip_rows(residual, config.clip_norm(residual[0].numel()))
     if config.noise > 0:
         r = r + torch.randn(r.shape, generator=generator, dtype=r.dtype, device=r.device) * config.sigma
     return r

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tempo.core.asymml import AsymmlConfig, light_svd, lowrank_conv2d, noise_generator, noisy_residual
+from tempo.core.asymml import AsymmlConfig, light_svd, lowrank_conv2d, noise_generator, perturb
 from tempo.core.keys import AxisKey, MatmulKey
 from tempo.enclave.private import PrivateConv2d, PrivateLinear
 
@@ -72,9 +72,9 @@ class AsymmlState:
         each is clipped on its own); `layer` is the module it is for."""
         cfg = self.config
         t0 = time.perf_counter()
-        u, v = light_svd(flat.detach(), cfg.energy, cfg.max_rank, cfg.iters)
-        low = (u @ v).reshape(x.shape) if u.shape[-1] else torch.zeros_like(x)
-        residual = noisy_residual(x.detach(), low, cfg, self.generator)
+        # the SVD's own deflated residual: the low-rank part is never formed
+        u, v, rest = light_svd(flat.detach(), cfg.energy, cfg.max_rank, cfg.iters, residual=True)
+        residual = perturb(rest.reshape(x.shape), cfg, self.generator)
         rank = u.shape[-1]
         self.rank_sum += rank
         self.rank_max = max(self.rank_max, rank)

@@ -339,7 +339,7 @@ class Relay:
         if self.recorder is not None:  # a pool member's view: the opened requests (their bulk keys left out)
             for what, (header, tensors) in zip(("forward", "backward"), requests):
                 self.recorder.write("sealed", {"bind": bind.to_wire(), "pool": self.pool, "part": what,
-                                               "request": header, "mode": "masked"}, list(tensors))
+                                               "request": header}, list(tensors))  # mode: masked
         try:
             out = pool_answer(forward, backward)
         except (KeyError, TypeError, IndexError, ValueError) as exc:
