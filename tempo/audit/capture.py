@@ -67,69 +67,42 @@ def capture(cfg: CaptureConfig, record_dir: str | Path | None = None, log=None) 
 
     if cfg.protection == "shares":
         return _capture_shares(cfg, model, split, truth, record_dir, log)
-    if cfg.protection == "asymml":
-        return _capture_asymml(cfg, model, split, observed, truth, observe, record_dir, log)
-    masking = preset(cfg.masking).with_options(key_space=cfg.key_space, key_refresh=cfg.key_refresh, mix=cfg.mix,
-                                                keep=cfg.keep, patch_rows=cfg.patch_rows)
-    keys = masking.keys()
+    if cfg.protection == "asymml":  # every layer split, identity keys: the observer sees what a relay sees
+        from tempo.core.asymml import AsymmlConfig
+        from tempo.enclave.asymml import AsymmlState, IdentityKeys
+
+        keys, patch_rows, keep, mode = IdentityKeys(), True, (), "asymml"
+        # the enclave's noise source (seeded from the OS: never the attacker's)
+        state = AsymmlState((cfg.asymml or AsymmlConfig()).validate())
+    else:
+        masking = preset(cfg.masking).with_options(key_space=cfg.key_space, key_refresh=cfg.key_refresh, mix=cfg.mix,
+                                                    keep=cfg.keep, patch_rows=cfg.patch_rows)
+        keys, patch_rows, keep, mode, state = masking.keys(), masking.patch_rows, masking.keep, "masked", None
     if not cfg.relays:
         pctx = PrivateContext(InProcessEngine(rounds=8, keys=keys, observer=observe), job="audit",
-                              patch_rows=masking.patch_rows)
-        _train(model, pctx, keys, split, cfg, truth, log, masking.keep)
-        return observed, truth, split
-    if record_dir is None:
-        raise ValueError("capturing through relays needs a directory for their recording")
-    from tempo.cluster import LocalCluster
-    from tempo.enclave.client import OffloadClient
-    from tempo.enclave.private import ClientEngine
+                              patch_rows=patch_rows, asymml=state)
+        _train(model, pctx, keys, split, cfg, truth, log, keep)
+        view = observed
+    else:
+        if record_dir is None:
+            raise ValueError("capturing through relays needs a directory for their recording")
+        from tempo.cluster import LocalCluster
+        from tempo.enclave.client import OffloadClient
+        from tempo.enclave.private import ClientEngine
 
-    with LocalCluster(relays=cfg.relays, record_dir=str(record_dir)) as cluster, \
-            OffloadClient(cluster.enclave_endpoint, "audit", rounds=8, keys=keys, log=log) as client:
-        client.observer = observe
-        client.watchdog = cluster.check
-        client.wait_for_relays(cfg.relays)
-        pctx = PrivateContext(ClientEngine(client, parts=cfg.relays), job="audit", patch_rows=masking.patch_rows)
-        _train(model, pctx, keys, split, cfg, truth, log, masking.keep)
-    recorded = load_recording(record_dir, job="audit")
-    _check_same(recorded, observed)
-    return recorded, truth, split
-
-
-def _capture_asymml(cfg: CaptureConfig, model, split, observed: RunView, truth: RunTruth, observe, record_dir, log):
-    """The AsymML mode's run: every Linear/Conv2d split (no layer kept), identity keys, so the
-    observer sees what a relay sees (the noisy residual, the plaintext weights, ``dL/dy``);
-    convolutions as patch rows. In-process, or through recording relays (requests marked
-    ``mode="asymml"``)."""
-    from tempo.core.asymml import AsymmlConfig
-    from tempo.enclave.asymml import AsymmlState, IdentityKeys
-    from tempo.enclave.private import InProcessEngine, PrivateContext
-
-    config = (cfg.asymml or AsymmlConfig()).validate()
-    keys = IdentityKeys()
-    state = AsymmlState(config)  # the enclave's noise source (seeded from the OS: never the attacker's)
-    if not cfg.relays:
-        pctx = PrivateContext(InProcessEngine(rounds=8, keys=keys, observer=observe), job="audit", patch_rows=True,
-                              asymml=state)
-        _train(model, pctx, keys, split, cfg, truth, log, ())
+        with LocalCluster(relays=cfg.relays, record_dir=str(record_dir)) as cluster, \
+                OffloadClient(cluster.enclave_endpoint, "audit", rounds=8, keys=keys, log=log, mode=mode) as client:
+            client.observer = observe
+            client.watchdog = cluster.check
+            client.wait_for_relays(cfg.relays)
+            pctx = PrivateContext(ClientEngine(client, parts=cfg.relays), job="audit", patch_rows=patch_rows,
+                                  asymml=state)
+            _train(model, pctx, keys, split, cfg, truth, log, keep)
+        view = load_recording(record_dir, job="audit")
+        _check_same(view, observed)
+    if state is not None:
         truth.asymml = state.stats()
-        return observed, truth, split
-    if record_dir is None:
-        raise ValueError("capturing through relays needs a directory for their recording")
-    from tempo.cluster import LocalCluster
-    from tempo.enclave.client import OffloadClient
-    from tempo.enclave.private import ClientEngine
-
-    with LocalCluster(relays=cfg.relays, record_dir=str(record_dir)) as cluster, \
-            OffloadClient(cluster.enclave_endpoint, "audit", rounds=8, keys=keys, log=log, mode="asymml") as client:
-        client.observer = observe
-        client.watchdog = cluster.check
-        client.wait_for_relays(cfg.relays)
-        pctx = PrivateContext(ClientEngine(client, parts=cfg.relays), job="audit", patch_rows=True, asymml=state)
-        _train(model, pctx, keys, split, cfg, truth, log, ())
-    truth.asymml = state.stats()
-    recorded = load_recording(record_dir, job="audit")
-    _check_same(recorded, observed)
-    return recorded, truth, split
+    return view, truth, split
 
 
 def _check_same(recorded: RunView, sent: RunView) -> None:

@@ -170,29 +170,30 @@ def audit_asymml(model: str = "mlp", epochs: int = 3, relays: int = 2, out: str 
     return figures
 
 
-def _asymml_headline(a: dict) -> list[tuple[str, str, str]]:
-    def pct(x):
-        return "n/a" if x is None else f"{100 * x:.2f}%"
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
 
+
+def _asymml_headline(a: dict) -> list[tuple[str, str, str]]:
     rows = []
     if "inputs" in a:
         r = a["inputs"]
-        rows.append(("images: pixels rebuilt exact, in place", pct(r.get("pixels_exact")),
-                     "public mean image: " + pct(r.get("baseline_exact"))))
-        rows.append(("images: pixels within one grey level", pct(r.get("pixels_within_1_level")),
-                     "public mean image: " + pct(r.get("baseline_within_1_level"))))
+        rows.append(("images: pixels rebuilt exact, in place", _pct(r.get("pixels_exact")),
+                     "public mean image: " + _pct(r.get("baseline_exact"))))
+        rows.append(("images: pixels within one grey level", _pct(r.get("pixels_within_1_level")),
+                     "public mean image: " + _pct(r.get("baseline_within_1_level"))))
         rows.append(("images: correlation with the true image", _num(r.get("correlation")),
                      "public mean image: " + _num(r.get("baseline_correlation"))))
         rows.append(("images: digit named by a public classifier (true images)",
-                     f"{pct(r.get('digit_accuracy'))} ({pct(r.get('digit_accuracy_true_images'))})", "10%"))
+                     f"{_pct(r.get('digit_accuracy'))} ({_pct(r.get('digit_accuracy_true_images'))})", "10%"))
     if "labels" in a:
-        rows.append(("labels: recovered exactly, per sample", pct(a["labels"].get("labels_exact")), "10%"))
+        rows.append(("labels: recovered exactly, per sample", _pct(a["labels"].get("labels_exact")), "10%"))
     if "weights" in a:
         r = a["weights"]
         got = "exact" if r.get("weights_exact") else f"max diff {r.get('weights_max_abs_diff'):.3g}"
         if r.get("real_accuracy") is not None:
-            got += (f"; acc. {pct(r.get('rebuilt_accuracy'))} (real {pct(r.get('real_accuracy'))}, "
-                    f"zero biases {pct(r.get('rebuilt_zero_bias_accuracy'))})")
+            got += (f"; acc. {_pct(r.get('rebuilt_accuracy'))} (real {_pct(r.get('real_accuracy'))}, "
+                    f"zero biases {_pct(r.get('rebuilt_zero_bias_accuracy'))})")
         rows.append(("weights in the clear: rebuilt model (biases fit on public)", got, "10%"))
     return rows
 
@@ -225,42 +226,39 @@ def headline(figures: dict) -> list[tuple[str, str, str]]:
     def na(name):
         return a.get(name, {}).get("applicable") is False
 
-    def pct(x):
-        return "n/a" if x is None else f"{100 * x:.2f}%"
-
     if "images" in a:
         r = a["images"]
-        rows.append(("images: pixels rebuilt exact, in place", off if na("images") else pct(r.get("pixels_exact")),
-                     "public mean image: " + pct(r.get("baseline_exact", 0.3085))))
+        rows.append(("images: pixels rebuilt exact, in place", off if na("images") else _pct(r.get("pixels_exact")),
+                     "public mean image: " + _pct(r.get("baseline_exact", 0.3085))))
     if "labels" in a:
         r = a["labels"]
-        rows.append(("labels: samples grouped exactly by label", off if na("labels") else pct(r.get("grouped_exactly")),
+        rows.append(("labels: samples grouped exactly by label", off if na("labels") else _pct(r.get("grouped_exactly")),
                      "0%"))
         if not na("labels"):
-            rows.append(("labels: accuracy given 10 known labels", pct(r.get("label_accuracy_known")), "11.7%"))
+            rows.append(("labels: accuracy given 10 known labels", _pct(r.get("label_accuracy_known")), "11.7%"))
     if "scale_invariant" in a and not na("scale_invariant"):
         best = max((v["nn_same_label"] for k, v in a["scale_invariant"].items() if isinstance(v, dict)), default=None)
-        rows.append(("same-label neighbours from scale invariants (best layer)", pct(best), "10.1%"))
+        rows.append(("same-label neighbours from scale invariants (best layer)", _pct(best), "10.1%"))
     if "zeros_signs" in a and not na("zeros_signs"):
         zs = a["zeros_signs"]
         kinds = [k for k in ("input", "hidden", "delta") if k in zs]
         rows.append(("zeros that survive masking (" + ", ".join(kinds) + ")",
-                     ", ".join(pct(zs[k]["zeros_survive"]) for k in kinds), "0% with mixing"))
+                     ", ".join(_pct(zs[k]["zeros_survive"]) for k in kinds), "0% with mixing"))
     if "structure" in a:
         r = a["structure"]
         if na("structure"):
             rows.append(("hidden units matched across layers", off, ""))
         elif "channels" in r:
-            rows.append(("conv1 channels matched to conv2 rows", pct(r.get("channels")), pct(r.get("chance"))))
+            rows.append(("conv1 channels matched to conv2 rows", _pct(r.get("channels")), _pct(r.get("chance"))))
         else:
             units = [v["units_active"] for k, v in r.items() if isinstance(v, dict) and "units_active" in v]
-            rows.append(("hidden units matched across layers (active units)", pct(min(units) if units else None),
+            rows.append(("hidden units matched across layers (active units)", _pct(min(units) if units else None),
                          "0.8%"))
     if "steal" in a:
         r = a["steal"]
         rows.append(("stolen model's accuracy (real / random init)",
                      off if na("steal") else
-                     f"{pct(r.get('stolen_accuracy'))} ({pct(r.get('real_accuracy'))} / {pct(r.get('random_init_accuracy'))})",
+                     f"{_pct(r.get('stolen_accuracy'))} ({_pct(r.get('real_accuracy'))} / {_pct(r.get('random_init_accuracy'))})",
                      "12.5%"))
     if "distinguishing" in a:
         r = a["distinguishing"]
@@ -277,7 +275,7 @@ def headline(figures: dict) -> list[tuple[str, str, str]]:
         r = a["hidden"]
         rows.append(("conv1 maps from conv2's input: correlation / digit named",
                      off if na("hidden") else
-                     f"{_num(r.get('map_correlation'))} / {pct(r.get('digit_accuracy'))}", "— / 10%"))
+                     f"{_num(r.get('map_correlation'))} / {_pct(r.get('digit_accuracy'))}", "— / 10%"))
     if "steal_offloaded" in a:
         r = a["steal_offloaded"]
         for name, what in (("all", "all public images"), ("few", "5 public images per class")):
@@ -286,8 +284,8 @@ def headline(figures: dict) -> list[tuple[str, str, str]]:
                 break
             q = r.get(name, {})
             rows.append((f"stolen layers + {what}: acc. (public-only / random frozen / real)",
-                         f"{pct(q.get('stolen_accuracy'))} ({pct(q.get('public_only_accuracy'))} / "
-                         f"{pct(q.get('random_frozen_accuracy'))} / {pct(q.get('real_accuracy'))})",
+                         f"{_pct(q.get('stolen_accuracy'))} ({_pct(q.get('public_only_accuracy'))} / "
+                         f"{_pct(q.get('random_frozen_accuracy'))} / {_pct(q.get('real_accuracy'))})",
                          "worth " + ("n/a" if q.get("worth") is None else f"{100 * q['worth']:+.1f} pt")))
     if "unmix" in a:
         r = a["unmix"]
@@ -297,11 +295,11 @@ def headline(figures: dict) -> list[tuple[str, str, str]]:
             nn = [v for k, v in r.items() if k.startswith("layer") and isinstance(v, dict)]
             best = max(nn, key=lambda v: v["nn_same_label"]) if nn else None
             dead = r.get("dead_units")
-            got = (pct(best["nn_same_label"]) if best else "n/a (no per-sample slices)")
+            got = (_pct(best["nn_same_label"]) if best else "n/a (no per-sample slices)")
             if dead:
-                got += f"; dead units counted exactly {pct(dead['count_exact'])}"
+                got += f"; dead units counted exactly {_pct(dead['count_exact'])}"
             rows.append(("block ranks (mixing-proof): same-label neighbours / dead units", got,
-                         pct(best["chance"]) if best else "10%"))
+                         _pct(best["chance"]) if best else "10%"))
     return rows
 
 
