@@ -5,8 +5,6 @@ the DP accounting against a hand computation, and the mode end to end."""
 import copy
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -294,13 +292,17 @@ def test_packaged_convolutional_models_train_in_the_asymml_mode():
 
 
 def test_tempo_train_asymml_reports_its_dp_accounting(tmp_path):
+    """The commands in this process (CliRunner); their relays and off-loader are real processes."""
+    from click.testing import CliRunner
+
+    from tempo.cli import main
+
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "tempo", "train", "--protection", "asymml", "--epochs", "1", "--relays", "1",
-         "--batch-size", "256", "--val-fraction", "0", "--asymml-noise", "0.5", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "TEMPO_LOG_LEVEL": "warning"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "-DP for what the accounting covers" in proc.stdout
+    quiet = {"TEMPO_LOG_LEVEL": "warning"}
+    proc = CliRunner().invoke(main, ["train", "--protection", "asymml", "--epochs", "1", "--relays", "1", "--batch-size",
+                                     "256", "--val-fraction", "0", "--asymml-noise", "0.5", "--out", str(out)], env=quiet)
+    assert proc.exit_code == 0, proc.output[-3000:]
+    assert "-DP for what the accounting covers" in proc.output
     summary = json.loads((out / "summary.json").read_text())
     dp = summary["dp"]
     assert summary["offload"]["protection"] == "asymml" and summary["offload"]["noise"] == 0.5
@@ -310,12 +312,10 @@ def test_tempo_train_asymml_reports_its_dp_accounting(tmp_path):
     assert summary["offload"]["asymml"]["releases"] > 0 and summary["offload"]["failed_verifications"] == 0
     # and private inference with the trained weights in the same mode, at full rank without noise:
     # the plain model's accuracy exactly
-    proc = subprocess.run(
-        [sys.executable, "-m", "tempo", "infer", "--checkpoint", str(out / "model.pt"), "--model", "cnn",
-         "--protection", "asymml", "--asymml-energy", "1", "--asymml-noise", "0", "--asymml-clip", "1e9",
-         "--relays", "1", "--batch-size", "400", "--json", str(out / "infer.json")],
-        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "TEMPO_LOG_LEVEL": "warning"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = CliRunner().invoke(main, ["infer", "--checkpoint", str(out / "model.pt"), "--model", "cnn", "--protection",
+                                     "asymml", "--asymml-energy", "1", "--asymml-noise", "0", "--asymml-clip", "1e9",
+                                     "--relays", "1", "--batch-size", "400", "--json", str(out / "infer.json")], env=quiet)
+    assert proc.exit_code == 0, proc.output[-3000:]
     result = json.loads((out / "infer.json").read_text())
     assert result["protection"] == "asymml" and result["dp"]["passes"] == 1 and result["dp"]["epsilon"] is None
     from tempo import data as datasets
